@@ -1,0 +1,1 @@
+"""convo: a stateful conversation manager over Anthropic's stateless Messages API."""
