@@ -1,0 +1,200 @@
+"""Engines, transactions and schema upgrades for SQLite and PostgreSQL.
+
+SQLite runs in WAL mode with a busy timeout, and every write transaction starts with
+BEGIN IMMEDIATE: a deferred transaction that later tries to write can fail at once with
+"database is locked" when another process writes, whatever the timeout. Reads stay deferred,
+so readers never wait for writers.
+
+Alembic is imported only when the schema must change: opening an up-to-date store costs one
+SELECT of the version, not the import of a migration framework.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from convo.errors import DatabaseUnavailable, SchemaTooNew, StoreError
+
+# The newest revision this convo knows; a database at another unknown revision is newer.
+HEAD = "0001"
+KNOWN_REVISIONS = ("0001",)
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_WRITE = "convo_write"
+
+
+def _redact(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable URL>"
+
+
+def _prepare_sqlite_file(path: str) -> None:
+    """Create the database file (and its directory) readable by the owner only."""
+    if path in ("", ":memory:") or path.startswith("file:"):
+        return
+    p = Path(path).expanduser()
+    if not p.parent.exists():
+        p.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+    if not p.exists():
+        fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+
+
+def create_engine_for(url: str) -> Engine:
+    """An engine for a convo database URL; `sqlite:///path` or `postgresql+psycopg://...`."""
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError as e:
+        raise DatabaseUnavailable(f"not a database URL: {_redact(url)}") from e
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        _prepare_sqlite_file(parsed.database or "")
+        engine = create_engine(
+            parsed,
+            poolclass=NullPool if (parsed.database or ":memory:") != ":memory:" else None,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        )
+        _install_sqlite_hooks(engine)
+        return engine
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return create_engine(parsed, pool_pre_ping=True)
+    raise DatabaseUnavailable(f"unsupported database {backend!r}: use sqlite or postgresql")
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let convo, not the driver, decide when a transaction starts (see the `begin` hook).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get(_WRITE) else "BEGIN")
+
+
+@contextmanager
+def write(engine: Engine) -> Iterator[Connection]:
+    """One write transaction: committed on success, rolled back on any error."""
+    with _connect(engine) as conn:
+        conn.info[_WRITE] = True
+        try:
+            with conn.begin():
+                yield conn
+        finally:
+            conn.info.pop(_WRITE, None)
+
+
+@contextmanager
+def read(engine: Engine) -> Iterator[Connection]:
+    """One read-only transaction (a consistent snapshot)."""
+    with _connect(engine) as conn, conn.begin():
+        yield conn
+
+
+@contextmanager
+def _connect(engine: Engine) -> Iterator[Connection]:
+    try:
+        conn = engine.connect()
+    except sa_exc.OperationalError as e:
+        raise DatabaseUnavailable(
+            f"cannot open database {_redact(str(engine.url))}: {_first_line(e.orig)}"
+        ) from None
+    try:
+        yield conn
+    except sa_exc.OperationalError as e:
+        raise StoreError(f"database error: {_first_line(e.orig)}") from e
+    finally:
+        conn.close()
+
+
+def _first_line(err: object) -> str:
+    return (str(err).strip().splitlines() or ["unknown error"])[0]
+
+
+def current_revision(conn: Connection) -> str | None:
+    try:
+        with conn.begin_nested():
+            row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+    except (sa_exc.OperationalError, sa_exc.ProgrammingError):
+        return None
+    return row[0] if row else None
+
+
+def _check_known(rev: str | None, url: str) -> None:
+    if rev is not None and rev not in KNOWN_REVISIONS:
+        raise SchemaTooNew(
+            f"database {_redact(url)} has schema revision {rev}, newer than this convo "
+            f"knows (head {HEAD}): upgrade convo"
+        )
+
+
+def schema_revision(engine: Engine) -> str | None:
+    with read(engine) as conn:
+        return current_revision(conn)
+
+
+def ensure_schema(engine: Engine, *, upgrade: bool) -> None:
+    """Refuse a newer schema; bring an older or empty one to head when `upgrade` is set."""
+    rev = schema_revision(engine)
+    _check_known(rev, str(engine.url))
+    if rev == HEAD:
+        return
+    if not upgrade:
+        raise StoreError(
+            f"database {_redact(str(engine.url))} is at schema revision {rev or 'none'}, "
+            f"not {HEAD}: run `convo db upgrade`"
+        )
+    upgrade_schema(engine)
+
+
+def upgrade_schema(engine: Engine, revision: str = "head") -> None:
+    """Run the migrations on convo's own connection, serialized against other processes."""
+    _run_alembic(engine, "upgrade", revision)
+
+
+def downgrade_schema(engine: Engine, revision: str) -> None:
+    _run_alembic(engine, "downgrade", revision)
+
+
+def alembic_config(connection: Connection | None = None) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(resources.files("convo.migrations")))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _run_alembic(engine: Engine, verb: str, revision: str) -> None:
+    from alembic import command
+
+    with write(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            # Two processes upgrading at once: the second waits here, then finds head.
+            conn.execute(text("SELECT pg_advisory_xact_lock(7219004137)"))
+        # (On SQLite, BEGIN IMMEDIATE already holds the write lock.)
+        rev = current_revision(conn)
+        _check_known(rev, str(engine.url))
+        if verb == "upgrade" and revision == "head" and rev == HEAD:
+            return
+        getattr(command, verb)(alembic_config(conn), revision)

@@ -1,0 +1,271 @@
+"""The history builder: a pure function from a branch's path of turns to a Messages API body.
+
+No I/O and no database types: the store hands it plain turn records and blob bytes, and it
+returns plain JSON-serializable data, identical for the same input (so replay is byte-stable).
+
+Rules, in the order they are applied:
+1. Turns come out in path order; consecutive turns of one role become one message. A reply whose
+   parent is an assistant turn continues it (a prefill, or a pause_turn): its first text block is
+   joined to the previous text block, so "The answer is (" + "C)" replays as "The answer is (C)".
+2. A final assistant turn is a prefill: refused for models that reject prefill, with trailing
+   whitespace, or with extended thinking; a final reply that stopped on pause_turn is sent back
+   as it is for the model to continue.
+3. Every tool_use is answered by a tool_result with its id at the start of the next user message.
+4. The first message is from the user; at most 100 images, at most 2000 px a side above 20.
+5. Settings come from the conversation; any of them can be overridden per request.
+6. Prompt-cache markers are added here, never stored in turns, so replay never exceeds the
+   API's four breakpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from convo.capabilities import supports_prefill
+from convo.content import BLOB_SOURCE, blob_refs, inline_blobs
+from convo.errors import HistoryError, InvalidInput, PrefillNotSupported
+from convo.types import Block
+
+# Parameters copied from settings into the body, in this order, when set.
+REQUEST_PARAMS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop_sequences",
+    "metadata",
+    "tools",
+    "tool_choice",
+    "thinking",
+)
+SETTING_KEYS = frozenset(("model", "system", "max_tokens", "cache", *REQUEST_PARAMS))
+CACHE_TTLS = ("5m", "1h")
+MAX_IMAGES = 100
+MANY_IMAGES = 20
+MANY_IMAGES_MAX_SIDE = 2000
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecord:
+    """One stored turn as the builder sees it."""
+
+    id: str
+    role: str
+    kind: str
+    content: list[Block]
+    stop_reason: str | None = None
+
+
+def merge_settings(settings: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Conversation settings with per-request overrides; an override of None unsets a setting."""
+    merged = dict(settings)
+    for key, value in (overrides or {}).items():
+        if key not in SETTING_KEYS:
+            raise InvalidInput(f"unknown request setting {key!r}")
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_messages(path: Sequence[TurnRecord]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Messages for a path, and for each message the id of its last turn (for error messages)."""
+    messages: list[dict[str, Any]] = []
+    owners: list[str] = []
+    prev: TurnRecord | None = None
+    for turn in path:
+        if prev is not None and turn.role == prev.role:
+            blocks = messages[-1]["content"]
+            new = turn.content
+            if (
+                turn.kind == "reply"
+                and turn.role == "assistant"
+                and new
+                and blocks
+                and _plain_text(blocks[-1])
+                and _plain_text(new[0])
+            ):
+                blocks[-1] = {"type": "text", "text": blocks[-1]["text"] + new[0]["text"]}
+                new = new[1:]
+            blocks.extend(new)
+            owners[-1] = turn.id
+        else:
+            messages.append({"role": turn.role, "content": list(turn.content)})
+            owners.append(turn.id)
+        prev = turn
+    return messages, owners
+
+
+def _plain_text(block: Block) -> bool:
+    return block.get("type") == "text" and len(block) == 2
+
+
+def check_messages(
+    messages: list[dict[str, Any]], owners: list[str], path: Sequence[TurnRecord]
+) -> None:
+    """Refuse a message list the API would refuse, naming the turn at fault."""
+    if not messages:
+        raise HistoryError("the branch has no turns to send")
+    if messages[0]["role"] != "user":
+        raise HistoryError("the first turn must be from the user", turn_id=owners[0])
+    pending: list[str] = []  # tool_use ids the next user message must answer first
+    pending_owner = ""
+    for message, owner in zip(messages, owners, strict=True):
+        blocks = message["content"]
+        if message["role"] == "user":
+            answered: list[str] = []
+            leading = True
+            for b in blocks:
+                if b.get("type") == "tool_result":
+                    if not leading:
+                        raise HistoryError(
+                            f"turn {owner}: tool_result blocks must come before any other "
+                            "content in their message",
+                            turn_id=owner,
+                        )
+                    tid = b.get("tool_use_id")
+                    if tid not in pending:
+                        raise HistoryError(
+                            f"turn {owner}: tool_result for {tid} answers no tool_use "
+                            "in the turn before it",
+                            turn_id=owner,
+                        )
+                    if tid in answered:
+                        raise HistoryError(
+                            f"turn {owner}: a second tool_result for {tid}", turn_id=owner
+                        )
+                    answered.append(tid)
+                else:
+                    leading = False
+            missing = [t for t in pending if t not in answered]
+            if missing:
+                raise HistoryError(
+                    f"turn {pending_owner}: tool_use {', '.join(missing)} has no tool_result "
+                    "at the start of the next user turn",
+                    turn_id=pending_owner,
+                )
+            pending = []
+        else:
+            if pending:
+                raise HistoryError(
+                    f"turn {pending_owner}: tool_use {', '.join(pending)} has no tool_result "
+                    "at the start of the next user turn",
+                    turn_id=pending_owner,
+                )
+            pending = [b["id"] for b in blocks if b.get("type") == "tool_use"]
+            pending_owner = owner
+    if pending:
+        raise HistoryError(
+            f"turn {pending_owner}: tool_use {', '.join(pending)} awaits a tool_result: "
+            "add the results before sending",
+            turn_id=pending_owner,
+        )
+
+
+def _check_prefill(
+    messages: list[dict[str, Any]],
+    path: Sequence[TurnRecord],
+    settings: Mapping[str, Any],
+    prefill_models: Mapping[str, bool] | None,
+) -> None:
+    if messages[-1]["role"] != "assistant":
+        return
+    last = path[-1]
+    if last.kind == "reply" and last.stop_reason == "pause_turn":
+        return  # the API's documented way to let the model continue a paused turn
+    model = settings["model"]
+    if not supports_prefill(model, prefill_models):
+        raise PrefillNotSupported(
+            f"model {model} does not accept prefill (a final assistant turn {last.id}): "
+            "end the branch with a user turn or use a model that accepts prefill",
+            turn_id=last.id,
+        )
+    thinking = settings.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        raise HistoryError(
+            f"turn {last.id}: prefill is not allowed with extended thinking", turn_id=last.id
+        )
+    final = messages[-1]["content"][-1]
+    if final.get("type") == "text" and final["text"] != final["text"].rstrip():
+        raise HistoryError(
+            f"turn {last.id}: a prefill cannot end with whitespace", turn_id=last.id
+        )
+
+
+def _media_blocks(messages: list[dict[str, Any]]) -> list[Block]:
+    found = []
+    for m in messages:
+        for b in m["content"]:
+            if b.get("type") in ("image", "document"):
+                found.append(b)
+            elif b.get("type") == "tool_result" and isinstance(b.get("content"), list):
+                found.extend(x for x in b["content"] if x.get("type") in ("image", "document"))
+    return found
+
+
+def _check_media(messages: list[dict[str, Any]]) -> int:
+    """Refuse image counts and sizes the API would; return the blob bytes to inline."""
+    media = _media_blocks(messages)
+    images = [b for b in media if b["type"] == "image"]
+    if len(images) > MAX_IMAGES:
+        raise HistoryError(f"the request carries {len(images)} images: the API takes {MAX_IMAGES}")
+    refs = [b["source"] for b in media if b.get("source", {}).get("type") == BLOB_SOURCE]
+    if len(images) > MANY_IMAGES:
+        for r in refs:
+            side = max(r.get("width", 0), r.get("height", 0))
+            if r["media_type"].startswith("image/") and side > MANY_IMAGES_MAX_SIDE:
+                raise HistoryError(
+                    f"with more than {MANY_IMAGES} images each must be at most "
+                    f"{MANY_IMAGES_MAX_SIDE} px a side; one is {r.get('width')}x{r.get('height')}"
+                )
+    return sum(int(r.get("size", 0)) for r in refs)
+
+
+def build_request(
+    path: Sequence[TurnRecord],
+    settings: Mapping[str, Any],
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    blobs: Mapping[str, bytes] | None = None,
+    prefill_models: Mapping[str, bool] | None = None,
+) -> dict[str, Any]:
+    """The exact JSON body of the next POST /v1/messages for this path."""
+    s = merge_settings(settings, overrides)
+    if not s.get("model"):
+        raise InvalidInput("no model set")
+    if not isinstance(s.get("max_tokens"), int) or s["max_tokens"] < 1:
+        raise InvalidInput("max_tokens must be a positive integer")
+    messages, owners = build_messages(path)
+    check_messages(messages, owners, path)
+    _check_prefill(messages, path, s, prefill_models)
+    if blobs is not None:
+        # The store passes blobs (maybe empty) only when the path holds media, so a text-only
+        # thread of 10,000 exchanges is not walked block by block here.
+        blob_bytes = _check_media(messages)
+        if blob_bytes * 4 // 3 > MAX_REQUEST_BYTES:
+            raise HistoryError(
+                f"images and documents in this branch come to about {blob_bytes * 4 // 3:,} "
+                f"bytes of base64, over the API's {MAX_REQUEST_BYTES:,}-byte request limit"
+            )
+        for m in messages:
+            if blob_refs(m["content"]):
+                m["content"] = inline_blobs(m["content"], dict(blobs))
+
+    body: dict[str, Any] = {"model": s["model"], "max_tokens": s["max_tokens"]}
+    if s.get("system"):
+        body["system"] = s["system"]
+    body["messages"] = messages
+    for key in REQUEST_PARAMS:
+        if s.get(key) is not None:
+            body[key] = s[key]
+    cache = s.get("cache")
+    if cache:
+        if cache not in CACHE_TTLS:
+            raise InvalidInput(f"cache must be one of {', '.join(CACHE_TTLS)} or off, not {cache!r}")
+        body["cache_control"] = (
+            {"type": "ephemeral"} if cache == "5m" else {"type": "ephemeral", "ttl": "1h"}
+        )
+    return body

@@ -1,0 +1,39 @@
+"""Identifiers: 26 lowercase Crockford base32 characters, sortable by creation time, URL-safe.
+
+48 bits of milliseconds then 80 random bits (the ULID layout), so ids sort by age, any prefix is a
+valid lookup key, and no two processes need to agree on a counter.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+LENGTH = 26
+
+
+def new_id(now_ms: int | None = None) -> str:
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(LENGTH):
+        chars.append(ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def normalize_prefix(prefix: str) -> str | None:
+    """Lowercase and map Crockford's look-alikes; None when it cannot be the start of an id."""
+    p = prefix.strip().lower().replace("o", "0").replace("i", "1").replace("l", "1")
+    if not p or len(p) > LENGTH or any(c not in ALPHABET for c in p):
+        return None
+    return p
+
+
+def prefix_range(prefix: str) -> tuple[str, str]:
+    """[low, high) bounds of every id starting with a normalized prefix, for an index range scan.
+
+    Ids use only [0-9a-z], whose order is the same under byte and locale collations.
+    """
+    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)

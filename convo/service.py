@@ -1,0 +1,771 @@
+"""The service layer: a `Store` of `Conversation`s that send, stream, retry, branch and audit.
+
+How a send keeps its promises (nothing lost, nothing duplicated):
+1. Validate and build the request first: a refused request writes nothing.
+2. In one transaction, append the user turn (and prefill) at the branch head and lease the
+   branch, so a second writer on the same branch waits for this send to finish instead of
+   interleaving its turns. The user turn is committed before any request is made.
+3. Each API attempt is a row in the calls ledger, written before the request and completed
+   after it, whatever happened (error, cut stream, Ctrl-C).
+4. The reply, the branch head and the call's usage are committed in one transaction.
+A failed send leaves the user turn as the branch head: `retry()` sends that same head again, and
+`send(text)` on it sends both user turns together as one message (the API merges them).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from pathlib import Path as FilePath
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from convo import config, db
+from convo.capabilities import prefill_overrides_from_env
+from convo.client import Client
+from convo.content import image_block, normalize
+from convo.errors import (
+    APIError,
+    APIStatusError,
+    BudgetExceeded,
+    Conflict,
+    ContentError,
+    HistoryError,
+    InvalidInput,
+)
+from convo.history import SETTING_KEYS, TurnRecord, build_request
+from convo.pricing import PriceTable, load_prices
+from convo.retry import RetryPolicy
+from convo.store import (
+    BranchRow,
+    ConversationRow,
+    ConversationSummary,
+    NewTurn,
+    Path,
+    Storage,
+    TurnRow,
+    UsageReport,
+    lease_owner_id,
+)
+from convo.stream import MessageAccumulator
+from convo.tokens import estimate_input_tokens
+from convo.types import Block, ToolUse, Usage, text_of, tool_uses_of
+
+DEFAULT_MODEL = "claude-sonnet-4-5"
+DEFAULT_MAX_TOKENS = 1024
+# How long a send holds its branch; a holder that died on this host is detected sooner.
+LEASE = timedelta(minutes=15)
+# How long a second writer on a busy branch waits before raising Conflict.
+WAIT_FOR_BRANCH_SECONDS = 120.0
+STORE_BUDGET_KEY = "budget_usd"
+
+
+class Reply(BaseModel):
+    """Claude's answer as stored: prefill + continuation in `text`, usage and cost of the call."""
+
+    model_config = ConfigDict(frozen=True)
+
+    turn_id: str | None
+    call_id: str
+    model: str
+    content: list[Block]
+    text: str
+    stop_reason: str | None
+    stop_sequence: str | None
+    usage: Usage
+    cost_usd: float | None
+    message_id: str | None
+    request_id: str | None
+
+    @property
+    def tool_uses(self) -> list[ToolUse]:
+        return tool_uses_of(self.content)
+
+
+@dataclass(frozen=True)
+class RetryNotice:
+    """Yielded inside a stream when an attempt failed and another one starts."""
+
+    attempt: int
+    error: APIError
+    delay: float
+
+
+class Store:
+    """Conversations in a SQL database; SQLite by default, PostgreSQL by URL."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        upgrade: bool | None = None,
+        client: Client | None = None,
+        prices: PriceTable | None = None,
+        policy: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        wait_for_branch: float = WAIT_FOR_BRANCH_SECONDS,
+    ) -> None:
+        self.url = config.database_url(url)
+        engine = db.create_engine_for(self.url)
+        if upgrade is None:
+            # The embedded default manages itself; a shared server is upgraded on purpose.
+            upgrade = engine.dialect.name == "sqlite"
+        try:
+            db.ensure_schema(engine, upgrade=upgrade)
+        except BaseException:
+            engine.dispose()
+            raise
+        self.storage = Storage(engine)
+        self._client = client
+        self._owns_client = client is None
+        self.prices = prices if prices is not None else load_prices()
+        self.prefill_models = prefill_overrides_from_env()
+        self.policy = policy
+        self.sleep = sleep
+        self.wait_for_branch = wait_for_branch
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(sleep=self.sleep, **({"policy": self.policy} if self.policy else {}))
+        return self._client
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return self.policy or self.client.policy
+
+    def close(self) -> None:
+        if self._client is not None and self._owns_client:
+            self._client.close()
+        self.storage.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        system: str | list[Block] | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        title: str | None = None,
+        cache: str | None = "5m",
+        budget_usd: float | None = None,
+        max_input_tokens: int | None = None,
+        tools: Sequence[Any] | None = None,
+        **params: Any,
+    ) -> Conversation:
+        """A new conversation with one branch, `main`; `params` are default request settings."""
+        settings = _check_settings(
+            {"max_tokens": max_tokens, "cache": cache, "tools": _tool_defs(tools), **params}
+        )
+        if system is not None:
+            _check_system(system)
+        extra = {k: v for k, v in (("budget_usd", budget_usd), ("max_input_tokens", max_input_tokens)) if v is not None}
+        _check_limits(extra)
+        if not isinstance(model, str) or not model.strip():
+            raise InvalidInput("model must be a non-empty string")
+        row = self.storage.create_conversation(
+            model=model, system=system, params={**settings, **extra}, title=title
+        )
+        return Conversation(self, row.id)
+
+    def get(self, ref: str) -> Conversation:
+        """A conversation by id or unique id prefix."""
+        return Conversation(self, self.storage.conversation(ref).id)
+
+    def latest(self) -> Conversation | None:
+        row = self.storage.most_recent()
+        return Conversation(self, row.id) if row else None
+
+    def list(self, limit: int | None = None) -> list[ConversationSummary]:
+        return self.storage.list_conversations(limit)
+
+    def usage(
+        self,
+        conversation: str | None = None,
+        branch: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        by: str = "conversation",
+    ) -> UsageReport:
+        cid = self.storage.conversation(conversation).id if conversation else None
+        return self.storage.usage(conversation=cid, branch=branch, since=since, until=until, by=by)
+
+    def set_budget(self, usd: float | None) -> None:
+        """A spending cap for the whole store, checked before every send."""
+        _check_limits({"budget_usd": usd} if usd is not None else {})
+        self.storage.set_setting(STORE_BUDGET_KEY, usd)
+
+
+def _tool_defs(tools: Sequence[Any] | None) -> list[dict[str, Any]] | None:
+    if tools is None:
+        return None
+    from convo.tools import tool_definition
+
+    return [tool_definition(t) for t in tools]
+
+
+def _check_system(system: Any) -> None:
+    if isinstance(system, str):
+        return
+    if isinstance(system, list) and all(
+        isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+        for b in system
+    ):
+        return
+    raise InvalidInput("system must be a string or a list of text blocks")
+
+
+def _check_limits(values: Mapping[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise InvalidInput(f"{key} must be a positive number")
+
+
+def _check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Known request settings with sane types; None values are dropped."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if value is None:
+            continue
+        if key not in SETTING_KEYS or key in ("model", "system"):
+            raise InvalidInput(f"unknown request setting {key!r}")
+        if key == "max_tokens" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InvalidInput("max_tokens must be a positive integer")
+        if key in ("temperature", "top_p") and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1
+        ):
+            raise InvalidInput(f"{key} must be a number from 0 to 1")
+        if key == "top_k" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InvalidInput("top_k must be a positive integer")
+        if key == "stop_sequences" and (
+            not isinstance(value, list) or not all(isinstance(s, str) and s for s in value)
+        ):
+            raise InvalidInput("stop_sequences must be a list of non-empty strings")
+        if key == "cache" and value not in ("5m", "1h", "off", False):
+            raise InvalidInput("cache must be '5m', '1h' or 'off'")
+        if key == "cache" and value in ("off", False):
+            continue
+        if key == "tool_choice":
+            _check_tool_choice(value)
+        out[key] = value
+    return out
+
+
+def _check_tool_choice(value: Any) -> None:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in ("auto", "any", "tool", "none"):
+        raise InvalidInput("tool_choice must be {'type': 'auto' | 'any' | 'tool' | 'none'}")
+    if kind == "tool" and not isinstance(value.get("name"), str):
+        raise InvalidInput("tool_choice of type 'tool' needs a tool name")
+
+
+class Conversation:
+    """A handle on one stored conversation; every call reads the current state from the store."""
+
+    def __init__(self, store: Store, conversation_id: str) -> None:
+        self.store = store
+        self.id = conversation_id
+
+    def __repr__(self) -> str:
+        return f"Conversation({self.id!r})"
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def info(self) -> ConversationRow:
+        return self.store.storage.conversation(self.id)
+
+    @property
+    def branch(self) -> str:
+        return self.info.current_branch
+
+    def settings(self, info: ConversationRow | None = None) -> dict[str, Any]:
+        info = info or self.info
+        s = {k: v for k, v in info.params.items() if k in SETTING_KEYS}
+        s["model"] = info.model
+        if info.system is not None:
+            s["system"] = info.system
+        return s
+
+    def turns(self, branch: str | None = None) -> list[TurnRecord]:
+        """The branch's path from the root, as the history builder sees it."""
+        return self.store.storage.path(self.id, branch).turns
+
+    def turn(self, ref: str) -> TurnRow:
+        """A turn of this conversation by id or unique prefix."""
+        return self.store.storage.resolve_turn(self.id, ref)
+
+    def request(
+        self,
+        content: str | list[Block] | None = None,
+        *,
+        prefill: str | None = None,
+        images: Sequence[str | FilePath] = (),
+        **overrides: Any,
+    ) -> dict[str, Any]:
+        """The exact body the next send would POST, with `content` as a new user turn. Writes nothing."""
+        info = self.info
+        path = self.store.storage.path(self.id, info.current_branch)
+        new = self._new_turns(content, prefill, images)
+        return self._build(info, path, new, overrides)
+
+    def _build(
+        self,
+        info: ConversationRow,
+        path: Path,
+        new: Sequence[NewTurn],
+        overrides: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        records = path.turns + [
+            TurnRecord(f"(new turn {i + 1})", t.role, t.kind, t.content) for i, t in enumerate(new)
+        ]
+        blobs = path.blobs
+        if blobs is None and any(
+            b.get("type") in ("image", "document") for t in new for b in t.content
+        ):
+            blobs = {}
+        return build_request(
+            records,
+            self.settings(info),
+            overrides=_normalize_overrides(overrides),
+            blobs=blobs,
+            prefill_models=self.store.prefill_models,
+        )
+
+    def _new_turns(
+        self,
+        content: str | list[Block] | None,
+        prefill: str | None,
+        images: Sequence[str | FilePath],
+    ) -> list[NewTurn]:
+        new: list[NewTurn] = []
+        if content is not None or images:
+            blocks = [image_block(p) for p in images]
+            if content is not None:
+                blocks += normalize(content, "user", where="user turn")
+            new.append(NewTurn("user", "user", blocks))
+        if prefill is not None:
+            new.append(NewTurn("assistant", "prefill", normalize(prefill, "assistant", where="prefill")))
+        return new
+
+    # -- writing without a request ---------------------------------------------------------
+
+    def add_user(
+        self, content: str | list[Block], *, images: Sequence[str | FilePath] = ()
+    ) -> str:
+        """Append a user turn without sending it; returns its id."""
+        return self._append(self._new_turns(content, None, images))[0]
+
+    def add_assistant(self, content: str | list[Block]) -> str:
+        """Append an assistant turn a person wrote (synthetic); at the end it acts as a prefill."""
+        blocks = normalize(content, "assistant", where="assistant turn")
+        return self._append([NewTurn("assistant", "synthetic", blocks)])[0]
+
+    def add_tool_result(
+        self, tool_use_id: str, content: str | list[Block], *, is_error: bool = False
+    ) -> str:
+        """Answer a tool_use of the branch's last reply; parallel results share one user message."""
+        path = self.store.storage.path(self.id)
+        pending = self._pending_tool_uses(path)
+        if tool_use_id not in pending:
+            raise HistoryError(
+                f"no unanswered tool_use {tool_use_id} at the head of branch {path.branch!r}"
+                + (f" (unanswered: {', '.join(pending)})" if pending else "")
+            )
+        block: Block = {"type": "tool_result", "tool_use_id": tool_use_id}
+        if isinstance(content, str):
+            if content:
+                block["content"] = content
+        else:
+            block["content"] = content
+        if is_error:
+            block["is_error"] = True
+        blocks = normalize([block], "user", where="tool result")
+        new = NewTurn("user", "tool_result", blocks)
+        return self.store.storage.append(self.id, path.branch, path.head_id, [new])[0]
+
+    @staticmethod
+    def _pending_tool_uses(path: Path) -> list[str]:
+        """tool_use ids of the last assistant turn not yet answered by the turns after it."""
+        answered: set[str] = set()
+        for t in reversed(path.turns):
+            if t.role == "assistant":
+                ids = [b["id"] for b in t.content if b.get("type") == "tool_use"]
+                return [i for i in ids if i not in answered]
+            answered.update(
+                b.get("tool_use_id") for b in t.content if b.get("type") == "tool_result"
+            )
+        return []
+
+    def pending_tool_uses(self) -> list[ToolUse]:
+        path = self.store.storage.path(self.id)
+        pending = set(self._pending_tool_uses(path))
+        for t in reversed(path.turns):
+            if t.role == "assistant":
+                return [u for u in tool_uses_of(t.content) if u.id in pending]
+        return []
+
+    def _append(self, new: list[NewTurn]) -> list[str]:
+        path = self.store.storage.path(self.id)
+        return self.store.storage.append(self.id, path.branch, path.head_id, new)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(
+        self,
+        content: str | list[Block] | None = None,
+        *,
+        prefill: str | None = None,
+        images: Sequence[str | FilePath] = (),
+        **overrides: Any,
+    ) -> Reply:
+        """Append a user turn, ask Claude, store and return the reply.
+
+        With no content, continues the branch as it is: after tool results, a prefill, an
+        unanswered user turn or a paused turn.
+        """
+        steps = self._send_steps(content, prefill, images, overrides, streaming=False)
+        return _drain(steps)
+
+    def stream(
+        self,
+        content: str | list[Block] | None = None,
+        *,
+        prefill: str | None = None,
+        images: Sequence[str | FilePath] = (),
+        on_retry: Callable[[RetryNotice], None] | None = None,
+        **overrides: Any,
+    ) -> ReplyStream:
+        """Like send, streaming: iterate for text as it arrives; `.reply` once it is stored."""
+        steps = self._send_steps(content, prefill, images, overrides, streaming=True)
+        return ReplyStream(steps, on_retry)
+
+    def retry(self, *, stream: bool = False, **overrides: Any) -> Reply:
+        """Send the branch head again after a failed send: no turn is added or duplicated."""
+        path = self.store.storage.path(self.id)
+        if not path.turns:
+            raise InvalidInput("nothing to retry: the branch has no turns")
+        last = path.turns[-1]
+        if last.role == "assistant" and last.kind == "reply" and last.stop_reason != "pause_turn":
+            raise InvalidInput("nothing to retry: the last turn already has its reply")
+        steps = self._send_steps(None, None, (), overrides, streaming=stream)
+        return _drain(steps)
+
+    def _send_steps(
+        self,
+        content: str | list[Block] | None,
+        prefill: str | None,
+        images: Sequence[str | FilePath],
+        overrides: Mapping[str, Any],
+        *,
+        streaming: bool,
+    ) -> Generator[str | RetryNotice, None, Reply]:
+        storage = self.store.storage
+        new = self._new_turns(content, prefill, images)
+        owner = lease_owner_id()
+        deadline = time.monotonic() + self.store.wait_for_branch
+        wait = 0.02
+        while True:
+            info = self.info
+            path = storage.path(self.id, info.current_branch)
+            if not new:
+                self._check_continuable(path)
+            body = self._build(info, path, new, overrides)
+            self._check_budget(info, body)
+            try:
+                ids = storage.append(self.id, path.branch, path.head_id, new, owner=owner, hold=LEASE)
+                break
+            except Conflict:
+                # Another send holds or moved the branch: wait for it, then append after it.
+                if time.monotonic() > deadline:
+                    raise
+                self.store.sleep(wait * (0.5 + random.random()))
+                wait = min(wait * 2, 0.5)
+        last_id = ids[-1] if ids else path.head_id
+        assert last_id is not None
+        prefill_text = text_of(new[-1].content) if new and new[-1].role == "assistant" else ""
+        if not new and path.turns and path.turns[-1].role == "assistant":
+            prefill_text = text_of(path.turns[-1].content)
+        stored = False
+        try:
+            reply = yield from self._call(info, path.branch, last_id, body, owner, streaming, prefill_text)
+            stored = True
+            return reply
+        finally:
+            if not stored:
+                storage.release(self.id, path.branch, owner)
+
+    def _check_continuable(self, path: Path) -> None:
+        if not path.turns:
+            raise InvalidInput("nothing to send: give the first user turn's text")
+        last = path.turns[-1]
+        if last.role == "assistant" and last.kind == "reply" and last.stop_reason != "pause_turn":
+            raise InvalidInput("nothing to send: the branch ends with Claude's reply; give text")
+
+    def _check_budget(self, info: ConversationRow, body: dict[str, Any]) -> None:
+        budget = info.params.get("budget_usd")
+        cap = info.params.get("max_input_tokens")
+        store_budget = self.store.storage.get_setting(STORE_BUDGET_KEY)
+        if budget is None and cap is None and store_budget is None:
+            return
+        estimate = self._estimate_tokens(body)
+        if cap is not None and estimate > cap:
+            raise BudgetExceeded(
+                f"this request's input is about {estimate:,} tokens, over the conversation's "
+                f"cap of {cap:,}; nothing was sent"
+            )
+        price = self.store.prices.lookup(body["model"])
+        if price is None:
+            return
+        worst = (estimate * price.input + body["max_tokens"] * price.output) / 1_000_000
+        for limit, scope in ((budget, "conversation"), (store_budget, "store")):
+            if limit is None:
+                continue
+            spent = self.store.storage.usage(
+                conversation=self.id if scope == "conversation" else None, by="conversation"
+            ).total.cost_usd
+            if spent + worst > limit:
+                raise BudgetExceeded(
+                    f"the {scope} budget of ${limit:.4f} would be exceeded: ${spent:.4f} spent, "
+                    f"this request may cost up to ${worst:.4f}; nothing was sent"
+                )
+
+    def _estimate_tokens(self, body: dict[str, Any]) -> int:
+        """count_tokens where the API is reachable, the local estimate otherwise."""
+        try:
+            return self.store.client.count_tokens(body)
+        except (APIError, InvalidInput):
+            return estimate_input_tokens(body)
+
+    def _call(
+        self,
+        info: ConversationRow,
+        branch: str,
+        last_id: str,
+        body: dict[str, Any],
+        owner: str,
+        streaming: bool,
+        prefill_text: str,
+    ) -> Generator[str | RetryNotice, None, Reply]:
+        store = self.store
+        storage = store.storage
+        client = store.client
+        policy = store.retry_policy
+        model = body["model"]
+        attempt = 0
+        while True:
+            call_id = storage.start_call(
+                conv_id=self.id, branch=branch, turn_id=last_id, model=model,
+                attempt=attempt, streamed=streaming,
+            )
+            acc = MessageAccumulator()
+            request_id: str | None = None
+            http_status: int | None = None
+            try:
+                if streaming:
+                    with client.stream_message_once(body) as events:
+                        request_id = events.info.request_id
+                        http_status = events.info.status_code
+                        for event in events:
+                            delta = acc.feed(event)
+                            if delta:
+                                yield delta
+                    if not acc.complete:
+                        raise _incomplete_stream()
+                    message = acc.message
+                else:
+                    message, meta = client.create_message_once(body)
+                    request_id, http_status = meta.request_id, meta.status_code
+            except APIError as e:
+                self._record_failure(call_id, model, acc, e, request_id, http_status, streaming)
+                if attempt < policy.max_retries and policy.should_retry(e):
+                    delay = policy.delay(attempt, e, random.random())
+                    yield RetryNotice(attempt + 1, e, delay)
+                    store.sleep(delay)
+                    attempt += 1
+                    continue
+                raise
+            except BaseException as e:  # Ctrl-C, a closed generator: keep what was billed
+                self._record_failure(call_id, model, acc, e, request_id, http_status, streaming)
+                raise
+            return self._store_reply(call_id, branch, last_id, owner, model, message, request_id, http_status, prefill_text)
+
+    def _record_failure(
+        self,
+        call_id: str,
+        model: str,
+        acc: MessageAccumulator,
+        error: BaseException,
+        request_id: str | None,
+        http_status: int | None,
+        streaming: bool,
+    ) -> None:
+        usage = acc.usage
+        started = usage.input_tokens or usage.output_tokens or acc.text
+        if isinstance(error, APIError):
+            status = "cut" if streaming and started else "error"
+        else:
+            status = "cancelled"
+        fields: dict[str, Any] = {
+            "status": status,
+            "error_type": getattr(error, "error_type", None) or type(error).__name__,
+            "error_message": (str(error).splitlines() or [""])[0][:500] or type(error).__name__,
+        }
+        if isinstance(error, APIStatusError):
+            fields["http_status"] = error.status_code or http_status
+            fields["request_id"] = error.request_id or request_id
+        else:
+            fields["http_status"] = http_status
+            fields["request_id"] = request_id
+        if started:
+            fields.update(self._usage_fields(model, usage))
+            fields["partial_text"] = acc.text or None
+        self.store.storage.finish_call(call_id, **fields)
+
+    def _usage_fields(self, model: str, usage: Usage) -> dict[str, Any]:
+        return {
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+            "cache_read_input_tokens": usage.cache_read_input_tokens,
+            "cache_creation_5m_input_tokens": usage.cache_creation_5m_input_tokens,
+            "cache_creation_1h_input_tokens": usage.cache_creation_1h_input_tokens,
+            "cost_usd": self.store.prices.cost(model, usage),
+            "uncached_cost_usd": self.store.prices.uncached_cost(model, usage),
+        }
+
+    def _store_reply(
+        self,
+        call_id: str,
+        branch: str,
+        last_id: str,
+        owner: str,
+        model: str,
+        message: dict[str, Any],
+        request_id: str | None,
+        http_status: int | None,
+        prefill_text: str,
+    ) -> Reply:
+        usage = Usage.from_api(message.get("usage"))
+        content = message.get("content") or []
+        fields = {
+            "status": "ok",
+            "http_status": http_status,
+            "request_id": request_id,
+            "message_id": message.get("id"),
+            "stop_reason": message.get("stop_reason"),
+            "stop_sequence": message.get("stop_sequence"),
+            **self._usage_fields(model, usage),
+        }
+        storage = self.store.storage
+        reply_id: str | None = None
+        if content:
+            reply = NewTurn("assistant", "reply", content, stop_reason=message.get("stop_reason"))
+            reply_id = storage.finish_with_reply(call_id, self.id, branch, last_id, reply, owner, fields)
+        else:
+            # An empty reply cannot be replayed (the API refuses empty messages): keep the call,
+            # leave the branch at the unanswered turn.
+            storage.finish_call(call_id, **fields)
+            storage.release(self.id, branch, owner)
+        return Reply(
+            turn_id=reply_id,
+            call_id=call_id,
+            model=message.get("model") or model,
+            content=content,
+            text=prefill_text + text_of(content),
+            stop_reason=message.get("stop_reason"),
+            stop_sequence=message.get("stop_sequence"),
+            usage=usage,
+            cost_usd=fields["cost_usd"],
+            message_id=message.get("id"),
+            request_id=request_id,
+        )
+
+    # -- branching -------------------------------------------------------------------------
+
+    def branches(self) -> list[BranchRow]:
+        return self.store.storage.branches(self.id)
+
+    def checkout(self, name: str) -> None:
+        self.store.storage.checkout(self.id, name)
+
+    def delete_branch(self, name: str) -> None:
+        self.store.storage.delete_branch(self.id, name)
+
+    # -- spend -----------------------------------------------------------------------------
+
+    def usage(self, by: str = "branch", **kw: Any) -> UsageReport:
+        return self.store.storage.usage(conversation=self.id, by=by, **kw)
+
+    def calls(self) -> list[dict[str, Any]]:
+        return self.store.storage.calls(self.id)
+
+
+def _normalize_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(overrides)
+    if out.get("cache") in ("off", False):
+        out["cache"] = None
+    if "tools" in out and out["tools"] is not None:
+        out["tools"] = _tool_defs(out["tools"])
+    return out
+
+
+def _incomplete_stream() -> APIError:
+    from convo.errors import APIConnectionError
+
+    return APIConnectionError("the stream ended before message_stop")
+
+
+def _drain(steps: Generator[str | RetryNotice, None, Reply]) -> Reply:
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+class ReplyStream:
+    """Text chunks of a streamed reply as they arrive; `reply` once it has been stored."""
+
+    def __init__(
+        self,
+        steps: Generator[str | RetryNotice, None, Reply],
+        on_retry: Callable[[RetryNotice], None] | None,
+    ) -> None:
+        self._steps = steps
+        self._on_retry = on_retry
+        self.reply: Reply | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while True:
+                try:
+                    item = next(self._steps)
+                except StopIteration as done:
+                    self.reply = done.value
+                    return
+                if isinstance(item, RetryNotice):
+                    if self._on_retry:
+                        self._on_retry(item)
+                else:
+                    yield item
+        finally:
+            self._steps.close()
+
+    def until_done(self) -> Reply:
+        for _ in self:
+            pass
+        assert self.reply is not None
+        return self.reply
+
+    def close(self) -> None:
+        self._steps.close()

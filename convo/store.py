@@ -1,0 +1,858 @@
+"""Queries and transactions over the tables: no HTTP, no request building, no printing.
+
+Every public method is one transaction. Writes that must agree with what was read (appending at
+a branch head) re-read the head inside the write transaction and raise `Conflict` when another
+writer moved it, so no history is ever silently interleaved.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Engine, and_, case, delete, func, insert, literal, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from convo import db
+from convo.content import BlobData, extract_blobs
+from convo.errors import AmbiguousId, Conflict, InvalidInput, NotFound
+from convo.history import TurnRecord
+from convo.ids import new_id, normalize_prefix, prefix_range
+from convo.models import Blob, Branch, Call, Conversation, Setting, Turn
+
+C = Conversation.__table__
+T = Turn.__table__
+B = Branch.__table__
+K = Call.__table__
+BL = Blob.__table__
+S = Setting.__table__
+
+# A thread is read with one range scan when it has at most this many turns per turn on the
+# path (plus slack); a bushier tree is walked with a recursive CTE instead.
+SCAN_RATIO = 2
+SCAN_SLACK = 100
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every datetime convo stores is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+@dataclass(frozen=True)
+class ConversationRow:
+    id: str
+    title: str | None
+    model: str
+    system: Any
+    params: dict[str, Any]
+    current_branch: str
+    turn_count: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class TurnRow:
+    id: str
+    conversation_id: str
+    parent_id: str | None
+    role: str
+    kind: str
+    content: list[dict[str, Any]]
+    depth: int
+    source_id: str | None
+    stop_reason: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class BranchRow:
+    name: str
+    head_id: str | None
+    created_at: datetime
+    lease_owner: str | None = None
+    lease_expires: datetime | None = None
+
+
+@dataclass(frozen=True)
+class NewTurn:
+    role: str
+    kind: str
+    content: list[dict[str, Any]]
+    source_id: str | None = None
+    stop_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Path:
+    """A branch's path from root to head, ready for the history builder."""
+
+    branch: str
+    head_id: str | None
+    turns: list[TurnRecord]
+    # None when the path holds no image or document (the builder then skips media checks).
+    blobs: dict[str, bytes] | None = None
+    head_depth: int = -1
+
+
+@dataclass(frozen=True)
+class ConversationSummary:
+    id: str
+    title: str | None
+    model: str
+    current_branch: str
+    turn_count: int
+    created_at: datetime
+    updated_at: datetime
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    key: str
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    cost_usd: float
+    uncached_cost_usd: float
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    by: str
+    rows: list[UsageRow]
+    total: UsageRow
+    unpriced_calls: int = 0
+    models_without_price: list[str] = field(default_factory=list)
+
+
+def lease_owner_id() -> str:
+    """Who holds a lease: host and pid, so a dead holder on this host can be recognised."""
+    return f"{socket.gethostname()}:{os.getpid()}:{new_id()[-6:]}"
+
+
+def _holder_is_dead(owner: str) -> bool:
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class Storage:
+    """convo's tables, one transaction per method."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    # -- conversations ---------------------------------------------------------------------
+
+    def create_conversation(
+        self,
+        *,
+        model: str,
+        system: Any = None,
+        params: dict[str, Any] | None = None,
+        title: str | None = None,
+        branch: str = "main",
+    ) -> ConversationRow:
+        cid = new_id()
+        ts = now()
+        with db.write(self.engine) as conn:
+            conn.execute(
+                insert(C).values(
+                    id=cid,
+                    title=title,
+                    model=model,
+                    system=None if system is None else dumps(system),
+                    params=dumps(params or {}),
+                    current_branch=branch,
+                    turn_count=0,
+                    created_at=ts,
+                    updated_at=ts,
+                )
+            )
+            conn.execute(
+                insert(B).values(conversation_id=cid, name=branch, head_id=None, created_at=ts)
+            )
+        return self.conversation(cid)
+
+    def conversation(self, ref: str) -> ConversationRow:
+        """A conversation by full id or unique prefix."""
+        with db.read(self.engine) as conn:
+            cid = self._resolve(conn, C, ref, "conversation")
+            row = conn.execute(select(C).where(C.c.id == cid)).one()
+        return _conversation_row(row)
+
+    def most_recent(self) -> ConversationRow | None:
+        with db.read(self.engine) as conn:
+            row = conn.execute(
+                select(C).order_by(C.c.updated_at.desc(), C.c.id.desc()).limit(1)
+            ).first()
+        return _conversation_row(row) if row else None
+
+    def update_conversation(self, conv_id: str, **fields: Any) -> None:
+        values: dict[str, Any] = {}
+        for key, value in fields.items():
+            if key in ("params",):
+                values[key] = dumps(value)
+            elif key == "system":
+                values[key] = None if value is None else dumps(value)
+            elif key in ("title", "model", "current_branch"):
+                values[key] = value
+            else:
+                raise InvalidInput(f"cannot update conversation field {key!r}")
+        with db.write(self.engine) as conn:
+            conn.execute(update(C).where(C.c.id == conv_id).values(**values))
+
+    def list_conversations(self, limit: int | None = None) -> list[ConversationSummary]:
+        spend = (
+            select(
+                K.c.conversation_id,
+                func.count().label("calls"),
+                func.sum(K.c.input_tokens + K.c.cache_creation_input_tokens + K.c.cache_read_input_tokens).label("inp"),
+                func.sum(K.c.output_tokens).label("out"),
+                func.sum(K.c.cost_usd).label("cost"),
+            )
+            .group_by(K.c.conversation_id)
+            .subquery()
+        )
+        q = (
+            select(C, spend.c.calls, spend.c.inp, spend.c.out, spend.c.cost)
+            .outerjoin(spend, spend.c.conversation_id == C.c.id)
+            .order_by(C.c.updated_at.desc(), C.c.id.desc())
+        )
+        if limit:
+            q = q.limit(limit)
+        with db.read(self.engine) as conn:
+            rows = conn.execute(q).all()
+        return [
+            ConversationSummary(
+                id=r.id,
+                title=r.title,
+                model=r.model,
+                current_branch=r.current_branch,
+                turn_count=r.turn_count,
+                created_at=_utc(r.created_at),  # type: ignore[arg-type]
+                updated_at=_utc(r.updated_at),  # type: ignore[arg-type]
+                calls=r.calls or 0,
+                input_tokens=int(r.inp or 0),
+                output_tokens=int(r.out or 0),
+                cost_usd=float(r.cost or 0.0),
+            )
+            for r in rows
+        ]
+
+    def delete_conversation(self, conv_id: str) -> None:
+        with db.write(self.engine) as conn:
+            conn.execute(update(B).where(B.c.conversation_id == conv_id).values(head_id=None))
+            conn.execute(delete(K).where(K.c.conversation_id == conv_id))
+            self._delete_turns(conn, conv_id)
+            conn.execute(delete(B).where(B.c.conversation_id == conv_id))
+            conn.execute(delete(C).where(C.c.id == conv_id))
+
+    def _delete_turns(self, conn: Connection, conv_id: str) -> None:
+        # Unlink parents first, so the self-referencing foreign key holds at every statement.
+        conn.execute(
+            update(T).where(T.c.conversation_id == conv_id).values(parent_id=None)
+        )
+        conn.execute(delete(T).where(T.c.conversation_id == conv_id))
+
+    # -- ids -------------------------------------------------------------------------------
+
+    def _resolve(
+        self, conn: Connection, table: Any, ref: str, what: str, conv_id: str | None = None
+    ) -> str:
+        prefix = normalize_prefix(ref)
+        if prefix is None:
+            raise NotFound(f"no {what} with id {ref!r}")
+        low, high = prefix_range(prefix)
+        q = select(table.c.id).where(table.c.id >= low, table.c.id < high).order_by(table.c.id).limit(11)
+        if conv_id is not None:
+            q = q.where(table.c.conversation_id == conv_id)
+        ids = list(conn.execute(q).scalars())
+        if not ids:
+            if conv_id is not None:
+                elsewhere = conn.execute(
+                    select(table.c.id).where(table.c.id >= low, table.c.id < high).limit(1)
+                ).first()
+                if elsewhere:
+                    raise NotFound(f"{what} {ref!r} belongs to another conversation")
+            raise NotFound(f"no {what} with id {ref!r}")
+        if len(ids) > 1:
+            raise AmbiguousId(ref, ids, what)
+        return ids[0]
+
+    def resolve_turn(self, conv_id: str, ref: str) -> TurnRow:
+        with db.read(self.engine) as conn:
+            tid = self._resolve(conn, T, ref, "turn", conv_id)
+            row = conn.execute(select(T).where(T.c.id == tid)).one()
+        return _turn_row(row)
+
+    def turn(self, turn_id: str) -> TurnRow:
+        with db.read(self.engine) as conn:
+            row = conn.execute(select(T).where(T.c.id == turn_id)).first()
+        if row is None:
+            raise NotFound(f"no turn with id {turn_id!r}")
+        return _turn_row(row)
+
+    def turns(self, conv_id: str) -> list[TurnRow]:
+        """Every turn of a conversation, parents before children (for the tree view)."""
+        with db.read(self.engine) as conn:
+            rows = conn.execute(
+                select(T).where(T.c.conversation_id == conv_id).order_by(T.c.depth, T.c.id)
+            ).all()
+        return [_turn_row(r) for r in rows]
+
+    def children(self, turn_id: str) -> list[TurnRow]:
+        with db.read(self.engine) as conn:
+            rows = conn.execute(select(T).where(T.c.parent_id == turn_id).order_by(T.c.id)).all()
+        return [_turn_row(r) for r in rows]
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def path(self, conv_id: str, branch: str | None = None, head_id: str | None = None) -> Path:
+        """A branch's (or any turn's) path from its root, in at most three queries."""
+        with db.read(self.engine) as conn:
+            return self._path(conn, conv_id, branch, head_id)
+
+    def _path(
+        self, conn: Connection, conv_id: str, branch: str | None, head_id: str | None
+    ) -> Path:
+        if head_id is None:
+            name = branch
+            if name is None:
+                name = conn.execute(select(C.c.current_branch).where(C.c.id == conv_id)).scalar_one()
+            q = (
+                select(B.c.head_id, T.c.depth, C.c.turn_count)
+                .select_from(B.join(C, C.c.id == B.c.conversation_id).outerjoin(T, T.c.id == B.c.head_id))
+                .where(B.c.conversation_id == conv_id, B.c.name == name)
+            )
+            row = conn.execute(q).first()
+            if row is None:
+                raise NotFound(f"no branch {name!r} in conversation {conv_id}")
+            head_id, depth, count = row
+            branch = name
+        else:
+            q = (
+                select(T.c.depth, C.c.turn_count)
+                .select_from(T.join(C, C.c.id == T.c.conversation_id))
+                .where(T.c.id == head_id, T.c.conversation_id == conv_id)
+            )
+            row = conn.execute(q).first()
+            if row is None:
+                raise NotFound(f"no turn {head_id} in conversation {conv_id}")
+            depth, count = row
+        if head_id is None:
+            return Path(branch or "", None, [], None, -1)
+
+        if count <= (depth + 1) * SCAN_RATIO + SCAN_SLACK:
+            rows = conn.execute(
+                select(T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason)
+                .where(T.c.conversation_id == conv_id, T.c.depth <= depth)
+            ).all()
+            by_id = {r[0]: r for r in rows}
+            chain = []
+            cur: str | None = head_id
+            while cur is not None:
+                r = by_id[cur]
+                chain.append(r)
+                cur = r[1]
+            chain.reverse()
+        else:
+            chain = self._walk_cte(conn, head_id)
+
+        loads = orjson.loads
+        turns = [TurnRecord(r[0], r[2], r[3], loads(r[4]), r[5]) for r in chain]
+        blobs = None
+        if any('"image"' in r[4] or '"document"' in r[4] for r in chain):
+            blobs = self._blobs_for(conn, turns)
+        return Path(branch or "", head_id, turns, blobs, depth)
+
+    def _walk_cte(self, conn: Connection, head_id: str) -> list[Any]:
+        cols = (T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason, T.c.depth)
+        walk = select(*cols).where(T.c.id == head_id).cte("walk", recursive=True)
+        parent = T.alias("parent")
+        walk = walk.union_all(
+            select(*(parent.c[c.name] for c in cols)).join(walk, parent.c.id == walk.c.parent_id)
+        )
+        return list(conn.execute(select(walk).order_by(walk.c.depth)).all())
+
+    def _blobs_for(self, conn: Connection, turns: Iterable[TurnRecord]) -> dict[str, bytes]:
+        from convo.content import blob_refs
+
+        shas = {r["sha256"] for t in turns for r in blob_refs(t.content)}
+        if not shas:
+            return {}
+        rows = conn.execute(select(BL.c.sha256, BL.c.data).where(BL.c.sha256.in_(shas))).all()
+        return {sha: bytes(data) for sha, data in rows}
+
+    # -- appending -------------------------------------------------------------------------
+
+    def append(
+        self,
+        conv_id: str,
+        branch: str,
+        expected_head: str | None,
+        turns: Sequence[NewTurn],
+        *,
+        owner: str | None = None,
+        hold: timedelta | None = None,
+    ) -> list[str]:
+        """Append turns at a branch head in one transaction; optionally take the branch lease.
+
+        Raises Conflict when the head is no longer `expected_head` or another live writer holds
+        the branch. With `hold`, the branch stays leased to `owner` until `release`.
+        """
+        with db.write(self.engine) as conn:
+            head = self._lock_branch(conn, conv_id, branch, owner)
+            if head != expected_head:
+                raise Conflict(
+                    f"branch {branch!r} moved (head is now {head}, expected {expected_head}): "
+                    "another writer got there first; reload and try again"
+                )
+            ids = self._insert_turns(conn, conv_id, branch, head, turns)
+            if owner is not None and hold is not None:
+                conn.execute(
+                    update(B)
+                    .where(B.c.conversation_id == conv_id, B.c.name == branch)
+                    .values(lease_owner=owner, lease_expires=now() + hold)
+                )
+        return ids
+
+    def _lock_branch(
+        self, conn: Connection, conv_id: str, branch: str, owner: str | None
+    ) -> str | None:
+        q = select(B.c.head_id, B.c.lease_owner, B.c.lease_expires).where(
+            B.c.conversation_id == conv_id, B.c.name == branch
+        )
+        if self.dialect == "postgresql":
+            q = q.with_for_update()
+        row = conn.execute(q).first()
+        if row is None:
+            raise NotFound(f"no branch {branch!r} in conversation {conv_id}")
+        head, holder, expires = row
+        if holder and holder != owner:
+            expires = _utc(expires)
+            if expires is not None and expires > now() and not _holder_is_dead(holder):
+                raise Conflict(
+                    f"branch {branch!r} is busy: another send on it has not finished"
+                )
+        return head
+
+    def _insert_turns(
+        self,
+        conn: Connection,
+        conv_id: str,
+        branch: str,
+        parent_id: str | None,
+        turns: Sequence[NewTurn],
+    ) -> list[str]:
+        depth = -1
+        if parent_id is not None:
+            depth = conn.execute(select(T.c.depth).where(T.c.id == parent_id)).scalar_one()
+        ts = now()
+        rows = []
+        blobs: dict[str, BlobData] = {}
+        for t in turns:
+            content, found = extract_blobs(t.content)
+            for b in found:
+                blobs[b.sha256] = b
+            depth += 1
+            tid = new_id()
+            rows.append(
+                {
+                    "id": tid,
+                    "conversation_id": conv_id,
+                    "parent_id": parent_id,
+                    "role": t.role,
+                    "kind": t.kind,
+                    "content": dumps(content),
+                    "depth": depth,
+                    "source_id": t.source_id,
+                    "stop_reason": t.stop_reason,
+                    "created_at": ts,
+                }
+            )
+            parent_id = tid
+        if blobs:
+            self._insert_blobs(conn, blobs.values(), ts)
+        if rows:
+            conn.execute(insert(T), rows)
+            conn.execute(
+                update(B)
+                .where(B.c.conversation_id == conv_id, B.c.name == branch)
+                .values(head_id=parent_id)
+            )
+            conn.execute(
+                update(C)
+                .where(C.c.id == conv_id)
+                .values(updated_at=ts, turn_count=C.c.turn_count + len(rows))
+            )
+        return [r["id"] for r in rows]
+
+    def _insert_blobs(self, conn: Connection, blobs: Iterable[BlobData], ts: datetime) -> None:
+        values = [
+            {"sha256": b.sha256, "media_type": b.media_type, "size": len(b.data), "data": b.data, "created_at": ts}
+            for b in blobs
+        ]
+        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        conn.execute(dialect_insert(BL).on_conflict_do_nothing(index_elements=["sha256"]), values)
+
+    def release(self, conv_id: str, branch: str, owner: str) -> None:
+        with db.write(self.engine) as conn:
+            conn.execute(
+                update(B)
+                .where(B.c.conversation_id == conv_id, B.c.name == branch, B.c.lease_owner == owner)
+                .values(lease_owner=None, lease_expires=None)
+            )
+
+    # -- branches --------------------------------------------------------------------------
+
+    def branches(self, conv_id: str) -> list[BranchRow]:
+        with db.read(self.engine) as conn:
+            rows = conn.execute(
+                select(B.c.name, B.c.head_id, B.c.created_at, B.c.lease_owner, B.c.lease_expires)
+                .where(B.c.conversation_id == conv_id)
+                .order_by(B.c.created_at, B.c.id)
+            ).all()
+        return [BranchRow(r[0], r[1], _utc(r[2]), r[3], _utc(r[4])) for r in rows]  # type: ignore[arg-type]
+
+    def branch(self, conv_id: str, name: str) -> BranchRow:
+        for b in self.branches(conv_id):
+            if b.name == name:
+                return b
+        raise NotFound(f"no branch {name!r} in conversation {conv_id}")
+
+    def create_branch(
+        self, conv_id: str, name: str, head_id: str | None, *, checkout: bool = True
+    ) -> None:
+        """A new branch at an existing turn: one row, whatever the depth."""
+        with db.write(self.engine) as conn:
+            exists = conn.execute(
+                select(B.c.id).where(B.c.conversation_id == conv_id, B.c.name == name)
+            ).first()
+            if exists:
+                raise InvalidInput(f"branch {name!r} already exists")
+            conn.execute(
+                insert(B).values(conversation_id=conv_id, name=name, head_id=head_id, created_at=now())
+            )
+            if checkout:
+                conn.execute(
+                    update(C).where(C.c.id == conv_id).values(current_branch=name, updated_at=now())
+                )
+
+    def branch_with_turns(
+        self, conv_id: str, name: str, parent_id: str | None, turns: Sequence[NewTurn]
+    ) -> list[str]:
+        """A new checked-out branch whose head is new turns under `parent_id` (edit, regenerate)."""
+        with db.write(self.engine) as conn:
+            exists = conn.execute(
+                select(B.c.id).where(B.c.conversation_id == conv_id, B.c.name == name)
+            ).first()
+            if exists:
+                raise InvalidInput(f"branch {name!r} already exists")
+            conn.execute(
+                insert(B).values(conversation_id=conv_id, name=name, head_id=parent_id, created_at=now())
+            )
+            ids = self._insert_turns(conn, conv_id, name, parent_id, turns)
+            conn.execute(update(C).where(C.c.id == conv_id).values(current_branch=name))
+        return ids
+
+    def checkout(self, conv_id: str, name: str) -> None:
+        with db.write(self.engine) as conn:
+            exists = conn.execute(
+                select(B.c.id).where(B.c.conversation_id == conv_id, B.c.name == name)
+            ).first()
+            if not exists:
+                raise NotFound(f"no branch {name!r} in conversation {conv_id}")
+            conn.execute(update(C).where(C.c.id == conv_id).values(current_branch=name, updated_at=now()))
+
+    def delete_branch(self, conv_id: str, name: str) -> None:
+        """Drop a branch name. Its turns and its spend stay: other branches and audits use them."""
+        with db.write(self.engine) as conn:
+            current = conn.execute(select(C.c.current_branch).where(C.c.id == conv_id)).scalar_one()
+            if current == name:
+                raise InvalidInput(f"branch {name!r} is checked out: check out another one first")
+            res = conn.execute(delete(B).where(B.c.conversation_id == conv_id, B.c.name == name))
+            if res.rowcount == 0:
+                raise NotFound(f"no branch {name!r} in conversation {conv_id}")
+
+    def branch_names(self, conv_id: str) -> set[str]:
+        with db.read(self.engine) as conn:
+            return set(conn.execute(select(B.c.name).where(B.c.conversation_id == conv_id)).scalars())
+
+    # -- the calls ledger ------------------------------------------------------------------
+
+    def start_call(
+        self,
+        *,
+        conv_id: str,
+        branch: str,
+        turn_id: str | None,
+        model: str,
+        attempt: int,
+        streamed: bool,
+    ) -> str:
+        call_id = new_id()
+        with db.write(self.engine) as conn:
+            conn.execute(
+                insert(K).values(
+                    id=call_id,
+                    conversation_id=conv_id,
+                    branch=branch,
+                    turn_id=turn_id,
+                    attempt=attempt,
+                    model=model,
+                    streamed=int(streamed),
+                    status="pending",
+                    started_at=now(),
+                )
+            )
+        return call_id
+
+    def finish_call(self, call_id: str, **fields: Any) -> None:
+        with db.write(self.engine) as conn:
+            self._finish_call(conn, call_id, fields)
+
+    def _finish_call(self, conn: Connection, call_id: str, fields: dict[str, Any]) -> None:
+        started = conn.execute(select(K.c.started_at).where(K.c.id == call_id)).scalar_one()
+        end = now()
+        conn.execute(
+            update(K)
+            .where(K.c.id == call_id)
+            .values(
+                finished_at=end,
+                duration_ms=(end - _utc(started)).total_seconds() * 1000,  # type: ignore[operator]
+                **fields,
+            )
+        )
+
+    def finish_with_reply(
+        self,
+        call_id: str,
+        conv_id: str,
+        branch: str,
+        parent_id: str,
+        reply: NewTurn,
+        owner: str | None,
+        fields: dict[str, Any],
+    ) -> str:
+        """Store a reply, move the head and complete its call row: all or nothing."""
+        with db.write(self.engine) as conn:
+            head = self._lock_branch(conn, conv_id, branch, owner)
+            if head != parent_id:
+                raise Conflict(
+                    f"branch {branch!r} moved while waiting for the reply; the reply was not stored"
+                )
+            (reply_id,) = self._insert_turns(conn, conv_id, branch, parent_id, [reply])
+            self._finish_call(conn, call_id, {**fields, "reply_id": reply_id})
+            if owner is not None:
+                conn.execute(
+                    update(B)
+                    .where(B.c.conversation_id == conv_id, B.c.name == branch, B.c.lease_owner == owner)
+                    .values(lease_owner=None, lease_expires=None)
+                )
+        return reply_id
+
+    def calls(self, conv_id: str) -> list[dict[str, Any]]:
+        with db.read(self.engine) as conn:
+            rows = conn.execute(
+                select(K).where(K.c.conversation_id == conv_id).order_by(K.c.started_at, K.c.id)
+            ).mappings().all()
+        return [
+            {**dict(r), "started_at": _utc(r["started_at"]), "finished_at": _utc(r["finished_at"])}
+            for r in rows
+        ]
+
+    def reply_calls(self, reply_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The successful call behind each reply turn, for showing usage beside a transcript."""
+        if not reply_ids:
+            return {}
+        with db.read(self.engine) as conn:
+            rows = conn.execute(
+                select(K).where(K.c.reply_id.in_(list(reply_ids)))
+            ).mappings().all()
+        return {r["reply_id"]: dict(r) for r in rows}
+
+    def usage(
+        self,
+        *,
+        conversation: str | None = None,
+        branch: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        by: str = "conversation",
+    ) -> UsageReport:
+        """Spend grouped by conversation, branch, model or day: one aggregate query."""
+        if by == "conversation":
+            key = K.c.conversation_id
+        elif by == "branch":
+            key = K.c.conversation_id + literal(":") + K.c.branch if conversation is None else K.c.branch
+        elif by == "model":
+            key = K.c.model
+        elif by == "day":
+            key = (
+                func.to_char(func.timezone("UTC", K.c.started_at), "YYYY-MM-DD")
+                if self.dialect == "postgresql"
+                else func.substr(K.c.started_at, 1, 10)
+            )
+        else:
+            raise InvalidInput(f"usage can be grouped by conversation, branch, model or day, not {by!r}")
+        conds = []
+        if conversation is not None:
+            conds.append(K.c.conversation_id == conversation)
+        if branch is not None:
+            conds.append(K.c.branch == branch)
+        if since is not None:
+            conds.append(K.c.started_at >= since)
+        if until is not None:
+            conds.append(K.c.started_at < until)
+        billed = or_(K.c.input_tokens > 0, K.c.output_tokens > 0)
+        unpriced = func.sum(case((and_(K.c.cost_usd.is_(None), billed), 1), else_=0))
+        q = (
+            select(
+                key.label("key"),
+                func.count().label("calls"),
+                func.coalesce(func.sum(K.c.input_tokens), 0),
+                func.coalesce(func.sum(K.c.output_tokens), 0),
+                func.coalesce(func.sum(K.c.cache_creation_input_tokens), 0),
+                func.coalesce(func.sum(K.c.cache_read_input_tokens), 0),
+                func.coalesce(func.sum(K.c.cost_usd), 0.0),
+                func.coalesce(func.sum(K.c.uncached_cost_usd), 0.0),
+                unpriced.label("unpriced"),
+            )
+            .where(*conds)
+            .group_by(key)
+            .order_by(key)
+        )
+        with db.read(self.engine) as conn:
+            result = conn.execute(q).all()
+            missing = []
+            if any(r[8] for r in result):
+                missing = sorted(
+                    conn.execute(
+                        select(K.c.model).where(*conds, K.c.cost_usd.is_(None), billed).distinct()
+                    ).scalars()
+                )
+        rows = [
+            UsageRow(str(r[0]), r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5]), float(r[6]), float(r[7]))
+            for r in result
+        ]
+        total = UsageRow(
+            "total",
+            sum(r.calls for r in rows),
+            sum(r.input_tokens for r in rows),
+            sum(r.output_tokens for r in rows),
+            sum(r.cache_creation_input_tokens for r in rows),
+            sum(r.cache_read_input_tokens for r in rows),
+            sum(r.cost_usd for r in rows),
+            sum(r.uncached_cost_usd for r in rows),
+        )
+        return UsageReport(by, rows, total, sum(int(r[8] or 0) for r in result), missing)
+
+    # -- settings --------------------------------------------------------------------------
+
+    def get_setting(self, key: str) -> Any:
+        with db.read(self.engine) as conn:
+            value = conn.execute(select(S.c.value).where(S.c.key == key)).scalar()
+        return None if value is None else orjson.loads(value)
+
+    def set_setting(self, key: str, value: Any) -> None:
+        with db.write(self.engine) as conn:
+            conn.execute(delete(S).where(S.c.key == key))
+            if value is not None:
+                conn.execute(insert(S).values(key=key, value=dumps(value)))
+
+    def integrity_problems(self) -> list[str]:
+        """Structural checks beyond the engine's own: every branch head and parent exists."""
+        problems: list[str] = []
+        with db.read(self.engine) as conn:
+            if self.dialect == "sqlite":
+                res = conn.exec_driver_sql("PRAGMA integrity_check").scalar()
+                if res != "ok":
+                    problems.append(f"sqlite integrity_check: {res}")
+                for row in conn.exec_driver_sql("PRAGMA foreign_key_check"):
+                    problems.append(f"foreign key violation: {tuple(row)}")
+            parent = T.alias("parent")
+            orphans = conn.execute(
+                select(func.count())
+                .select_from(T.outerjoin(parent, T.c.parent_id == parent.c.id))
+                .where(T.c.parent_id.is_not(None), parent.c.id.is_(None))
+            ).scalar()
+            if orphans:
+                problems.append(f"{orphans} turns with a missing parent")
+            bad_depth = conn.execute(
+                select(func.count())
+                .select_from(T.join(parent, T.c.parent_id == parent.c.id))
+                .where(T.c.depth != parent.c.depth + 1)
+            ).scalar()
+            if bad_depth:
+                problems.append(f"{bad_depth} turns whose depth is not their parent's + 1")
+            dangling = conn.execute(
+                select(func.count())
+                .select_from(B.outerjoin(T, T.c.id == B.c.head_id))
+                .where(B.c.head_id.is_not(None), T.c.id.is_(None))
+            ).scalar()
+            if dangling:
+                problems.append(f"{dangling} branches whose head is missing")
+        return problems
+
+
+def _conversation_row(row: Any) -> ConversationRow:
+    return ConversationRow(
+        id=row.id,
+        title=row.title,
+        model=row.model,
+        system=None if row.system is None else orjson.loads(row.system),
+        params=orjson.loads(row.params or "{}"),
+        current_branch=row.current_branch,
+        turn_count=row.turn_count,
+        created_at=_utc(row.created_at),  # type: ignore[arg-type]
+        updated_at=_utc(row.updated_at),  # type: ignore[arg-type]
+    )
+
+
+def _turn_row(row: Any) -> TurnRow:
+    return TurnRow(
+        id=row.id,
+        conversation_id=row.conversation_id,
+        parent_id=row.parent_id,
+        role=row.role,
+        kind=row.kind,
+        content=orjson.loads(row.content),
+        depth=row.depth,
+        source_id=row.source_id,
+        stop_reason=row.stop_reason,
+        created_at=_utc(row.created_at),  # type: ignore[arg-type]
+    )
