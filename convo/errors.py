@@ -35,6 +35,7 @@ Messages are one line and never contain the API key.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import EllipsisType
 from typing import Any
 
 
@@ -127,14 +128,16 @@ class APIStatusError(APIError):
         self,
         message: str,
         *,
-        status_code: int | None = None,
+        status_code: int | None | EllipsisType = ...,
         error_type: str | None = None,
         request_id: str | None = None,
         headers: Mapping[str, str] | None = None,
         body: Any = None,
     ) -> None:
         self.message = message
-        if status_code is not None:
+        # Not given (...): keep the class's status. None: no HTTP status at all (an SSE error
+        # event after a 200), which must not pass for e.g. an HTTP 529.
+        if not isinstance(status_code, EllipsisType):
             self.status_code = status_code
         if error_type is not None:
             self.error_type = error_type

@@ -1,0 +1,299 @@
+"""The HTTP edge: the only convo module that imports httpx.
+
+Everything that decides something lives in pure modules (``sse``, ``stream``, ``retry``,
+``errors``); this one only sends bytes and translates what comes back:
+
+- httpx exceptions become ``APITimeoutError`` / ``APIConnectionError`` in one place,
+  :meth:`Client._transport_errors`, so nothing above ever sees an httpx type;
+- error responses become the typed ``APIStatusError`` subclass via ``errors.api_error_for``;
+- a body cut mid-JSON, or a stream that ends before ``message_stop``, is a connection error
+  (retryable), never a half message.
+
+The transport is injectable (``http_client=httpx.Client(transport=httpx.MockTransport(...))``),
+so tests swap it instead of patching internals. The API key is read when the client is built,
+kept private, masked in ``repr`` and scrubbed from every error message convo builds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from convo.errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    MissingApiKey,
+    api_error_for,
+)
+from convo.retry import RetryPolicy, run_with_retries
+from convo.sse import ServerSentEvent, SSEDecoder
+from convo.stream import error_from_event
+
+__all__ = [
+    "API_VERSION",
+    "COUNT_TOKENS_KEYS",
+    "DEFAULT_BASE_URL",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_POLICY",
+    "DEFAULT_READ_TIMEOUT",
+    "CallInfo",
+    "Client",
+    "MessageStream",
+]
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+API_VERSION = "2023-06-01"
+DEFAULT_CONNECT_TIMEOUT = 5.0
+# Long generations can take minutes before the last byte (or between stream events).
+DEFAULT_READ_TIMEOUT = 600.0
+MESSAGES_PATH = "/v1/messages"
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+# count_tokens rejects the sampling parameters (max_tokens, temperature, ...): send only these.
+COUNT_TOKENS_KEYS = ("model", "messages", "system", "tools", "tool_choice", "thinking")
+DEFAULT_POLICY = RetryPolicy()
+# How much of a non-JSON error body (an HTML page from a proxy, say) goes into the message.
+_SNIPPET_CHARS = 200
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What the HTTP response said about the call, apart from its body."""
+
+    status_code: int
+    request_id: str | None
+    headers: dict[str, str]
+
+
+def _info(response: httpx.Response) -> CallInfo:
+    headers = dict(response.headers)
+    return CallInfo(response.status_code, headers.get("request-id"), headers)
+
+
+class MessageStream:
+    """An open streaming response: ``.info``, then iterate for the decoded event dicts.
+
+    Iteration raises the typed error for an ``error`` event, and ``APIConnectionError`` when
+    the connection drops or the stream ends without ``message_stop``.
+    """
+
+    def __init__(self, client: Client, response: httpx.Response) -> None:
+        self._client = client
+        self._response = response
+        self.info = _info(response)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        decoder = SSEDecoder()
+        finished = False
+        with self._client._transport_errors():
+            for chunk in self._response.iter_bytes():
+                for sse in decoder.feed(chunk):
+                    event = self._decode(sse)
+                    finished = finished or event.get("type") == "message_stop"
+                    yield event
+        decoder.flush()
+        if not finished:
+            raise APIConnectionError("the stream ended before message_stop")
+
+    def _decode(self, sse: ServerSentEvent) -> dict[str, Any]:
+        try:
+            event = json.loads(sse.data)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            raise APIConnectionError(f"undecodable {sse.event or 'message'} event in the stream")
+        if sse.event == "error" or event.get("type") == "error":
+            raise error_from_event(event, request_id=self.info.request_id)
+        return event
+
+
+class Client:
+    """A synchronous Messages API client: one attempt, or attempts with the retry policy."""
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        *,
+        http_client: httpx.Client | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        sleep: Callable[[float], object] = time.sleep,
+        beta: list[str] | None = None,
+    ) -> None:
+        # A missing key is reported by the first request, not here, so that commands that never
+        # call the API (listing, exporting) work without one.
+        self._api_key = api_key if api_key is not None else os.environ.get("ANTHROPIC_API_KEY")
+        self.base_url = (
+            base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL
+        ).rstrip("/")
+        self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        self.policy = policy
+        self.sleep = sleep
+        self.beta = list(beta or [])
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.Client(timeout=self.timeout)
+
+    def __repr__(self) -> str:
+        key = "set" if self._api_key else "missing"
+        return f"Client(base_url={self.base_url!r}, api_key={key})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool if this client created it; a passed-in one is the caller's."""
+        if self._owns_http:
+            self._http.close()
+
+    # -- public calls ---------------------------------------------------------------------
+
+    def create_message_once(self, body: Mapping[str, Any]) -> tuple[dict[str, Any], CallInfo]:
+        """One POST /v1/messages attempt, no retry. Returns the message and the call's info."""
+        payload = {k: v for k, v in body.items() if k != "stream"}
+        with self._send(MESSAGES_PATH, payload, stream=False) as response:
+            return self._json_body(response), _info(response)
+
+    @contextmanager
+    def stream_message_once(self, body: Mapping[str, Any]) -> Iterator[MessageStream]:
+        """One streaming attempt, no retry. HTTP errors raise on entering; stream errors while
+        iterating. The response is closed on exit, whether or not it was read to the end."""
+        with self._send(MESSAGES_PATH, {**body, "stream": True}, stream=True) as response:
+            yield MessageStream(self, response)
+
+    def create_message(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """POST /v1/messages with retries (``self.policy``); returns the message."""
+        return run_with_retries(
+            lambda _attempt: self.create_message_once(body)[0], self.policy, sleep=self.sleep
+        )
+
+    def count_tokens(self, body: Mapping[str, Any]) -> int:
+        """The API's input-token estimate for ``body`` (only the keys count_tokens accepts)."""
+        payload = {k: body[k] for k in COUNT_TOKENS_KEYS if k in body}
+
+        def attempt(_attempt: int) -> int:
+            with self._send(COUNT_TOKENS_PATH, payload, stream=False) as response:
+                result = self._json_body(response)
+            tokens = result.get("input_tokens")
+            if not isinstance(tokens, int):
+                raise APIError("count_tokens answered without input_tokens")
+            return tokens
+
+        return run_with_retries(attempt, self.policy, sleep=self.sleep)
+
+    # -- one request ----------------------------------------------------------------------
+
+    def _headers(self, api_key: str) -> dict[str, str]:
+        headers = {
+            "x-api-key": api_key,
+            "anthropic-version": API_VERSION,
+            "content-type": "application/json",
+            "accept": "application/json",
+        }
+        if self.beta:
+            headers["anthropic-beta"] = ",".join(self.beta)
+        return headers
+
+    @contextmanager
+    def _send(
+        self, path: str, payload: dict[str, Any], *, stream: bool
+    ) -> Iterator[httpx.Response]:
+        """Send one request; yield the successful response, raise the typed error otherwise."""
+        if not self._api_key:
+            raise MissingApiKey()
+        request = self._http.build_request(
+            "POST",
+            self.base_url + path,
+            content=json.dumps(payload, ensure_ascii=False).encode("utf-8"),
+            headers=self._headers(self._api_key),
+            timeout=self.timeout,
+        )
+        with self._transport_errors():
+            response = self._http.send(request, stream=stream)
+        try:
+            if not response.is_success:
+                with self._transport_errors():
+                    response.read()
+                raise self._status_error(response)
+            yield response
+        finally:
+            response.close()
+
+    @contextmanager
+    def _transport_errors(self) -> Iterator[None]:
+        """The one place where httpx exceptions become convo's."""
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            raise APITimeoutError(self._scrub(f"request timed out: {exc}")) from exc
+        except httpx.RequestError as exc:  # connect, read, protocol, decoding errors
+            detail = str(exc) or type(exc).__name__
+            raise APIConnectionError(self._scrub(f"connection error: {detail}")) from exc
+        except httpx.StreamError as exc:  # a response read twice or after close: a caller bug
+            raise APIError(f"response stream unusable: {type(exc).__name__}") from exc
+
+    def _json_body(self, response: httpx.Response) -> dict[str, Any]:
+        """The parsed body of a 2xx response; a cut or garbled body is a connection error."""
+        try:
+            parsed = json.loads(response.content)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise APIConnectionError(
+                f"HTTP {response.status_code} with a body that is not a JSON object"
+                " (connection cut?)"
+            )
+        return parsed
+
+    def _status_error(self, response: httpx.Response) -> APIStatusError:
+        try:
+            body: Any = json.loads(response.content)
+        except ValueError:
+            body = None
+        error = body.get("error") if isinstance(body, dict) else None
+        error_type: str | None = None
+        message: str | None = None
+        if isinstance(error, dict):
+            error_type = error.get("type") if isinstance(error.get("type"), str) else None
+            message = str(error["message"]) if error.get("message") is not None else None
+        if message is None:
+            snippet = " ".join(response.text.split())[:_SNIPPET_CHARS]
+            message = response.reason_phrase or "error"
+            if snippet:
+                message = f"{message}: {snippet}"
+        headers = dict(response.headers)
+        request_id = headers.get("request-id")
+        if request_id is None and isinstance(body, dict):
+            request_id = body.get("request_id")
+        return api_error_for(
+            response.status_code,
+            error_type,
+            self._scrub(" ".join(message.split())),
+            request_id=request_id,
+            headers=headers,
+            body=body,
+        )
+
+    def _scrub(self, text: str) -> str:
+        """Remove the API key from text bound for an error message (proxies echo headers)."""
+        if self._api_key:
+            text = text.replace(self._api_key, "[api key]")
+        return text
