@@ -103,8 +103,19 @@ def _plain_text(block: Block) -> bool:
     return block.get("type") == "text" and len(block) == 2
 
 
+def check_structure(path: Sequence[TurnRecord], *, final_pending_ok: bool) -> None:
+    """Refuse a path that could never be sent (for forks and edits, before anything is written).
+
+    `final_pending_ok` allows a last assistant turn whose tool_use is still unanswered.
+    """
+    if not path:
+        return
+    messages, owners = build_messages(path)
+    check_messages(messages, owners, final_pending_ok=final_pending_ok)
+
+
 def check_messages(
-    messages: list[dict[str, Any]], owners: list[str], path: Sequence[TurnRecord]
+    messages: list[dict[str, Any]], owners: list[str], *, final_pending_ok: bool = False
 ) -> None:
     """Refuse a message list the API would refuse, naming the turn at fault."""
     if not messages:
@@ -157,7 +168,7 @@ def check_messages(
                 )
             pending = [b["id"] for b in blocks if b.get("type") == "tool_use"]
             pending_owner = owner
-    if pending:
+    if pending and not final_pending_ok:
         raise HistoryError(
             f"turn {pending_owner}: tool_use {', '.join(pending)} awaits a tool_result: "
             "add the results before sending",
@@ -239,7 +250,7 @@ def build_request(
     if not isinstance(s.get("max_tokens"), int) or s["max_tokens"] < 1:
         raise InvalidInput("max_tokens must be a positive integer")
     messages, owners = build_messages(path)
-    check_messages(messages, owners, path)
+    check_messages(messages, owners)
     _check_prefill(messages, path, s, prefill_models)
     if blobs is not None:
         # The store passes blobs (maybe empty) only when the path holds media, so a text-only

@@ -37,7 +37,7 @@ from convo.errors import (
     HistoryError,
     InvalidInput,
 )
-from convo.history import SETTING_KEYS, TurnRecord, build_request
+from convo.history import SETTING_KEYS, TurnRecord, build_request, check_structure
 from convo.pricing import PriceTable, load_prices
 from convo.retry import RetryPolicy
 from convo.store import (
@@ -691,6 +691,87 @@ class Conversation:
         )
 
     # -- branching -------------------------------------------------------------------------
+
+    def fork(self, at: str, name: str | None = None, *, checkout: bool = True) -> str:
+        """A new branch whose head is turn `at` (id or prefix): one row, whatever the depth."""
+        storage = self.store.storage
+        turn = storage.resolve_turn(self.id, at)
+        path = storage.path(self.id, head_id=turn.id)
+        check_structure(path.turns, final_pending_ok=False)
+        name = self._new_branch_name(name, "fork")
+        storage.create_branch(self.id, name, turn.id, checkout=checkout)
+        return name
+
+    def edit(self, turn: str, content: str | list[Block], *, name: str | None = None) -> str:
+        """A sibling of `turn` with new content, as the head of a new checked-out branch.
+
+        Editing a reply or synthetic turn gives a synthetic assistant turn: replay sends the
+        edited text, and the original reply's call stays in the audit. Returns the new turn id.
+        """
+        storage = self.store.storage
+        old = storage.resolve_turn(self.id, turn)
+        if old.role == "user":
+            if old.kind == "tool_result" and isinstance(content, str):
+                ids = [b["tool_use_id"] for b in old.content if b.get("type") == "tool_result"]
+                if len(ids) != 1:
+                    raise InvalidInput(
+                        f"turn {old.id} answers {len(ids)} tool uses: give the new content as blocks"
+                    )
+                content = [{"type": "tool_result", "tool_use_id": ids[0], "content": content}]
+            blocks = normalize(content, "user", where="edited turn")
+            kind = "tool_result" if any(b.get("type") == "tool_result" for b in blocks) else "user"
+        else:
+            blocks = normalize(content, "assistant", where="edited turn")
+            kind = "synthetic"
+        new = NewTurn(old.role, kind, blocks, source_id=old.id)
+        parent_path = (
+            storage.path(self.id, head_id=old.parent_id).turns if old.parent_id else []
+        )
+        check_structure(
+            parent_path + [TurnRecord("(edited turn)", new.role, new.kind, new.content)],
+            final_pending_ok=old.role == "assistant",
+        )
+        name = self._new_branch_name(name, "edit")
+        return storage.branch_with_turns(self.id, name, old.parent_id, [new])[0]
+
+    def regenerate(
+        self, turn: str | None = None, *, name: str | None = None, **overrides: Any
+    ) -> Reply:
+        """Another reply on a new checked-out branch; the old reply stays on its branch.
+
+        `turn` is the reply to redo (default: the branch's last reply), or the user turn to
+        answer again.
+        """
+        storage = self.store.storage
+        if turn is None:
+            path = storage.path(self.id)
+            replies = [t for t in path.turns if t.role == "assistant" and t.kind == "reply"]
+            if not replies:
+                raise InvalidInput("nothing to regenerate: the branch has no reply yet")
+            target = storage.turn(replies[-1].id)
+        else:
+            target = storage.resolve_turn(self.id, turn)
+        at = target.parent_id if target.kind == "reply" else target.id
+        if at is None:
+            raise InvalidInput(f"turn {target.id} has nothing before it to answer")
+        name = self._new_branch_name(name, "regen")
+        path = storage.path(self.id, head_id=at)
+        check_structure(path.turns, final_pending_ok=False)
+        storage.create_branch(self.id, name, at, checkout=True)
+        return self.retry(**overrides)
+
+    def _new_branch_name(self, name: str | None, prefix: str) -> str:
+        taken = self.store.storage.branch_names(self.id)
+        if name is not None:
+            if not name.strip() or name != name.strip() or len(name) > 200:
+                raise InvalidInput(f"invalid branch name {name!r}")
+            if name in taken:
+                raise InvalidInput(f"branch {name!r} already exists")
+            return name
+        n = 1
+        while f"{prefix}-{n}" in taken:
+            n += 1
+        return f"{prefix}-{n}"
 
     def branches(self) -> list[BranchRow]:
         return self.store.storage.branches(self.id)
