@@ -175,11 +175,19 @@ def downgrade_schema(engine: Engine, revision: str) -> None:
     _run_alembic(engine, "downgrade", revision)
 
 
+def migrations_dir() -> Path:
+    """Alembic's tree: shipped as convo.migrations, or migrations/ beside a source checkout."""
+    try:
+        return Path(str(resources.files("convo.migrations")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "migrations"
+
+
 def alembic_config(connection: Connection | None = None) -> Any:
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(resources.files("convo.migrations")))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     if connection is not None:
         cfg.attributes["connection"] = connection
     return cfg

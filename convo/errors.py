@@ -10,6 +10,7 @@
     │   └── ConfigError              a setting that is missing or malformed
     │       └── MissingApiKey
     ├── BudgetExceeded               a send refused before any request (CLI exit 1)
+    ├── OutputInvalid                structured output that does not match its schema
     ├── StoreError                   the database, not the input, is at fault
     │   ├── DatabaseUnavailable
     │   ├── SchemaTooNew             created by a newer convo: refuse, never corrupt
@@ -88,6 +89,15 @@ class MissingApiKey(ConfigError):
 
 class BudgetExceeded(ConvoError):
     pass
+
+
+class OutputInvalid(ConvoError):
+    """Claude's structured output failed validation; `errors` lists why, `output` what it sent."""
+
+    def __init__(self, message: str, *, errors: list[str], output: Any) -> None:
+        self.errors = errors
+        self.output = output
+        super().__init__(message)
 
 
 class StoreError(ConvoError):

@@ -782,6 +782,27 @@ class Conversation:
     def delete_branch(self, name: str) -> None:
         self.store.storage.delete_branch(self.id, name)
 
+    # -- tools -----------------------------------------------------------------------------
+
+    def run(
+        self,
+        content: str | list[Block] | None = None,
+        *,
+        tools: Sequence[Any],
+        max_steps: int = 8,
+        **overrides: Any,
+    ) -> Reply:
+        """Send and run the requested tools until Claude stops asking (see convo.runner.run)."""
+        from convo import runner
+
+        return runner.run(self, content, tools=tools, max_steps=max_steps, **overrides)
+
+    def send_json(self, content: str | list[Block], schema: Any, **overrides: Any) -> Any:
+        """Structured output validated against a pydantic model or JSON schema."""
+        from convo import runner
+
+        return runner.send_json(self, content, schema, **overrides)
+
     # -- spend -----------------------------------------------------------------------------
 
     def usage(self, by: str = "branch", **kw: Any) -> UsageReport:

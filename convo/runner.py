@@ -1,0 +1,137 @@
+"""Tool use as a loop, and structured output through a forced tool call.
+
+Every step is persisted as it happens (the reply with its tool_use, then each tool_result), so a
+run that crashes resumes from the last stored turn: tool uses that already have a result are
+never run again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from convo.errors import InvalidInput, OutputInvalid
+from convo.tools import Tool, json_schema_for, tool_definition
+from convo.types import Block, ToolUse
+
+if TYPE_CHECKING:
+    from convo.service import Conversation, Reply
+
+DEFAULT_MAX_STEPS = 8
+JSON_TOOL_NAME = "record_output"
+
+
+def run(
+    conv: Conversation,
+    content: str | list[Block] | None = None,
+    *,
+    tools: Sequence[Tool],
+    max_steps: int = DEFAULT_MAX_STEPS,
+    **overrides: Any,
+) -> Reply:
+    """Send, run the tools Claude asks for, send the results, until it stops asking.
+
+    Returns the last reply; when `max_steps` replies have asked for tools, that reply (with
+    stop_reason "tool_use") is returned and its tool uses stay unanswered on the branch.
+    A tool that raises becomes an `is_error` result carrying its message.
+    """
+    if max_steps < 1:
+        raise InvalidInput("max_steps must be at least 1")
+    by_name = {t.name: t for t in tools}
+    overrides = {"tools": [tool_definition(t) for t in tools], **overrides}
+    if content is None:
+        _answer(conv, conv.pending_tool_uses(), by_name)  # resume a run cut short
+    reply = conv.send(content, **overrides)
+    for _ in range(max_steps - 1):
+        if reply.stop_reason == "pause_turn":
+            reply = conv.send(**overrides)
+            continue
+        pending = conv.pending_tool_uses() if reply.tool_uses else []
+        if not pending:
+            return reply
+        _answer(conv, pending, by_name)
+        reply = conv.send(**overrides)
+    return reply
+
+
+def _answer(conv: Conversation, uses: Sequence[ToolUse], by_name: Mapping[str, Tool]) -> None:
+    for use in uses:
+        tool = by_name.get(use.name)
+        if tool is None:
+            conv.add_tool_result(use.id, f"unknown tool {use.name!r}", is_error=True)
+            continue
+        try:
+            result = tool.call(use.input)
+        except Exception as e:  # the model sees the failure and can correct itself
+            conv.add_tool_result(use.id, f"{type(e).__name__}: {e}" or "error", is_error=True)
+        else:
+            conv.add_tool_result(use.id, result if result != "" else "(empty result)")
+
+
+def send_json(
+    conv: Conversation,
+    content: str | list[Block],
+    schema: type[BaseModel] | Mapping[str, Any],
+    *,
+    name: str = JSON_TOOL_NAME,
+    description: str = "Record the requested output. Always call this tool.",
+    **overrides: Any,
+) -> Any:
+    """Structured output: a forced tool call whose input is the object, validated.
+
+    Returns a model instance for a pydantic schema, a dict for a JSON schema. The stored reply is
+    the tool_use turn; a tool_result is stored after it so the thread can go on. Output that
+    does not validate raises OutputInvalid (its tool_result is stored as an error).
+    """
+    json_schema = json_schema_for(schema)
+    definition = {"name": name, "description": description, "input_schema": json_schema}
+    reply = conv.send(
+        content, tools=[definition], tool_choice={"type": "tool", "name": name}, **overrides
+    )
+    uses = [u for u in reply.tool_uses if u.name == name]
+    if not uses:
+        for u in reply.tool_uses:
+            conv.add_tool_result(u.id, "not the requested tool", is_error=True)
+        raise OutputInvalid(
+            f"the reply did not call {name} (stop_reason {reply.stop_reason})",
+            errors=["no tool call"],
+            output=reply.text,
+        )
+    use = uses[0]
+    for other in reply.tool_uses:
+        if other.id != use.id:
+            conv.add_tool_result(other.id, "ignored", is_error=True)
+    errors, value = _validate(use.input, schema, json_schema)
+    if errors:
+        conv.add_tool_result(use.id, "invalid: " + "; ".join(errors), is_error=True)
+        raise OutputInvalid(
+            f"structured output does not match the schema: {errors[0]}"
+            + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""),
+            errors=errors,
+            output=use.input,
+        )
+    conv.add_tool_result(use.id, "Recorded.")
+    return value
+
+
+def _validate(
+    data: dict[str, Any], schema: Any, json_schema: dict[str, Any]
+) -> tuple[list[str], Any]:
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        try:
+            return [], schema.model_validate(data)
+        except ValidationError as e:
+            return [
+                f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+                for err in e.errors()
+            ], None
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(json_schema)
+    errors = [
+        f"{'.'.join(str(p) for p in err.absolute_path) or '(root)'}: {err.message}"
+        for err in sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    ]
+    return errors, (None if errors else data)
