@@ -21,7 +21,6 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 from convo.errors import DatabaseUnavailable, SchemaTooNew, StoreError
 
@@ -60,11 +59,7 @@ def create_engine_for(url: str) -> Engine:
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         _prepare_sqlite_file(parsed.database or "")
-        engine = create_engine(
-            parsed,
-            poolclass=NullPool if (parsed.database or ":memory:") != ":memory:" else None,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
-        )
+        engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _install_sqlite_hooks(engine)
         return engine
     if backend == "postgresql":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path as FilePath
 from typing import Any
@@ -33,7 +33,6 @@ from convo.errors import (
     APIStatusError,
     BudgetExceeded,
     Conflict,
-    ContentError,
     HistoryError,
     InvalidInput,
 )
@@ -179,7 +178,7 @@ class Store:
 
     def get(self, ref: str) -> Conversation:
         """A conversation by id or unique id prefix."""
-        return Conversation(self, self.storage.conversation(ref).id)
+        return Conversation(self, self.storage.resolve_conversation(ref))
 
     def latest(self) -> Conversation | None:
         row = self.storage.most_recent()
@@ -313,9 +312,8 @@ class Conversation:
         **overrides: Any,
     ) -> dict[str, Any]:
         """The exact body the next send would POST, with `content` as a new user turn. Writes nothing."""
-        info = self.info
-        path = self.store.storage.path(self.id, info.current_branch)
         new = self._new_turns(content, prefill, images)
+        info, path = self.store.storage.snapshot(self.id)
         return self._build(info, path, new, overrides)
 
     def _build(
@@ -475,8 +473,7 @@ class Conversation:
         deadline = time.monotonic() + self.store.wait_for_branch
         wait = 0.02
         while True:
-            info = self.info
-            path = storage.path(self.id, info.current_branch)
+            info, path = storage.snapshot(self.id)
             if not new:
                 self._check_continuable(path)
             body = self._build(info, path, new, overrides)

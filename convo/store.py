@@ -210,9 +210,16 @@ class Storage:
     def conversation(self, ref: str) -> ConversationRow:
         """A conversation by full id or unique prefix."""
         with db.read(self.engine) as conn:
-            cid = self._resolve(conn, C, ref, "conversation")
-            row = conn.execute(select(C).where(C.c.id == cid)).one()
+            row = conn.execute(select(C).where(C.c.id == ref)).first()
+            if row is None:
+                cid = self._resolve(conn, C, ref, "conversation")
+                row = conn.execute(select(C).where(C.c.id == cid)).one()
         return _conversation_row(row)
+
+    def resolve_conversation(self, ref: str) -> str:
+        """The full id of a conversation given by id or unique prefix."""
+        with db.read(self.engine) as conn:
+            return self._resolve(conn, C, ref, "conversation")
 
     def most_recent(self) -> ConversationRow | None:
         with db.read(self.engine) as conn:
@@ -342,28 +349,10 @@ class Storage:
     # -- paths -----------------------------------------------------------------------------
 
     def path(self, conv_id: str, branch: str | None = None, head_id: str | None = None) -> Path:
-        """A branch's (or any turn's) path from its root, in at most three queries."""
-        with db.read(self.engine) as conn:
-            return self._path(conn, conv_id, branch, head_id)
-
-    def _path(
-        self, conn: Connection, conv_id: str, branch: str | None, head_id: str | None
-    ) -> Path:
+        """A branch's (or any turn's) path from its root."""
         if head_id is None:
-            name = branch
-            if name is None:
-                name = conn.execute(select(C.c.current_branch).where(C.c.id == conv_id)).scalar_one()
-            q = (
-                select(B.c.head_id, T.c.depth, C.c.turn_count)
-                .select_from(B.join(C, C.c.id == B.c.conversation_id).outerjoin(T, T.c.id == B.c.head_id))
-                .where(B.c.conversation_id == conv_id, B.c.name == name)
-            )
-            row = conn.execute(q).first()
-            if row is None:
-                raise NotFound(f"no branch {name!r} in conversation {conv_id}")
-            head_id, depth, count = row
-            branch = name
-        else:
+            return self.snapshot(conv_id, branch)[1]
+        with db.read(self.engine) as conn:
             q = (
                 select(T.c.depth, C.c.turn_count)
                 .select_from(T.join(C, C.c.id == T.c.conversation_id))
@@ -372,10 +361,38 @@ class Storage:
             row = conn.execute(q).first()
             if row is None:
                 raise NotFound(f"no turn {head_id} in conversation {conv_id}")
-            depth, count = row
-        if head_id is None:
-            return Path(branch or "", None, [], None, -1)
+            return self._read_path(conn, conv_id, branch or "", head_id, row[0], row[1])
 
+    def snapshot(self, conv_id: str, branch: str | None = None) -> tuple[ConversationRow, Path]:
+        """A conversation and a branch's path (default: the current one) in two queries, one
+        consistent read: what building the next request needs."""
+        name = branch if branch is not None else C.c.current_branch
+        q = (
+            select(C, B.c.name.label("branch_name"), B.c.head_id, T.c.depth.label("head_depth"))
+            .select_from(
+                C.outerjoin(B, and_(B.c.conversation_id == C.c.id, B.c.name == name)).outerjoin(
+                    T, T.c.id == B.c.head_id
+                )
+            )
+            .where(C.c.id == conv_id)
+        )
+        with db.read(self.engine) as conn:
+            row = conn.execute(q).first()
+            if row is None:
+                raise NotFound(f"no conversation with id {conv_id!r}")
+            if row.branch_name is None:
+                raise NotFound(f"no branch {branch!r} in conversation {conv_id}")
+            info = _conversation_row(row)
+            if row.head_id is None:
+                return info, Path(row.branch_name, None, [], None, -1)
+            path = self._read_path(
+                conn, conv_id, row.branch_name, row.head_id, row.head_depth, info.turn_count
+            )
+        return info, path
+
+    def _read_path(
+        self, conn: Connection, conv_id: str, branch: str, head_id: str, depth: int, count: int
+    ) -> Path:
         if count <= (depth + 1) * SCAN_RATIO + SCAN_SLACK:
             rows = conn.execute(
                 select(T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason)
@@ -397,7 +414,7 @@ class Storage:
         blobs = None
         if any('"image"' in r[4] or '"document"' in r[4] for r in chain):
             blobs = self._blobs_for(conn, turns)
-        return Path(branch or "", head_id, turns, blobs, depth)
+        return Path(branch, head_id, turns, blobs, depth)
 
     def _walk_cte(self, conn: Connection, head_id: str) -> list[Any]:
         cols = (T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason, T.c.depth)
