@@ -201,6 +201,11 @@ class Client:
 
     # -- one request ----------------------------------------------------------------------
 
+    def require_key(self) -> None:
+        """Raise MissingApiKey now, so a caller can refuse before writing anything."""
+        if not self._api_key:
+            raise MissingApiKey()
+
     def _headers(self, api_key: str) -> dict[str, str]:
         headers = {
             "x-api-key": api_key,

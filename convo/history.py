@@ -45,6 +45,7 @@ MAX_IMAGES = 100
 MANY_IMAGES = 20
 MANY_IMAGES_MAX_SIDE = 2000
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
+MAX_CACHE_BREAKPOINTS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +74,17 @@ def merge_settings(settings: Mapping[str, Any], overrides: Mapping[str, Any] | N
 
 def build_messages(path: Sequence[TurnRecord]) -> tuple[list[dict[str, Any]], list[str]]:
     """Messages for a path, and for each message the id of its last turn (for error messages)."""
+    messages, owners, _ = _build_messages(path)
+    return messages, owners
+
+
+def _build_messages(
+    path: Sequence[TurnRecord],
+) -> tuple[list[dict[str, Any]], list[str], list[list[str]]]:
+    """build_messages, plus the id of the turn each block came from (to name the turn at fault)."""
     messages: list[dict[str, Any]] = []
     owners: list[str] = []
+    block_owners: list[list[str]] = []
     prev: TurnRecord | None = None
     for turn in path:
         if prev is not None and turn.role == prev.role:
@@ -91,12 +101,14 @@ def build_messages(path: Sequence[TurnRecord]) -> tuple[list[dict[str, Any]], li
                 blocks[-1] = {"type": "text", "text": blocks[-1]["text"] + new[0]["text"]}
                 new = new[1:]
             blocks.extend(new)
+            block_owners[-1].extend([turn.id] * len(new))
             owners[-1] = turn.id
         else:
             messages.append({"role": turn.role, "content": list(turn.content)})
             owners.append(turn.id)
+            block_owners.append([turn.id] * len(turn.content))
         prev = turn
-    return messages, owners
+    return messages, owners, block_owners
 
 
 def _plain_text(block: Block) -> bool:
@@ -110,26 +122,37 @@ def check_structure(path: Sequence[TurnRecord], *, final_pending_ok: bool) -> No
     """
     if not path:
         return
-    messages, owners = build_messages(path)
-    check_messages(messages, owners, final_pending_ok=final_pending_ok)
+    messages, owners, block_owners = _build_messages(path)
+    check_messages(messages, owners, final_pending_ok=final_pending_ok, block_owners=block_owners)
 
 
 def check_messages(
-    messages: list[dict[str, Any]], owners: list[str], *, final_pending_ok: bool = False
+    messages: list[dict[str, Any]],
+    owners: list[str],
+    *,
+    final_pending_ok: bool = False,
+    block_owners: list[list[str]] | None = None,
 ) -> None:
-    """Refuse a message list the API would refuse, naming the turn at fault."""
+    """Refuse a message list the API would refuse, naming the turn at fault.
+
+    `block_owners` (the turn id of each block) names the very turn of a bad block when a
+    message was merged from several turns; without it, a message's last turn is named.
+    """
     if not messages:
         raise HistoryError("the branch has no turns to send")
+    if block_owners is None:
+        block_owners = [[o] * len(m["content"]) for m, o in zip(messages, owners, strict=True)]
     if messages[0]["role"] != "user":
-        raise HistoryError("the first turn must be from the user", turn_id=owners[0])
+        first = block_owners[0][0] if block_owners[0] else owners[0]
+        raise HistoryError("the first turn must be from the user", turn_id=first)
     pending: list[str] = []  # tool_use ids the next user message must answer first
     pending_owner = ""
-    for message, owner in zip(messages, owners, strict=True):
+    for message, blk_owners in zip(messages, block_owners, strict=True):
         blocks = message["content"]
         if message["role"] == "user":
             answered: list[str] = []
             leading = True
-            for b in blocks:
+            for b, owner in zip(blocks, blk_owners, strict=True):
                 if b.get("type") == "tool_result":
                     if not leading:
                         raise HistoryError(
@@ -166,8 +189,18 @@ def check_messages(
                     "at the start of the next user turn",
                     turn_id=pending_owner,
                 )
-            pending = [b["id"] for b in blocks if b.get("type") == "tool_use"]
-            pending_owner = owner
+            pending = []
+            for b, owner in zip(blocks, blk_owners, strict=True):
+                if b.get("type") == "tool_use":
+                    uid = b.get("id")
+                    if not isinstance(uid, str) or not uid or uid in pending:
+                        raise HistoryError(
+                            f"turn {owner}: a tool_use needs an id of its own in its message "
+                            f"({uid!r})",
+                            turn_id=owner,
+                        )
+                    pending.append(uid)
+                    pending_owner = owner
     if pending and not final_pending_ok:
         raise HistoryError(
             f"turn {pending_owner}: tool_use {', '.join(pending)} awaits a tool_result: "
@@ -235,6 +268,15 @@ def _check_media(messages: list[dict[str, Any]]) -> int:
     return sum(int(r.get("size", 0)) for r in refs)
 
 
+def count_cache_markers(tools: Any, system: Any) -> int:
+    """cache_control markers a person put on tool definitions or system blocks."""
+    n = 0
+    for item in (tools or []) + (system if isinstance(system, list) else []):
+        if isinstance(item, dict) and "cache_control" in item:
+            n += 1
+    return n
+
+
 def build_request(
     path: Sequence[TurnRecord],
     settings: Mapping[str, Any],
@@ -249,8 +291,8 @@ def build_request(
         raise InvalidInput("no model set")
     if not isinstance(s.get("max_tokens"), int) or s["max_tokens"] < 1:
         raise InvalidInput("max_tokens must be a positive integer")
-    messages, owners = build_messages(path)
-    check_messages(messages, owners)
+    messages, owners, block_owners = _build_messages(path)
+    check_messages(messages, owners, block_owners=block_owners)
     _check_prefill(messages, path, s, prefill_models)
     if blobs is not None:
         # The store passes blobs (maybe empty) only when the path holds media, so a text-only
@@ -273,7 +315,7 @@ def build_request(
         if s.get(key) is not None:
             body[key] = s[key]
     cache = s.get("cache")
-    if cache:
+    if cache and cache != "off":
         if cache not in CACHE_TTLS:
             raise InvalidInput(f"cache must be one of {', '.join(CACHE_TTLS)} or off, not {cache!r}")
         body["cache_control"] = (

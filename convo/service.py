@@ -36,7 +36,14 @@ from convo.errors import (
     HistoryError,
     InvalidInput,
 )
-from convo.history import SETTING_KEYS, TurnRecord, build_request, check_structure
+from convo.history import (
+    MAX_CACHE_BREAKPOINTS,
+    SETTING_KEYS,
+    TurnRecord,
+    build_request,
+    check_structure,
+    count_cache_markers,
+)
 from convo.pricing import PriceTable, load_prices
 from convo.retry import RetryPolicy
 from convo.store import (
@@ -167,6 +174,10 @@ class Store:
         )
         if system is not None:
             _check_system(system)
+        if count_cache_markers(settings.get("tools"), system) > MAX_CACHE_BREAKPOINTS:
+            raise InvalidInput(
+                f"at most {MAX_CACHE_BREAKPOINTS} cache_control markers in tools and system"
+            )
         extra = {k: v for k, v in (("budget_usd", budget_usd), ("max_input_tokens", max_input_tokens)) if v is not None}
         _check_limits(extra)
         if not isinstance(model, str) or not model.strip():
@@ -477,6 +488,7 @@ class Conversation:
             if not new:
                 self._check_continuable(path)
             body = self._build(info, path, new, overrides)
+            self.store.client.require_key()
             self._check_budget(info, body)
             try:
                 ids = storage.append(self.id, path.branch, path.head_id, new, owner=owner, hold=LEASE)
@@ -522,7 +534,12 @@ class Conversation:
             )
         price = self.store.prices.lookup(body["model"])
         if price is None:
-            return
+            if budget is None and store_budget is None:
+                return
+            raise BudgetExceeded(
+                f"a budget is set but convo has no price for model {body['model']}: add one "
+                "with CONVO_PRICES; nothing was sent"
+            )
         worst = (estimate * price.input + body["max_tokens"] * price.output) / 1_000_000
         for limit, scope in ((budget, "conversation"), (store_budget, "store")):
             if limit is None:

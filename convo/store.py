@@ -53,6 +53,15 @@ def _utc(value: datetime | None) -> datetime | None:
     return value
 
 
+def _as_utc(value: datetime | None) -> datetime | None:
+    """A bound datetime in UTC: SQLite keeps wall-clock time and drops the offset."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
 @dataclass(frozen=True)
 class ConversationRow:
     id: str
@@ -746,6 +755,7 @@ class Storage:
             )
         else:
             raise InvalidInput(f"usage can be grouped by conversation, branch, model or day, not {by!r}")
+        since, until = _as_utc(since), _as_utc(until)
         conds = []
         if conversation is not None:
             conds.append(K.c.conversation_id == conversation)
