@@ -209,6 +209,18 @@ class Store:
         cid = self.storage.conversation(conversation).id if conversation else None
         return self.storage.usage(conversation=cid, branch=branch, since=since, until=until, by=by)
 
+    def export(self, ref: str) -> dict[str, Any]:
+        """A conversation's whole tree, branches and ledger as JSON-serializable data."""
+        from convo.transfer import export_conversation
+
+        return export_conversation(self.storage, self.storage.resolve_conversation(ref))
+
+    def import_(self, data: Any) -> Conversation:
+        """Import an export (from this or another store) under new ids, all or nothing."""
+        from convo.transfer import import_conversation
+
+        return Conversation(self, import_conversation(self.storage, data))
+
     def set_budget(self, usd: float | None) -> None:
         """A spending cap for the whole store, checked before every send."""
         _check_limits({"budget_usd": usd} if usd is not None else {})

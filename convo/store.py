@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, and_, case, delete, func, insert, lit
 from sqlalchemy.dialects import postgresql, sqlite
 
 from convo import db
-from convo.content import BlobData, extract_blobs
+from convo.content import BlobData, blob_refs, extract_blobs
 from convo.errors import AmbiguousId, Conflict, InvalidInput, NotFound
 from convo.history import TurnRecord
 from convo.ids import new_id, normalize_prefix, prefix_range
@@ -434,9 +434,14 @@ class Storage:
         )
         return list(conn.execute(select(walk).order_by(walk.c.depth)).all())
 
-    def _blobs_for(self, conn: Connection, turns: Iterable[TurnRecord]) -> dict[str, bytes]:
-        from convo.content import blob_refs
+    def blobs_of(self, turns: Iterable[TurnRecord | TurnRow]) -> dict[str, bytes]:
+        """The bytes behind every blob reference in these turns."""
+        with db.read(self.engine) as conn:
+            return self._blobs_for(conn, turns)
 
+    def _blobs_for(
+        self, conn: Connection, turns: Iterable[TurnRecord | TurnRow]
+    ) -> dict[str, bytes]:
         shas = {r["sha256"] for t in turns for r in blob_refs(t.content)}
         if not shas:
             return {}
@@ -807,6 +812,89 @@ class Storage:
             sum(r.uncached_cost_usd for r in rows),
         )
         return UsageReport(by, rows, total, sum(int(r[8] or 0) for r in result), missing)
+
+    # -- import ----------------------------------------------------------------------------
+
+    def import_tree(
+        self,
+        conversation: dict[str, Any],
+        turns: list[dict[str, Any]],
+        branches: list[dict[str, Any]],
+        calls: list[dict[str, Any]],
+    ) -> str:
+        """A whole conversation under new ids, in one transaction (validated by the caller)."""
+        ids = {t["id"]: new_id() for t in turns}
+        children: dict[str | None, list[dict[str, Any]]] = {}
+        for t in turns:
+            children.setdefault(t["parent_id"], []).append(t)
+        cid = new_id()
+        ts = now()
+        rows, blobs = [], {}
+        stack = [(t, 0) for t in children.get(None, [])]
+        while stack:  # parents before children, depth from the root
+            t, depth = stack.pop()
+            content, found = extract_blobs(t["content"])
+            blobs.update({b.sha256: b for b in found})
+            rows.append(
+                {
+                    "id": ids[t["id"]],
+                    "conversation_id": cid,
+                    "parent_id": ids.get(t["parent_id"]) if t["parent_id"] else None,
+                    "role": t["role"],
+                    "kind": t["kind"],
+                    "content": dumps(content),
+                    "depth": depth,
+                    "source_id": ids.get(t["source_id"]) if t.get("source_id") else None,
+                    "stop_reason": t.get("stop_reason"),
+                    "created_at": t["created_at"],
+                }
+            )
+            stack.extend((c, depth + 1) for c in children.get(t["id"], []))
+        with db.write(self.engine) as conn:
+            conn.execute(
+                insert(C).values(
+                    id=cid,
+                    title=conversation["title"],
+                    model=conversation["model"],
+                    system=None if conversation["system"] is None else dumps(conversation["system"]),
+                    params=dumps(conversation["params"]),
+                    current_branch=conversation["current_branch"],
+                    turn_count=len(rows),
+                    created_at=conversation["created_at"],
+                    updated_at=ts,
+                )
+            )
+            if blobs:
+                self._insert_blobs(conn, blobs.values(), ts)
+            if rows:
+                conn.execute(insert(T), rows)
+            conn.execute(
+                insert(B),
+                [
+                    {
+                        "conversation_id": cid,
+                        "name": b["name"],
+                        "head_id": ids.get(b["head_id"]) if b["head_id"] else None,
+                        "created_at": ts,
+                    }
+                    for b in branches
+                ],
+            )
+            if calls:
+                conn.execute(
+                    insert(K),
+                    [
+                        {
+                            **c,
+                            "id": new_id(),
+                            "conversation_id": cid,
+                            "turn_id": ids.get(c["turn_id"]) if c.get("turn_id") else None,
+                            "reply_id": ids.get(c["reply_id"]) if c.get("reply_id") else None,
+                        }
+                        for c in calls
+                    ],
+                )
+        return cid
 
     # -- settings --------------------------------------------------------------------------
 

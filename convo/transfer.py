@@ -1,0 +1,180 @@
+"""Export a conversation as JSON, and import one, whole or not at all.
+
+The export holds the whole tree (every turn of every branch, images inlined as base64), the
+branch names and the calls ledger, so an imported thread replays byte-for-byte and its audit is
+intact. It never holds the API key: convo never stores it. Imports get new ids, so a file can be
+imported twice, or into the database it came from, without clashing.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from convo.content import inline_blobs, normalize
+from convo.errors import InvalidInput
+from convo.history import TurnRecord, check_structure
+from convo.store import Storage
+
+FORMAT = "convo.conversation/1"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TurnExport(_Strict):
+    id: str
+    parent_id: str | None
+    role: Literal["user", "assistant"]
+    kind: Literal["user", "reply", "synthetic", "prefill", "tool_result"]
+    content: list[dict[str, Any]] = Field(min_length=1)
+    source_id: str | None = None
+    stop_reason: str | None = None
+    created_at: datetime
+
+
+class BranchExport(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    head_id: str | None
+
+
+class ConversationExport(_Strict):
+    id: str
+    title: str | None
+    model: str = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None
+    params: dict[str, Any]
+    current_branch: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class CallExport(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    branch: str
+    turn_id: str | None = None
+    reply_id: str | None = None
+    attempt: int = 0
+    model: str
+    streamed: int = 0
+    status: str
+    http_status: int | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    request_id: str | None = None
+    message_id: str | None = None
+    stop_reason: str | None = None
+    stop_sequence: str | None = None
+    partial_text: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_5m_input_tokens: int | None = None
+    cache_creation_1h_input_tokens: int | None = None
+    cost_usd: float | None = None
+    uncached_cost_usd: float | None = None
+    started_at: datetime
+    finished_at: datetime | None = None
+    duration_ms: float | None = None
+
+
+class Export(_Strict):
+    format: Literal["convo.conversation/1"]
+    conversation: ConversationExport
+    turns: list[TurnExport]
+    branches: list[BranchExport] = Field(min_length=1)
+    calls: list[CallExport] = []
+
+
+def export_conversation(storage: Storage, conv_id: str) -> dict[str, Any]:
+    """The conversation as plain JSON-serializable data."""
+    info = storage.conversation(conv_id)
+    turns = storage.turns(conv_id)
+    path_blobs = storage.blobs_of(turns)
+    data = Export(
+        format=FORMAT,
+        conversation=ConversationExport(
+            id=info.id,
+            title=info.title,
+            model=info.model,
+            system=info.system,
+            params=info.params,
+            current_branch=info.current_branch,
+            created_at=info.created_at,
+            updated_at=info.updated_at,
+        ),
+        turns=[
+            TurnExport(
+                id=t.id,
+                parent_id=t.parent_id,
+                role=t.role,  # type: ignore[arg-type]
+                kind=t.kind,  # type: ignore[arg-type]
+                content=inline_blobs(t.content, path_blobs),
+                source_id=t.source_id,
+                stop_reason=t.stop_reason,
+                created_at=t.created_at,
+            )
+            for t in turns
+        ],
+        branches=[BranchExport(name=b.name, head_id=b.head_id) for b in storage.branches(conv_id)],
+        calls=[CallExport.model_validate(c) for c in storage.calls(conv_id)],
+    )
+    return data.model_dump(mode="json")
+
+
+def parse_export(data: Any) -> Export:
+    """A validated export, or InvalidInput naming the first problem."""
+    try:
+        export = Export.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise InvalidInput(f"not a convo export: {where}: {err['msg']}{more}") from None
+    ids = {t.id for t in export.turns}
+    if len(ids) != len(export.turns):
+        raise InvalidInput("not a convo export: duplicate turn ids")
+    for t in export.turns:
+        if t.parent_id is not None and t.parent_id not in ids:
+            raise InvalidInput(f"not a convo export: turn {t.id} has an unknown parent")
+    for b in export.branches:
+        if b.head_id is not None and b.head_id not in ids:
+            raise InvalidInput(f"not a convo export: branch {b.name!r} has an unknown head")
+    if export.conversation.current_branch not in {b.name for b in export.branches}:
+        raise InvalidInput("not a convo export: the current branch is not among the branches")
+    return export
+
+
+def import_conversation(storage: Storage, data: Any) -> str:
+    """Import an export in one transaction; returns the new conversation id.
+
+    Turns a person wrote are checked like new input, replies are kept as the API sent them,
+    and every branch must replay (tool pairing) before anything is written.
+    """
+    export = parse_export(data)
+    by_id = {t.id: t for t in export.turns}
+    for t in export.turns:
+        if t.kind != "reply":
+            normalize(t.content, t.role, where=f"turn {t.id}")
+    for b in export.branches:
+        path: list[TurnRecord] = []
+        cur = b.head_id
+        while cur is not None:
+            t = by_id[cur]
+            path.append(TurnRecord(t.id, t.role, t.kind, t.content, t.stop_reason))
+            cur = t.parent_id
+            if len(path) > len(by_id):
+                raise InvalidInput("not a convo export: the turns form a cycle")
+        check_structure(path[::-1], final_pending_ok=True)
+    return storage.import_tree(
+        export.conversation.model_dump(),
+        [t.model_dump() for t in export.turns],
+        [b.model_dump() for b in export.branches],
+        [c.model_dump() for c in export.calls],
+    )

@@ -1,0 +1,155 @@
+"""Export and import: a whole tree, replayed byte-for-byte, all or nothing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from convo import InvalidInput, Store
+from convo.models import Base
+from convo.store import NewTurn
+
+
+def _png(tmp_path: Path) -> Path:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\x00" + bytes([x % 256, 0, 0]) * 4 for x in range(4))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+    p = tmp_path / "img.png"
+    p.write_bytes(png)
+    return p
+
+
+def _row_counts(store: Store) -> dict[str, int]:
+    with store.storage.engine.connect() as conn:
+        return {
+            t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
+            for t in Base.metadata.sorted_tables
+        }
+
+
+def _branched(store: Store, tmp_path: Path):  # type: ignore[no-untyped-def]
+    conv = store.create(model="claude-sonnet-4-5", system="Be terse.", title="t")
+    first = conv.add_user("Look at this", images=[_png(tmp_path)])
+    conv.add_assistant("A red gradient.")
+    conv.add_user("And now?")
+    conv.edit(first, "Describe nothing")
+    store.storage.append(
+        conv.id, conv.branch, store.storage.path(conv.id).head_id,
+        [NewTurn("assistant", "reply", [{"type": "thinking", "thinking": "hm", "signature": "s1"},
+                                         {"type": "text", "text": "Nothing."}], stop_reason="end_turn")],
+    )
+    conv.add_user("Thanks")
+    return conv
+
+
+def test_round_trip_replays_every_branch_identically(db_url: str, tmp_path: Path) -> None:
+    store = Store(db_url, upgrade=True)
+    conv = _branched(store, tmp_path)
+    data = json.loads(json.dumps(store.export(conv.id)))  # through real JSON text
+    copy = store.import_(data)
+    assert copy.id != conv.id
+    for b in conv.branches():
+        assert store.storage.path(copy.id, b.name).turns[-1].content == (
+            store.storage.path(conv.id, b.name).turns[-1].content
+        )
+    conv.checkout("main")
+    copy.checkout("main")
+    assert copy.request() == conv.request()
+    conv.checkout("edit-1")
+    copy.checkout("edit-1")
+    assert copy.request() == conv.request()
+    assert {b.name for b in copy.branches()} == {b.name for b in conv.branches()}
+    assert store.storage.integrity_problems() == []
+    store.close()
+
+
+def test_export_inlines_images_and_import_stores_them_once(db_url: str, tmp_path: Path) -> None:
+    store = Store(db_url, upgrade=True)
+    conv = _branched(store, tmp_path)
+    data = store.export(conv.id)
+    image = data["turns"][0]["content"][0]
+    assert image["source"]["type"] == "base64"
+    assert base64.b64decode(image["source"]["data"]) == _png(tmp_path).read_bytes()
+    before = _row_counts(store)
+    store.import_(data)
+    after = _row_counts(store)
+    assert after["blobs"] == before["blobs"] == 1
+    assert after["turns"] == 2 * before["turns"]
+    store.close()
+
+
+def test_import_keeps_the_ledger(db_url: str, tmp_path: Path) -> None:
+    store = Store(db_url, upgrade=True)
+    conv = store.create(model="claude-sonnet-4-5")
+    conv.add_user("hi")
+    head = store.storage.path(conv.id).head_id
+    call = store.storage.start_call(conv_id=conv.id, branch="main", turn_id=head,
+                                    model="claude-sonnet-4-5", attempt=0, streamed=False)
+    store.storage.finish_with_reply(
+        call, conv.id, "main", head, NewTurn("assistant", "reply", [{"type": "text", "text": "yo"}]),
+        None, {"status": "ok", "input_tokens": 10, "output_tokens": 3, "cost_usd": 0.5},
+    )
+    copy = store.import_(store.export(conv.id))
+    assert copy.usage(by="branch").total.cost_usd == pytest.approx(0.5)
+    assert copy.usage(by="branch").total.input_tokens == 10
+    assert copy.calls()[0]["reply_id"] == store.storage.path(copy.id).head_id
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(format="other/1"), "format"),
+        (lambda d: d["turns"][1].update(parent_id="nope"), "unknown parent"),
+        (lambda d: d["turns"][0].update(content=[]), "content"),
+        (lambda d: d["turns"][0].update(content=[{"type": "bogus"}]), "bogus"),
+        (lambda d: d["branches"][0].update(head_id="nope"), "unknown head"),
+        (lambda d: d["conversation"].update(current_branch="nope"), "current branch"),
+        (lambda d: d["turns"][0].update(role="system"), "role"),
+    ],
+)
+def test_malformed_import_is_refused_and_writes_nothing(
+    db_url: str, tmp_path: Path, mutate, message: str  # type: ignore[no-untyped-def]
+) -> None:
+    store = Store(db_url, upgrade=True)
+    conv = store.create(model="claude-sonnet-4-5")
+    conv.add_user("hi")
+    conv.add_assistant("hello")
+    data = store.export(conv.id)
+    mutate(data)
+    before = _row_counts(store)
+    with pytest.raises(InvalidInput) as err:
+        store.import_(data)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+    assert _row_counts(store) == before
+    store.close()
+
+
+def test_import_refuses_a_branch_with_a_broken_tool_pairing(db_url: str) -> None:
+    store = Store(db_url, upgrade=True)
+    conv = store.create(model="claude-sonnet-4-5")
+    conv.add_user("hi")
+    conv.add_assistant([{"type": "tool_use", "id": "toolu_1", "name": "t", "input": {}}])
+    conv.add_tool_result("toolu_1", "done")
+    data = store.export(conv.id)
+    data["turns"][2]["content"] = [{"type": "text", "text": "not a result"}]
+    data["turns"][2]["kind"] = "user"
+    before = _row_counts(store)
+    with pytest.raises(InvalidInput, match="tool_use"):
+        store.import_(data)
+    assert _row_counts(store) == before
+    store.close()
