@@ -20,7 +20,7 @@ from convo.types import Block
 
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 DOCUMENT_MEDIA_TYPES = ("application/pdf",)
-MAX_IMAGE_BYTES = 5 * 1024 * 1024  # the API's per-image limit (about 5 MB)
+MAX_IMAGE_BYTES = 5 * 1024 * 1024  # the API's per-image limit, on the base64 string
 MAX_IMAGE_SIDE = 8000
 MAX_DOCUMENT_BYTES = 32 * 1024 * 1024
 # Far beyond any model's context window (about 4 characters a token); a bigger turn is a mistake.
@@ -89,6 +89,9 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             i += 1
             continue
         marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            i += 1
+            continue
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
             i += 2
             continue
@@ -130,10 +133,18 @@ def check_media(data: bytes, claimed: str | None, where: str, *, image: bool) ->
         raise ContentError(f"{where}: the bytes are not {what}")
     if claimed and claimed != actual:
         raise ContentError(f"{where}: claims {claimed} but the bytes are {actual}")
-    limit = MAX_IMAGE_BYTES if image else MAX_DOCUMENT_BYTES
-    if len(data) > limit:
+    if image:
+        # The API counts the base64 string ("image exceeds 5 MB maximum: N bytes > 5242880
+        # bytes", N being about 4/3 of the file size), not the decoded bytes.
+        encoded = 4 * ((len(data) + 2) // 3)
+        if encoded > MAX_IMAGE_BYTES:
+            raise ContentError(
+                f"{where}: {len(data):,} bytes ({encoded:,} as base64) is over the API's limit "
+                f"of {MAX_IMAGE_BYTES:,} bytes of base64 per image"
+            )
+    elif len(data) > MAX_DOCUMENT_BYTES:
         raise ContentError(
-            f"{where}: {len(data):,} bytes is over the API's limit of {limit:,} bytes"
+            f"{where}: {len(data):,} bytes is over the API's limit of {MAX_DOCUMENT_BYTES:,} bytes"
         )
     if image:
         size = image_size(data, actual)
@@ -197,7 +208,10 @@ def _check_block(block: Any, allowed: frozenset[str], where: str) -> Block:
         stype = source.get("type")
         if stype == "base64":
             data = _decode_base64(source.get("data"), where)
-            check_media(data, source.get("media_type"), where, image=kind == "image")
+            actual = check_media(data, source.get("media_type"), where, image=kind == "image")
+            if not source.get("media_type"):
+                # The API requires it; the bytes tell what it is.
+                block = {**block, "source": {**source, "media_type": actual}}
         elif stype == "url":
             if not isinstance(source.get("url"), str) or not source["url"].startswith(
                 ("https://", "http://")
@@ -210,8 +224,12 @@ def _check_block(block: Any, allowed: frozenset[str], where: str) -> Block:
             raise ContentError(f"{where}: tool_result needs a tool_use_id")
         inner = block.get("content")
         if isinstance(inner, list):
-            for j, b in enumerate(inner):
+            checked = [
                 _check_block(b, TOOL_RESULT_BLOCK_TYPES, f"{where}.content[{j}]")
+                for j, b in enumerate(inner)
+            ]
+            if any(c is not b for c, b in zip(checked, inner, strict=True)):
+                block = {**block, "content": checked}
         elif inner is not None and not isinstance(inner, str):
             raise ContentError(f"{where}: tool_result content must be a string or blocks")
         if "is_error" in block and not isinstance(block["is_error"], bool):

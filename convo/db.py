@@ -12,6 +12,8 @@ SELECT of the version, not the import of a migration framework.
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -54,19 +56,47 @@ def create_engine_for(url: str) -> Engine:
     """An engine for a convo database URL; `sqlite:///path` or `postgresql+psycopg://...`."""
     try:
         parsed = make_url(url)
-    except sa_exc.ArgumentError as e:
-        raise DatabaseUnavailable(f"not a database URL: {_redact(url)}") from e
+    except (sa_exc.ArgumentError, ValueError):  # ValueError: a non-numeric port
+        raise DatabaseUnavailable(f"not a database URL: {_redact(url)}") from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        _prepare_sqlite_file(parsed.database or "")
+        database = parsed.database or ""
+        if database.startswith("~"):
+            # Expand here, so the file prepared below is the very one SQLite opens.
+            parsed = parsed.set(database=str(Path(database).expanduser()))
+        try:
+            _prepare_sqlite_file(parsed.database or "")
+        except OSError as e:
+            raise DatabaseUnavailable(
+                f"cannot create database {_redact(str(parsed))}: {e.strerror or e}"
+            ) from None
         engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _install_sqlite_hooks(engine)
         return engine
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
-        return create_engine(parsed, pool_pre_ping=True)
+        try:
+            return create_engine(parsed, pool_pre_ping=True)
+        except sa_exc.ArgumentError as e:  # an unknown driver (NoSuchModuleError)
+            raise DatabaseUnavailable(f"{_redact(str(parsed))}: {_first_line(e)}") from None
     raise DatabaseUnavailable(f"unsupported database {backend!r}: use sqlite or postgresql")
+
+
+def _enable_wal(cur: Any) -> None:
+    """WAL mode (persistent in the file). Switching needs an exclusive lock, and SQLite may
+    answer "database is locked" at once instead of waiting, so a racing opener retries."""
+    if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        return
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _install_sqlite_hooks(engine: Engine) -> None:
@@ -77,7 +107,7 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys = ON")
-        cur.execute("PRAGMA journal_mode = WAL")
+        _enable_wal(cur)
         cur.execute("PRAGMA synchronous = NORMAL")
         cur.close()
 
@@ -109,7 +139,7 @@ def read(engine: Engine) -> Iterator[Connection]:
 def _connect(engine: Engine) -> Iterator[Connection]:
     try:
         conn = engine.connect()
-    except sa_exc.OperationalError as e:
+    except sa_exc.DBAPIError as e:  # OperationalError, or DatabaseError for "not a database"
         raise DatabaseUnavailable(
             f"cannot open database {_redact(str(engine.url))}: {_first_line(e.orig)}"
         ) from None

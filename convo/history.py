@@ -135,6 +135,8 @@ def check_messages(
 ) -> None:
     """Refuse a message list the API would refuse, naming the turn at fault.
 
+    `final_pending_ok` accepts a branch still waiting for tool results: a last assistant
+    turn with unanswered tool_use, or a last user message of tool_results answering only some.
     `block_owners` (the turn id of each block) names the very turn of a bad block when a
     message was merged from several turns; without it, a message's last turn is named.
     """
@@ -147,7 +149,8 @@ def check_messages(
         raise HistoryError("the first turn must be from the user", turn_id=first)
     pending: list[str] = []  # tool_use ids the next user message must answer first
     pending_owner = ""
-    for message, blk_owners in zip(messages, block_owners, strict=True):
+    last = len(messages) - 1
+    for i, (message, blk_owners) in enumerate(zip(messages, block_owners, strict=True)):
         blocks = message["content"]
         if message["role"] == "user":
             answered: list[str] = []
@@ -175,6 +178,10 @@ def check_messages(
                 else:
                     leading = False
             missing = [t for t in pending if t not in answered]
+            if missing and final_pending_ok and i == last and leading:
+                # Results still being added one by one (parallel tool use): not an error yet.
+                pending = missing
+                continue
             if missing:
                 raise HistoryError(
                     f"turn {pending_owner}: tool_use {', '.join(missing)} has no tool_result "

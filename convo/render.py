@@ -31,6 +31,7 @@ __all__ = [
     "fmt_int",
     "fmt_size",
     "fmt_usd",
+    "id_width",
     "local_minute",
     "one_line",
     "short",
@@ -60,9 +61,28 @@ USAGE_FIELDS = (
 # -- small formats -----------------------------------------------------------------------------
 
 
-def short(turn_id: str | None) -> str:
-    """The first 8 characters of an id: enough to name it (any unique prefix resolves)."""
-    return (turn_id or "-")[:SHORT_ID]
+def short(turn_id: str | None, width: int = SHORT_ID) -> str:
+    """The first `width` characters of an id (any unique prefix resolves to it)."""
+    return (turn_id or "-")[:width]
+
+
+def id_width(ids: Iterable[str | None], minimum: int = SHORT_ID) -> int:
+    """The shortest prefix length, at least `minimum`, that tells all of `ids` apart.
+
+    convo's ids start with their creation time, so turns made within the same fraction of a
+    second share their first 8 characters: the width grows until the shown ids differ.
+    """
+    distinct = sorted({i for i in ids if i})
+    width = minimum
+    for a, b in zip(distinct, distinct[1:]):
+        common = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            common += 1
+        width = max(width, common + 1)
+    longest = max((len(i) for i in distinct), default=minimum)
+    return min(width, max(longest, minimum))
 
 
 def fmt_int(n: int | None) -> str:
@@ -282,11 +302,12 @@ def branches_table(
 ) -> str:
     """`convo branches`: `*` marks the checked-out branch; `turns` is the head's path length."""
     depths = depths or {}
+    width = id_width(b.head_id for b in branches)
     rows = [
         (
             "*" if b.name == current else " ",
             b.name,
-            short(b.head_id),
+            short(b.head_id, width),
             fmt_int(depths[b.head_id] + 1) if b.head_id in depths else "0",
         )
         for b in branches
@@ -452,8 +473,9 @@ def transcript(
         lines.append(f"system: {one_line(system, 100)}")
     if not turns:
         lines.append("(no turns yet)")
+    width = id_width(t.id for t in turns)
     for t in turns:
-        head = f"{short(t.id)} {turn_label(t.role, t.kind)}"
+        head = f"{short(t.id, width)} {turn_label(t.role, t.kind)}"
         if t.kind == "reply" and t.stop_reason and t.stop_reason != "end_turn":
             head += f"  [stopped: {t.stop_reason}]"
         lines.append("")
@@ -526,6 +548,7 @@ def tree(turns: Sequence[Any], branches: Sequence[Any], current: str) -> str:
         if b.head_id:
             heads.setdefault(b.head_id, []).append(("*" if b.name == current else "") + b.name)
     labels = {t.id: turn_label(t.role, t.kind) for t in turns}
+    width = id_width(t.id for t in turns)
     label_width = max(len(v) for v in labels.values())
 
     lines: list[str] = []
@@ -541,7 +564,7 @@ def tree(turns: Sequence[Any], branches: Sequence[Any], current: str) -> str:
     while stack:
         t, prefix, connector = stack.pop()
         text = one_line(content_text(t.content), PREVIEW_CHARS)
-        line = f"{prefix}{connector}{short(t.id)} {labels[t.id].ljust(label_width)}  {text}"
+        line = f"{prefix}{connector}{short(t.id, width)} {labels[t.id].ljust(label_width)}  {text}"
         if t.id in heads:
             line += f"  [{', '.join(heads[t.id])}]"
         lines.append(line)

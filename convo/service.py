@@ -33,6 +33,7 @@ from convo.errors import (
     APIStatusError,
     BudgetExceeded,
     Conflict,
+    NotFound,
     HistoryError,
     InvalidInput,
 )
@@ -346,9 +347,7 @@ class Conversation:
         new: Sequence[NewTurn],
         overrides: Mapping[str, Any],
     ) -> dict[str, Any]:
-        records = path.turns + [
-            TurnRecord(f"(new turn {i + 1})", t.role, t.kind, t.content) for i, t in enumerate(new)
-        ]
+        records = path.turns + _records(new)
         blobs = path.blobs
         if blobs is None and any(
             b.get("type") in ("image", "document") for t in new for b in t.content
@@ -411,8 +410,9 @@ class Conversation:
         if is_error:
             block["is_error"] = True
         blocks = normalize([block], "user", where="tool result")
-        new = NewTurn("user", "tool_result", blocks)
-        return self.store.storage.append(self.id, path.branch, path.head_id, [new])[0]
+        new = [NewTurn("user", "tool_result", blocks)]
+        check_structure(path.turns + _records(new), final_pending_ok=True)
+        return self.store.storage.append(self.id, path.branch, path.head_id, new)[0]
 
     @staticmethod
     def _pending_tool_uses(path: Path) -> list[str]:
@@ -436,7 +436,10 @@ class Conversation:
         return []
 
     def _append(self, new: list[NewTurn]) -> list[str]:
+        """Append turns without a request, refusing any that would make the branch unsendable
+        (turns are never rewritten, so a bad one could not be repaired later)."""
         path = self.store.storage.path(self.id)
+        check_structure(path.turns + _records(new), final_pending_ok=True)
         return self.store.storage.append(self.id, path.branch, path.head_id, new)
 
     # -- sending ---------------------------------------------------------------------------
@@ -528,6 +531,12 @@ class Conversation:
     def _check_continuable(self, path: Path) -> None:
         if not path.turns:
             raise InvalidInput("nothing to send: give the first user turn's text")
+        pending = self._pending_tool_uses(path)
+        if pending:
+            raise HistoryError(
+                f"tool_use {', '.join(pending)} awaits a tool_result: add the results "
+                "(add_tool_result / `convo tool-result`) before sending"
+            )
         last = path.turns[-1]
         if last.role == "assistant" and last.kind == "reply" and last.stop_reason != "pause_turn":
             raise InvalidInput("nothing to send: the branch ends with Claude's reply; give text")
@@ -696,7 +705,18 @@ class Conversation:
         reply_id: str | None = None
         if content:
             reply = NewTurn("assistant", "reply", content, stop_reason=message.get("stop_reason"))
-            reply_id = storage.finish_with_reply(call_id, self.id, branch, last_id, reply, owner, fields)
+            try:
+                reply_id = storage.finish_with_reply(
+                    call_id, self.id, branch, last_id, reply, owner, fields
+                )
+            except (Conflict, NotFound) as e:
+                # The branch moved or vanished meanwhile: the call was billed all the same.
+                storage.finish_call(
+                    call_id,
+                    **{**fields, "status": "error", "error_type": "reply_not_stored",
+                       "error_message": str(e)[:500], "partial_text": text_of(content) or None},
+                )
+                raise
         else:
             # An empty reply cannot be replayed (the API refuses empty messages): keep the call,
             # leave the branch at the unanswered turn.
@@ -755,7 +775,7 @@ class Conversation:
         )
         check_structure(
             parent_path + [TurnRecord("(edited turn)", new.role, new.kind, new.content)],
-            final_pending_ok=old.role == "assistant",
+            final_pending_ok=old.role == "assistant" or kind == "tool_result",
         )
         name = self._new_branch_name(name, "edit")
         return storage.branch_with_turns(self.id, name, old.parent_id, [new])[0]
@@ -836,6 +856,11 @@ class Conversation:
 
     def calls(self) -> list[dict[str, Any]]:
         return self.store.storage.calls(self.id)
+
+
+def _records(new: Sequence[NewTurn]) -> list[TurnRecord]:
+    """Turns not yet written, as the history builder sees them."""
+    return [TurnRecord(f"(new turn {i + 1})", t.role, t.kind, t.content) for i, t in enumerate(new)]
 
 
 def _normalize_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -635,13 +635,16 @@ class Storage:
             current = conn.execute(select(C.c.current_branch).where(C.c.id == conv_id)).scalar_one()
             if current == name:
                 raise InvalidInput(f"branch {name!r} is checked out: check out another one first")
-            res = conn.execute(delete(B).where(B.c.conversation_id == conv_id, B.c.name == name))
-            if res.rowcount == 0:
-                raise NotFound(f"no branch {name!r} in conversation {conv_id}")
+            self._lock_branch(conn, conv_id, name, None)  # NotFound, or Conflict while in use
+            conn.execute(delete(B).where(B.c.conversation_id == conv_id, B.c.name == name))
 
     def branch_names(self, conv_id: str) -> set[str]:
+        """Names of live branches and of deleted ones that still have calls in the ledger, so
+        a new branch never inherits an old one's spend in an audit by branch."""
+        live = select(B.c.name).where(B.c.conversation_id == conv_id)
+        billed = select(K.c.branch).where(K.c.conversation_id == conv_id)
         with db.read(self.engine) as conn:
-            return set(conn.execute(select(B.c.name).where(B.c.conversation_id == conv_id)).scalars())
+            return set(conn.execute(live.union(billed)).scalars())
 
     # -- the calls ledger ------------------------------------------------------------------
 

@@ -1,0 +1,1007 @@
+"""The `convo` command: parse, call the service, print. Rendering lives in `convo.render`.
+
+Exit codes: 0 ok; 1 an API or runtime failure (a `ConvoError` whose `exit_code` is 1); 2 bad
+usage or bad input (argparse errors and `InvalidInput`); 130 interrupted (Ctrl-C). Every error
+is one line on stderr, `convo: error: <message>`, with the API key scrubbed out; a `ConvoError`
+never prints a traceback (set CONVO_DEBUG=1 to see one for an unexpected exception).
+
+Per-conversation commands take `-C/--conversation ID` (an id or a unique prefix) and default
+to the most recently used conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+from convo import config, render
+from convo.errors import APIError, ConvoError, InvalidInput, MissingApiKey
+
+PROG = "convo"
+INTERRUPTED_SAVED = "[interrupted: your turn is saved; `convo retry` asks again]"
+RETRY_HINT = "your turn is saved; `convo retry` asks again"
+EXIT_INTERRUPTED = 130
+DEFAULT_LIST_LIMIT = 50
+# `--usd off` / `--max-input-tokens off` remove a limit.
+_OFF = "off"
+
+
+class _UsageError(Exception):
+    """An argparse error, reported on one line with exit code 2."""
+
+
+class _Exit(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# -- output helpers ----------------------------------------------------------------------------
+
+
+def _scrub(text: str) -> str:
+    """Never let the API key reach the terminal, whatever a lower layer put in a message."""
+    key = os.environ.get(config.API_KEY_ENV)
+    if key and len(key) >= 4:
+        text = text.replace(key, "[api key]")
+    return text
+
+
+def _one_line(text: str) -> str:
+    return " ".join(_scrub(str(text)).split()) or "error"
+
+
+def _err(message: str) -> None:
+    print(_scrub(message), file=sys.stderr, flush=True)
+
+
+def _error_line(message: str) -> None:
+    _err(f"{PROG}: error: {_one_line(message)}")
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+# -- reading input -----------------------------------------------------------------------------
+
+
+def _utf8(value: str | None, what: str) -> str | None:
+    """Command-line text that is valid UTF-8 (a stray byte arrives as a lone surrogate)."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} is not valid UTF-8") from None
+    return value
+
+
+def _read_stdin() -> str:
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("stdin is not valid UTF-8") from None
+
+
+def _text(value: str | None, what: str = "TEXT") -> str | None:
+    """TEXT as given, or stdin for `-`."""
+    if value == "-":
+        return _read_stdin()
+    return _utf8(value, what)
+
+
+def _edit_in_editor(initial: str) -> str:
+    """Open $EDITOR (default vi) on `initial`; the saved text, trailing whitespace removed."""
+    editor = os.environ.get("EDITOR") or os.environ.get("VISUAL") or "vi"
+    fd, name = tempfile.mkstemp(prefix="convo-edit-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(initial)
+        try:
+            status = subprocess.call([*shlex.split(editor), name])
+        except OSError as e:
+            raise InvalidInput(f"cannot run editor {editor!r}: {e.strerror or e}") from None
+        if status != 0:
+            raise InvalidInput(f"editor {editor!r} exited with status {status}: edit aborted")
+        try:
+            text = Path(name).read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput("the edited text is not valid UTF-8: edit aborted") from None
+    finally:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+    text = text.rstrip()
+    if not text:
+        raise InvalidInput("empty text: edit aborted")
+    return text
+
+
+# -- the store and the conversation ------------------------------------------------------------
+
+
+@contextmanager
+def _store(args: argparse.Namespace) -> Iterator[Any]:
+    from convo.service import Store
+
+    store = Store(args.db)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _conversation(store: Any, ref: str | None) -> Any:
+    if ref:
+        return store.get(ref)
+    conv = store.latest()
+    if conv is None:
+        raise InvalidInput("no conversation yet: run `convo new`")
+    return conv
+
+
+def _branch_head(conv: Any) -> str | None:
+    return conv.store.storage.branch(conv.id, conv.branch).head_id
+
+
+def _continuation_lead(conv: Any) -> str:
+    """The text a reply continues when the branch ends with an assistant turn (a prefill)."""
+    turns = conv.turns()
+    if turns and turns[-1].role == "assistant":
+        from convo.types import text_of
+
+        return text_of(turns[-1].content)
+    return ""
+
+
+# -- sending and printing a reply --------------------------------------------------------------
+
+
+class _ReplyPrinter:
+    """Streams a reply to stdout: an optional prefix, the prefill, then chunks as they come."""
+
+    def __init__(self, out: IO[str], prefix: str = "", lead: str = "") -> None:
+        self.out = out
+        self.prefix = prefix
+        self.lead = lead
+        self.started = False  # something of the current attempt is on screen
+        self.any_output = False
+
+    def _start(self) -> None:
+        if not self.started:
+            self.out.write(self.prefix + self.lead)
+            self.started = True
+            self.any_output = True
+
+    def chunk(self, text: str) -> None:
+        self._start()
+        self.out.write(text)
+        self.out.flush()
+
+    def retry(self, notice: Any) -> None:
+        if self.started:
+            # The next attempt starts the reply again from the beginning.
+            self.out.write("\n")
+            self.out.flush()
+            self.started = False
+        _err(f"[retrying after {_one_line(str(notice.error))} in {notice.delay:.1f}s]")
+
+    def finish(self) -> None:
+        if not (self.started or self.prefix or self.lead):
+            return  # nothing but tool uses: no empty line
+        self._start()
+        self.out.write("\n")
+        self.out.flush()
+
+    def abandon(self) -> None:
+        if self.started:
+            self.out.write("\n")
+            self.out.flush()
+            self.started = False
+
+
+def _print_reply_tail(reply: Any) -> None:
+    for use in reply.tool_uses:
+        _out(render.tool_use_line(use))
+    if reply.stop_reason and reply.stop_reason != "end_turn":
+        _out(f"[stopped: {reply.stop_reason}]")
+    if reply.turn_id is None:
+        _err("[the reply was empty: nothing was stored; the branch still ends with your turn]")
+
+
+def _deliver(
+    conv: Any,
+    start: Callable[[Callable[[Any], None] | None], Any],
+    *,
+    stream: bool,
+    lead: str,
+    continuing: bool,
+    prefix: str = "",
+) -> Any:
+    """Run one send (`start(on_retry)` returns a ReplyStream, or a Reply when not streaming),
+    print the reply, and turn a failure into a clear message about what was kept."""
+    head_before = _branch_head(conv)
+    printer = _ReplyPrinter(sys.stdout, prefix, lead)
+    try:
+        if stream:
+            replies = start(printer.retry)
+            for chunk in replies:
+                printer.chunk(chunk)
+            reply = replies.reply
+            printer.finish()
+        else:
+            reply = start(None)
+            if prefix or reply.text:
+                _out(prefix + reply.text)
+    except KeyboardInterrupt:
+        printer.abandon()
+        _err(_interrupted_note(conv, head_before, continuing))
+        raise _Exit(EXIT_INTERRUPTED) from None
+    except ConvoError as e:
+        printer.abandon()
+        if isinstance(e, APIError | MissingApiKey) and _turn_kept(conv, head_before, continuing):
+            e.convo_hint = RETRY_HINT  # type: ignore[attr-defined]
+        raise
+    _print_reply_tail(reply)
+    return reply
+
+
+def _head_state(conv: Any, head_before: str | None) -> tuple[bool, str | None]:
+    """(whether the branch head moved, the kind of the head turn now)."""
+    head = _branch_head(conv)
+    if head is None:
+        return head != head_before, None
+    return head != head_before, conv.store.storage.turn(head).kind
+
+
+def _turn_kept(conv: Any, head_before: str | None, continuing: bool) -> bool:
+    try:
+        moved, kind = _head_state(conv, head_before)
+    except ConvoError:
+        return False
+    return (moved or continuing) and kind not in (None, "reply")
+
+
+def _interrupted_note(conv: Any, head_before: str | None, continuing: bool) -> str:
+    try:
+        moved, kind = _head_state(conv, head_before)
+    except ConvoError:
+        return "[interrupted]"
+    if kind == "reply" and moved:
+        return "[interrupted: the reply had already been stored]"
+    if (moved or continuing) and kind is not None:
+        return INTERRUPTED_SAVED
+    return "[interrupted: nothing was saved]"
+
+
+def _check_retryable(conv: Any) -> None:
+    turns = conv.turns()
+    if not turns:
+        raise InvalidInput("nothing to retry: the branch has no turns")
+    last = turns[-1]
+    if last.role == "assistant" and last.kind == "reply" and last.stop_reason != "pause_turn":
+        raise InvalidInput("nothing to retry: the last turn already has its reply")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "model", None):
+        out["model"] = args.model
+    if getattr(args, "max_tokens", None) is not None:
+        out["max_tokens"] = args.max_tokens
+    return out
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    from convo.service import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
+
+    tools = _load_tools(args.tools) if args.tools else None
+    params: dict[str, Any] = {}
+    if args.temperature is not None:
+        params["temperature"] = args.temperature
+    with _store(args) as store:
+        conv = store.create(
+            _utf8(args.model, "--model") or DEFAULT_MODEL,
+            system=_text(args.system, "--system"),
+            max_tokens=args.max_tokens if args.max_tokens is not None else DEFAULT_MAX_TOKENS,
+            title=_utf8(args.title, "--title"),
+            cache=None if args.no_cache else args.cache_ttl,
+            budget_usd=args.budget,
+            max_input_tokens=args.max_input_tokens,
+            tools=tools,
+            **params,
+        )
+        _out(conv.id)
+    return 0
+
+
+def _load_tools(path: str) -> list[Any]:
+    import json
+
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise InvalidInput(f"cannot read tools file {path}: {e.strerror or e}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidInput(f"tools file {path} is not valid JSON: {e}") from None
+    if isinstance(data, dict) and "tools" in data:
+        data = data["tools"]
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not all(isinstance(t, dict) for t in data):
+        raise InvalidInput(f"tools file {path}: expected a list of tool definitions (objects)")
+    return data
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        text = _text(args.text)
+        prefill = _utf8(args.prefill, "--prefill")
+        images = args.image or []
+        overrides = _overrides(args)
+        continuing = text is None and prefill is None and not images
+        lead = prefill or ""
+        if continuing:
+            lead = _continuation_lead(conv)
+        if args.no_stream:
+            start: Callable[[Any], Any] = lambda _cb: conv.send(  # noqa: E731
+                text, prefill=prefill, images=images, **overrides
+            )
+        else:
+            start = lambda cb: conv.stream(  # noqa: E731
+                text, prefill=prefill, images=images, on_retry=cb, **overrides
+            )
+        _deliver(conv, start, stream=not args.no_stream, lead=lead, continuing=continuing)
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        _check_retryable(conv)
+        lead = _continuation_lead(conv)
+        if args.no_stream:
+            start: Callable[[Any], Any] = lambda _cb: conv.retry()  # noqa: E731
+        else:
+            start = lambda cb: conv.stream(on_retry=cb)  # noqa: E731
+        _deliver(conv, start, stream=not args.no_stream, lead=lead, continuing=True)
+    return 0
+
+
+def cmd_regenerate(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        name = _utf8(args.name, "--name")
+        if args.no_stream:
+            # The library call: a new checked-out branch, then the reply.
+            head_before = _branch_head(conv)
+            try:
+                reply = conv.regenerate(args.turn, name=name)
+            except KeyboardInterrupt:
+                _err(_interrupted_note(conv, head_before, True))
+                raise _Exit(EXIT_INTERRUPTED) from None
+            _err(f"[on new branch {conv.branch}]")
+            _out(reply.text)
+            _print_reply_tail(reply)
+            return 0
+        # Streaming: the same steps as Conversation.regenerate (a branch at the turn before
+        # the reply, checked out), then the continuation streamed.
+        at = _regenerate_point(conv, args.turn)
+        branch = conv.fork(at, name or _free_branch_name(conv, "regen"))
+        _err(f"[on new branch {branch}]")
+        _deliver(
+            conv,
+            lambda cb: conv.stream(on_retry=cb),
+            stream=True,
+            lead=_continuation_lead(conv),
+            continuing=True,
+        )
+    return 0
+
+
+def _regenerate_point(conv: Any, turn: str | None) -> str:
+    if turn is None:
+        replies = [t for t in conv.turns() if t.role == "assistant" and t.kind == "reply"]
+        if not replies:
+            raise InvalidInput("nothing to regenerate: the branch has no reply yet")
+        target = conv.turn(replies[-1].id)
+    else:
+        target = conv.turn(turn)
+    at = target.parent_id if target.kind == "reply" else target.id
+    if at is None:
+        raise InvalidInput(f"turn {target.id} has nothing before it to answer")
+    return at
+
+
+def _free_branch_name(conv: Any, prefix: str) -> str:
+    taken = {b.name for b in conv.branches()}
+    n = 1
+    while f"{prefix}-{n}" in taken:
+        n += 1
+    return f"{prefix}-{n}"
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        text = _text(args.text)
+        assert text is not None
+        if args.role == "user":
+            turn_id = conv.add_user(text, images=args.image or [])
+        else:
+            if args.image:
+                raise InvalidInput("--image applies to user turns only")
+            turn_id = conv.add_assistant(text)
+        _out(turn_id)
+    return 0
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        body = conv.request(
+            _text(args.text),
+            prefill=_utf8(args.prefill, "--prefill"),
+            images=args.image or [],
+            **_overrides(args),
+        )
+        _out(render.to_json(body))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        info = conv.info
+        branch = args.branch or info.current_branch
+        turns = conv.turns(branch)
+        replies = [t.id for t in turns if t.kind == "reply"]
+        calls = store.storage.reply_calls(replies)
+        if args.json:
+            _out(render.to_json(render.transcript_json(info, branch, turns, calls)))
+        else:
+            _out(render.transcript(info, branch, turns, calls))
+    return 0
+
+
+def _previews(store: Any, summaries: Sequence[Any]) -> dict[str, str]:
+    """First words of each untitled conversation's first user turn."""
+    from convo.types import text_of
+
+    out: dict[str, str] = {}
+    for s in summaries:
+        preview = getattr(s, "preview", None)
+        if preview:
+            out[s.id] = preview
+            continue
+        if s.title or not s.turn_count:
+            continue
+        for t in store.storage.turns(s.id):
+            if t.role == "user":
+                out[s.id] = render.one_line(text_of(t.content) or render.content_text(t.content))
+                break
+    return out
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        summaries = store.list(args.limit or None)
+        previews = _previews(store, summaries)
+        if args.json:
+            _out(render.to_json(render.conversations_json(summaries, previews)))
+        else:
+            _out(render.conversations_table(summaries, previews))
+    return 0
+
+
+def _day(value: str | None, flag: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        d = datetime.strptime(value, "%Y-%m-%d")
+    except ValueError:
+        raise InvalidInput(f"{flag} must be a date YYYY-MM-DD, not {value!r}") from None
+    return d.replace(tzinfo=timezone.utc)
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    by = args.by or ("branch" if args.conversation else "conversation")
+    since = _day(args.since, "--since")
+    until = _day(args.until, "--until")
+    if until is not None:
+        until += timedelta(days=1)  # --until is inclusive: the whole day counts
+    with _store(args) as store:
+        report = store.usage(
+            conversation=args.conversation, since=since, until=until, by=by
+        )
+    if report.unpriced_calls:
+        _err(
+            f"{PROG}: warning: {report.unpriced_calls} calls have no known price (models: "
+            f"{', '.join(report.models_without_price) or '?'}); their cost is not counted"
+        )
+    if args.json:
+        _out(render.to_json(render.usage_json(report)))
+    elif args.csv:
+        _out(render.usage_csv(report))
+    else:
+        _out(render.usage_table(report))
+        if report.rows:
+            _out(render.cache_savings_line(report.total))
+    return 0
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        _out(conv.fork(args.at, _utf8(args.name, "--name"), checkout=not args.no_checkout))
+    return 0
+
+
+def _editable_text(turn: Any) -> str:
+    parts: list[str] = []
+    for b in turn.content:
+        if b.get("type") == "text":
+            parts.append(b["text"])
+        elif b.get("type") == "tool_result":
+            inner = b.get("content")
+            if isinstance(inner, str):
+                parts.append(inner)
+            elif isinstance(inner, list):
+                parts.extend(x.get("text", "") for x in inner if x.get("type") == "text")
+    return "".join(parts)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    if args.editor and args.text is not None:
+        raise _UsageError("give TEXT or --editor, not both (see `convo edit --help`)")
+    if not args.editor and args.text is None:
+        raise _UsageError("give the new TEXT (or - for stdin), or --editor (see `convo edit --help`)")
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        if args.editor:
+            text = _edit_in_editor(_editable_text(conv.turn(args.turn)))
+        else:
+            text = _text(args.text)
+        assert text is not None
+        new_id = conv.edit(args.turn, text, name=_utf8(args.name, "--name"))
+        _out(new_id)
+        _err(f"[on new branch {conv.branch}]")
+    return 0
+
+
+def cmd_branches(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        branches = conv.branches()
+        depths = {
+            b.head_id: store.storage.turn(b.head_id).depth for b in branches if b.head_id
+        }
+        _out(render.branches_table(branches, conv.branch, depths))
+    return 0
+
+
+def cmd_branch(args: argparse.Namespace) -> int:
+    if not args.delete:
+        return cmd_branches(args)
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        conv.delete_branch(args.delete)
+        _out(f"deleted branch {args.delete} (its turns stay in the tree)")
+    return 0
+
+
+def cmd_checkout(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        conv.checkout(args.name)
+        _out(f"on branch {args.name}")
+    return 0
+
+
+def cmd_tree(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        turns = store.storage.turns(conv.id)
+        _out(render.tree(turns, conv.branches(), conv.branch))
+    return 0
+
+
+def cmd_tool_result(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        text = _text(args.text)
+        assert text is not None
+        _out(conv.add_tool_result(args.tool_use_id, text, is_error=args.error))
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from convo import db
+
+    engine = db.create_engine_for(config.database_url(args.db))
+    try:
+        if args.db_command == "upgrade":
+            db.upgrade_schema(engine)
+            _out(f"schema at revision {db.schema_revision(engine)} (head)")
+        else:
+            rev = db.schema_revision(engine)
+            if rev == db.HEAD:
+                _out(f"{rev} (head)")
+            else:
+                _out(f"{rev or 'none'} (this convo's head is {db.HEAD}: run `convo db upgrade`)")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _budget_value(value: str) -> float | str:
+    if value.strip().lower() in (_OFF, "none"):
+        return _OFF
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of USD or 'off': {value!r}") from None
+    if not x > 0 or x != x or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive amount of USD or 'off': {value!r}")
+    return x
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer: {value!r}")
+    return n
+
+
+def _positive_usd(value: str) -> float:
+    x = _budget_value(value)
+    if x == _OFF:
+        raise argparse.ArgumentTypeError(f"must be a positive amount of USD: {value!r}")
+    return float(x)
+
+
+def _cap_value(value: str) -> int | str:
+    if value.strip().lower() in (_OFF, "none"):
+        return _OFF
+    return _positive_int(value)
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    from convo.service import STORE_BUDGET_KEY
+
+    with _store(args) as store:
+        if args.store:
+            if args.max_input_tokens is not None:
+                raise InvalidInput("--max-input-tokens applies to a conversation, not the store")
+            if args.usd is not None:
+                store.set_budget(None if args.usd == _OFF else args.usd)
+            limit = store.storage.get_setting(STORE_BUDGET_KEY)
+            spent = store.usage(by="conversation").total.cost_usd
+            shown = render.fmt_usd(limit) if limit is not None else "none"
+            _out(f"store budget {shown} (spent {render.fmt_usd(spent)})")
+            return 0
+        conv = _conversation(store, args.conversation)
+        info = conv.info
+        params = dict(info.params)
+        changed = False
+        for key, value in (("budget_usd", args.usd), ("max_input_tokens", args.max_input_tokens)):
+            if value is None:
+                continue
+            changed = True
+            if value == _OFF:
+                params.pop(key, None)
+            else:
+                params[key] = value
+        if changed:
+            store.storage.update_conversation(conv.id, params=params)
+        spent = conv.usage(by="conversation").total.cost_usd
+        budget = params.get("budget_usd")
+        cap = params.get("max_input_tokens")
+        _out(
+            f"conversation {conv.id}: budget "
+            f"{render.fmt_usd(budget) if budget is not None else 'none'} "
+            f"(spent {render.fmt_usd(spent)}), max input tokens "
+            f"{render.fmt_int(cap) if cap is not None else 'none'}"
+        )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    try:
+        import readline  # noqa: F401  (line editing for input())
+    except ImportError:
+        pass
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        info = conv.info
+        _err(
+            f"chatting in {conv.id} on branch {info.current_branch} ({info.model}); "
+            "/quit or Ctrl-D leaves, /retry asks again, /branches lists branches"
+        )
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                _out()
+                return 0
+            command = line.strip()
+            if not command:
+                continue
+            if command in ("/quit", "/exit", "/q"):
+                return 0
+            try:
+                if command == "/branches":
+                    branches = conv.branches()
+                    _out(render.branches_table(branches, conv.branch))
+                    continue
+                if command == "/retry":
+                    _check_retryable(conv)
+                    lead, continuing = _continuation_lead(conv), True
+                    start: Callable[[Any], Any] = lambda cb: conv.stream(on_retry=cb)  # noqa: E731
+                elif command.startswith("/"):
+                    _err(f"unknown command {command}: /quit, /retry, /branches")
+                    continue
+                else:
+                    lead, continuing = "", False
+                    start = lambda cb, text=line: conv.stream(text, on_retry=cb)  # noqa: E731
+                _deliver(
+                    conv, start, stream=True, lead=lead, continuing=continuing, prefix="claude> "
+                )
+            except _Exit:
+                continue  # Ctrl-C stopped the reply; the note is printed; back to the prompt
+            except ConvoError as e:
+                _report(e)
+
+
+def cmd_standin(args: argparse.Namespace) -> int:
+    from convo import standin
+
+    argv = ["--host", args.host, "--port", str(args.port)]
+    if args.quiet:
+        argv.append("--quiet")
+    standin.main(argv)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from convo import demo
+
+    return demo.run(keep=args.keep)
+
+
+# -- the parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="A stateful conversation manager over Anthropic's stateless Messages API.",
+        epilog="Exit codes: 0 ok, 1 API or runtime failure, 2 bad usage or input, 130 interrupted.",
+    )
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        default=None,
+        help="database URL (default: $CONVO_DATABASE_URL, else SQLite in the user data dir)",
+    )
+    # Accepted after the command too (`convo show --db URL`); SUPPRESS keeps the global value.
+    common = _Parser(add_help=False)
+    common.add_argument("--db", metavar="URL", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    per_conv = _Parser(add_help=False, parents=[common])
+    per_conv.add_argument(
+        "-C",
+        "--conversation",
+        metavar="ID",
+        help="conversation id or unique prefix (default: the most recently used)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help: str, *, conv: bool = True
+    ) -> argparse.ArgumentParser:
+        parent = per_conv if conv else common
+        p = sub.add_parser(name, help=help, description=help, parents=[parent])
+        p.set_defaults(func=func)
+        return p
+
+    p = command("new", cmd_new, "start a conversation; prints its id", conv=False)
+    p.add_argument("--model", help="model id (default: claude-sonnet-4-5)")
+    p.add_argument("--system", metavar="S", help="system prompt (- reads stdin)")
+    p.add_argument("--max-tokens", type=_positive_int, metavar="N", help="default max_tokens (1024)")
+    p.add_argument("--title", metavar="T")
+    p.add_argument("--temperature", type=float, metavar="X")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--no-cache", action="store_true", help="no prompt caching")
+    cache.add_argument(
+        "--cache-ttl", choices=("5m", "1h"), default="5m", help="prompt cache lifetime (5m)"
+    )
+    p.add_argument("--budget", type=_positive_usd, metavar="USD", help="spending cap in USD")
+    p.add_argument("--max-input-tokens", type=_positive_int, metavar="N", help="input cap per request")
+    p.add_argument("--tools", metavar="FILE.json", help="tool definitions (a JSON list)")
+
+    p = command("send", cmd_send, "send TEXT and print the reply (streamed)")
+    p.add_argument(
+        "text", nargs="?", metavar="TEXT",
+        help="the message (- reads stdin; none continues the branch)",
+    )
+    p.add_argument("--prefill", metavar="P", help="start Claude's reply with P (models that accept it)")
+    p.add_argument("--no-stream", action="store_true", help="wait for the whole reply")
+    p.add_argument("--max-tokens", type=_positive_int, metavar="N")
+    p.add_argument("--model", metavar="M")
+    p.add_argument("--image", action="append", metavar="PATH", help="attach an image (repeatable)")
+
+    p = command("retry", cmd_retry, "ask again for the reply a failed or interrupted send did not get")
+    p.add_argument("--no-stream", action="store_true")
+
+    p = command("add", cmd_add, "append a turn without sending anything; prints its id")
+    p.add_argument("--role", required=True, choices=("user", "assistant"))
+    p.add_argument("text", metavar="TEXT", help="the turn's text (- reads stdin)")
+    p.add_argument("--image", action="append", metavar="PATH", help="attach an image to a user turn")
+
+    p = command("request", cmd_request, "print the JSON body the next send would POST; sends nothing")
+    p.add_argument("text", nargs="?", metavar="TEXT", help="a new user turn to include (- reads stdin)")
+    p.add_argument("--prefill", metavar="P")
+    p.add_argument("--image", action="append", metavar="PATH")
+    p.add_argument("--max-tokens", type=_positive_int, metavar="N")
+    p.add_argument("--model", metavar="M")
+
+    p = command(
+        "show",
+        cmd_show,
+        "print a branch's transcript with each reply's usage and cost",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print JSON: {conversation, branch, turns: [...]}"
+    )
+    p.add_argument("--branch", metavar="B", help="branch to show (default: the current one)")
+
+    p = command("list", cmd_list, "list conversations, most recently used first", conv=False)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=_positive_int, default=DEFAULT_LIST_LIMIT, metavar="N",
+                   help=f"at most N conversations (default {DEFAULT_LIST_LIMIT})")
+
+    p = command("usage", cmd_usage, "tokens and spend, grouped; all conversations unless -C")
+    p.add_argument("--by", choices=("conversation", "branch", "model", "day"),
+                   help="grouping (default: conversation; branch with -C)")
+    p.add_argument("--since", metavar="YYYY-MM-DD", help="calls from this UTC day on")
+    p.add_argument("--until", metavar="YYYY-MM-DD", help="calls up to and including this UTC day")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+
+    p = command("fork", cmd_fork, "start a branch at a turn; prints the branch name")
+    p.add_argument("--at", required=True, metavar="TURN", help="turn id or prefix")
+    p.add_argument("--name", metavar="N")
+    p.add_argument(
+        "--no-checkout", action="store_true", help="create the branch but stay where you are"
+    )
+
+    p = command("edit", cmd_edit, "a new branch with TURN rewritten; prints the new turn id")
+    p.add_argument("turn", metavar="TURN")
+    p.add_argument("text", nargs="?", metavar="TEXT", help="the new text (- reads stdin)")
+    p.add_argument("--editor", action="store_true", help="edit the old text in $EDITOR")
+    p.add_argument("--name", metavar="N", help="name of the new branch")
+
+    p = command("regenerate", cmd_regenerate, "another reply on a new branch; the old one stays")
+    p.add_argument("turn", nargs="?", metavar="TURN", help="reply to redo (default: the last one)")
+    p.add_argument("--name", metavar="N", help="name of the new branch")
+    p.add_argument("--no-stream", action="store_true")
+
+    command("branches", cmd_branches, "list branches; * marks the current one")
+
+    p = command("branch", cmd_branch, "list branches, or delete one with -d")
+    p.add_argument("-d", "--delete", metavar="NAME", help="delete branch NAME (its turns stay)")
+
+    p = command("checkout", cmd_checkout, "switch the current branch")
+    p.add_argument("name", metavar="NAME")
+
+    command("tree", cmd_tree, "the whole conversation as a tree, branches at their heads")
+
+    p = command(
+        "tool-result", cmd_tool_result, "answer a tool_use of the last reply; prints the turn id"
+    )
+    p.add_argument("tool_use_id", metavar="TOOL_USE_ID")
+    p.add_argument("text", metavar="TEXT", help="the result (- reads stdin)")
+    p.add_argument("--error", action="store_true", help="the tool failed (is_error)")
+
+    p = command("db", cmd_db, "database schema: upgrade, or show the current revision", conv=False)
+    p.add_argument("db_command", choices=("upgrade", "current"), metavar="upgrade|current")
+
+    p = command("budget", cmd_budget, "show or set spending caps (a conversation's, or --store)")
+    p.add_argument("--usd", type=_budget_value, metavar="X", help="budget in USD ('off' removes it)")
+    p.add_argument(
+        "--max-input-tokens", type=_cap_value, metavar="N",
+        help="input cap per request ('off' removes it)",
+    )
+    p.add_argument("--store", action="store_true", help="the whole store's budget instead")
+
+    command("chat", cmd_chat, "an interactive chat in a conversation")
+
+    p = command(
+        "standin", cmd_standin, "run the local stand-in of the Messages API (not Claude)",
+        conv=False,
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--quiet", action="store_true")
+
+    p = command(
+        "demo", cmd_demo, "a guided tour against the local stand-in; no API key needed",
+        conv=False,
+    )
+    p.add_argument("--keep", action="store_true", help="keep the demo database and print its path")
+    return parser
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def _report(e: ConvoError) -> None:
+    hint = getattr(e, "convo_hint", None)
+    _error_line(f"{e} ({hint})" if hint else str(e))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="replace")
+            except (ValueError, OSError):
+                pass
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            raise _UsageError("a command is required (see `convo --help`)")
+        return args.func(args)
+    except _UsageError as e:
+        _error_line(str(e))
+        return 2
+    except _Exit as e:
+        return e.code
+    except ConvoError as e:
+        _report(e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        _err(f"{PROG}: interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`convo show | head`): stop quietly.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 1
+    except Exception as e:  # a bug: one line, unless CONVO_DEBUG asks for the traceback
+        if os.environ.get("CONVO_DEBUG"):
+            raise
+        _error_line(f"unexpected {type(e).__name__}: {e} (set CONVO_DEBUG=1 for a traceback)")
+        return 1

@@ -1,0 +1,587 @@
+"""The store through `convo.Store` and `Conversation`, on SQLite and PostgreSQL (`db_url`).
+
+No request is ever sent here: `Conversation.request()` gives the exact body a send would POST,
+which is what has to survive a round trip through the database.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, func, inspect, select, text
+
+import convo.store as store_mod
+from convo import AmbiguousId, ContentError, NotFound, Store, StoreError
+from convo.errors import DatabaseUnavailable, InvalidInput
+from convo.history import TurnRecord
+from convo.ids import ALPHABET, LENGTH
+from convo.models import Blob, Turn
+from convo.service import Conversation
+from convo.store import Storage
+
+MODEL = "claude-sonnet-4-5"
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    with Store(db_url) as s:
+        yield s
+
+
+def count(store: Store, table: Any) -> int:
+    with store.storage.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(table)).scalar_one()
+
+
+def make_png(width: int, height: int, seed: int = 0) -> bytes:
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(payload))
+            + kind
+            + payload
+            + struct.pack(">I", zlib.crc32(kind + payload))
+        )
+
+    raw = b"".join(
+        b"\x00" + b"".join(bytes([seed % 256, x % 256, y % 256]) for x in range(width))
+        for y in range(height)
+    )
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def text_block(t: str) -> dict[str, Any]:
+    return {"type": "text", "text": t}
+
+
+# -- the issue's example -----------------------------------------------------------------------
+
+
+def test_issue_example_round_trips_through_a_new_store(db_url: str) -> None:
+    with Store(db_url) as s:
+        c = s.create(MODEL, system="You are terse.", max_tokens=300, temperature=0.2)
+        u1 = c.add_user("What is the capital of France?")
+        a1 = c.add_assistant("Paris.")
+        u2 = c.add_user("And of Italy?")
+        body = c.request()
+        cid = c.id
+    assert body["model"] == MODEL
+    assert body["max_tokens"] == 300
+    assert body["system"] == "You are terse."
+    assert body["temperature"] == 0.2
+    assert body["cache_control"] == {"type": "ephemeral"}  # the default 5-minute cache
+    assert body["messages"] == [
+        {"role": "user", "content": [text_block("What is the capital of France?")]},
+        {"role": "assistant", "content": [text_block("Paris.")]},
+        {"role": "user", "content": [text_block("And of Italy?")]},
+    ]
+    assert len({u1, a1, u2}) == 3
+    with Store(db_url) as again:
+        same = again.get(cid[:8])
+        assert same.id == cid
+        assert same.request() == body
+        assert [t.id for t in same.turns()] == [u1, a1, u2]
+
+
+def test_request_with_new_content_writes_nothing(store: Store) -> None:
+    c = store.create(MODEL)
+    c.add_user("Hi")
+    c.add_assistant("Hello")
+    body = c.request("One more thing")
+    assert body["messages"][-1] == {"role": "user", "content": [text_block("One more thing")]}
+    assert c.info.turn_count == 2
+    assert count(store, Turn.__table__) == 2
+    assert len(c.request()["messages"]) == 2
+
+
+# -- ids -----------------------------------------------------------------------------------------
+
+
+def test_ids_are_26_char_crockford_base32(store: Store) -> None:
+    c = store.create(MODEL)
+    tid = c.add_user("Hi")
+    for value in (c.id, tid):
+        assert len(value) == LENGTH == 26
+        assert set(value) <= set(ALPHABET)
+        assert not set(value) & set("ilou")
+
+
+def test_get_by_full_id_and_unique_prefix(store: Store) -> None:
+    a = store.create(MODEL, title="a")
+    b = store.create(MODEL, title="b")
+    assert store.get(a.id).id == a.id
+    assert store.get(b.id).info.title == "b"
+    # The shortest prefix that tells them apart, and every longer one.
+    n = next(i for i in range(1, LENGTH + 1) if a.id[:i] != b.id[:i])
+    for k in range(n, LENGTH + 1):
+        assert store.get(a.id[:k]).id == a.id
+        assert store.get(b.id[:k]).id == b.id
+    # Upper case and Crockford look-alikes (O for 0, I and L for 1) name the same id.
+    fuzzy = b.id.upper().replace("0", "O").replace("1", "L")
+    assert store.get(fuzzy).id == b.id
+    assert store.get(f"  {b.id}  ").id == b.id
+
+
+def test_ambiguous_prefix_lists_the_candidates(store: Store) -> None:
+    made: list[Conversation] = []
+    pair: tuple[str, str] | None = None
+    while pair is None:
+        made.append(store.create(MODEL))
+        assert len(made) < 200, "200 ids without two sharing a first character"
+        by_first: dict[str, str] = {}
+        for c in made:
+            if c.id[0] in by_first:
+                pair = (by_first[c.id[0]], c.id)
+                break
+            by_first[c.id[0]] = c.id
+    first, second = pair
+    prefix = os.path.commonprefix([first, second])
+    with pytest.raises(AmbiguousId) as exc:
+        store.get(prefix)
+    assert {first, second} <= set(exc.value.candidates)
+    assert all(cand.startswith(prefix) for cand in exc.value.candidates)
+    assert first in str(exc.value) and second in str(exc.value)
+    with pytest.raises(AmbiguousId):
+        store.get(first[0])
+
+
+@pytest.mark.parametrize("ref", ["zzzzzzzzzz", "7" * 26, "not-an-id!", "", "   ", "x" * 27])
+def test_unknown_id_is_not_found(store: Store, ref: str) -> None:
+    store.create(MODEL)
+    with pytest.raises(NotFound):
+        store.get(ref)
+
+
+def test_turn_lookup_is_scoped_to_its_conversation(store: Store) -> None:
+    a = store.create(MODEL)
+    b = store.create(MODEL)
+    ta = a.add_user("in a")
+    b.add_user("in b")
+    assert a.turn(ta).id == ta
+    assert a.turn(ta[:20]).content == [text_block("in a")]
+    with pytest.raises(NotFound):
+        b.turn(ta)
+    with pytest.raises(NotFound):
+        b.turn(ta[:20])
+    with pytest.raises(NotFound):
+        b.fork(ta, "stolen")
+    with pytest.raises(NotFound):
+        b.edit(ta, "hijack")
+    assert {br.name for br in b.branches()} == {"main"}
+
+
+# -- refusals write nothing ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["", "   ", "\n\t", []])
+def test_empty_text_refused_and_nothing_written(store: Store, content: Any) -> None:
+    c = store.create(MODEL)
+    c.add_user("first")
+    before = (c.info.turn_count, count(store, Turn.__table__), c.turns())
+    with pytest.raises(ContentError):
+        c.add_user(content)
+    with pytest.raises(ContentError):
+        c.add_assistant(content)
+    with pytest.raises(ContentError):
+        c.request(content)
+    assert (c.info.turn_count, count(store, Turn.__table__), c.turns()) == before
+
+
+# -- blobs -----------------------------------------------------------------------------------------
+
+
+def test_twenty_turns_with_the_same_image_store_one_blob(store: Store, tmp_path: Path) -> None:
+    png = make_png(6, 4, seed=7)
+    encoded = base64.b64encode(png).decode()
+    path = tmp_path / "chart.png"
+    path.write_bytes(png)
+    c = store.create(MODEL)
+    for i in range(20):
+        if i % 2:
+            block = {
+                "type": "image",
+                "source": {"type": "base64", "media_type": "image/png", "data": encoded},
+            }
+            c.add_user([text_block(f"picture {i}"), block])
+        else:
+            c.add_user(f"picture {i}", images=[path])
+        c.add_assistant(f"Seen {i}.")
+    assert count(store, Blob.__table__) == 1
+    with store.storage.engine.connect() as conn:
+        row = conn.execute(select(Blob.__table__)).one()
+    assert bytes(row.data) == png
+    assert row.size == len(png) and row.media_type == "image/png"
+    # What is stored in the turns is a reference, not the bytes.
+    with store.storage.engine.connect() as conn:
+        contents = conn.execute(select(Turn.__table__.c.content)).scalars().all()
+    assert not any(encoded in content for content in contents)
+
+    body = c.request("Which one was brightest?")
+    images = [b for m in body["messages"] for b in m["content"] if b["type"] == "image"]
+    assert len(images) == 20
+    assert all(
+        b["source"] == {"type": "base64", "media_type": "image/png", "data": encoded}
+        for b in images
+    )
+    # A different image is a second row; the same one again is not.
+    c.add_user("another", images=[path])
+    other = tmp_path / "other.png"
+    other.write_bytes(make_png(6, 4, seed=8))
+    c.add_user("and this", images=[other])
+    assert count(store, Blob.__table__) == 2
+
+
+def test_image_in_a_tool_result_round_trips(store: Store) -> None:
+    png = make_png(3, 3, seed=1)
+    encoded = base64.b64encode(png).decode()
+    c = store.create(MODEL)
+    c.add_user("Take a screenshot")
+    tool_use = {"type": "tool_use", "id": "toolu_01", "name": "screenshot", "input": {}}
+    # A reply as the API returned it is stored through the storage layer, as a send would.
+    path = store.storage.path(c.id)
+    store.storage.append(
+        c.id,
+        "main",
+        path.head_id,
+        [store_mod.NewTurn("assistant", "reply", [tool_use], stop_reason="tool_use")],
+    )
+    image = {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": encoded},
+    }
+    c.add_tool_result("toolu_01", [text_block("here"), image])
+    assert count(store, Blob.__table__) == 1
+    body = c.request()
+    result = body["messages"][2]["content"][0]
+    assert result["type"] == "tool_result" and result["tool_use_id"] == "toolu_01"
+    assert result["content"] == [text_block("here"), image]
+
+
+# -- reading a path: range scan and recursive CTE ----------------------------------------------------
+
+
+def _branched_conversation(store: Store, tmp_path: Path) -> Conversation:
+    img = tmp_path / "dot.png"
+    img.write_bytes(make_png(2, 2, seed=3))
+    c = store.create(MODEL)
+    ids = []
+    for i in range(6):
+        ids.append(c.add_user(f"question {i}", images=[img] if i == 2 else ()))
+        ids.append(c.add_assistant(f"answer {i}"))
+    c.fork(ids[3], "alt")  # after "answer 1"
+    for i in range(4):
+        c.add_user(f"alt question {i}")
+        c.add_assistant(f"alt answer {i}")
+    c.checkout("main")
+    c.edit(ids[6], "question 3, edited", name="edited")
+    c.add_assistant("edited answer")
+    c.fork(ids[1], "short")
+    c.checkout("main")
+    return c
+
+
+def _expected_path(rows: dict[str, Any], head: str) -> list[str]:
+    chain = []
+    cur: str | None = head
+    while cur is not None:
+        chain.append(cur)
+        cur = rows[cur].parent_id
+    return chain[::-1]
+
+
+def _read_everything(store: Store, c: Conversation) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for b in c.branches():
+        p = store.storage.path(c.id, b.name)
+        out[f"branch:{b.name}"] = (p.head_id, p.turns, p.blobs)
+    for t in store.storage.turns(c.id):
+        p = store.storage.path(c.id, head_id=t.id)
+        out[f"turn:{t.id}"] = (p.head_id, p.turns, p.blobs)
+    out["request"] = c.request("and now?")
+    return out
+
+
+def test_range_scan_and_recursive_cte_read_the_same_paths(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = _branched_conversation(store, tmp_path)
+    cte_calls: list[str] = []
+    real_walk = Storage._walk_cte
+
+    def spy(self: Storage, conn: Any, head_id: str) -> list[Any]:
+        cte_calls.append(head_id)
+        return real_walk(self, conn, head_id)
+
+    monkeypatch.setattr(Storage, "_walk_cte", spy)
+
+    monkeypatch.setattr(store_mod, "SCAN_RATIO", 2)
+    monkeypatch.setattr(store_mod, "SCAN_SLACK", 10**9)
+    by_scan = _read_everything(store, c)
+    assert cte_calls == []
+
+    monkeypatch.setattr(store_mod, "SCAN_RATIO", 0)
+    monkeypatch.setattr(store_mod, "SCAN_SLACK", -1)
+    by_cte = _read_everything(store, c)
+    assert len(cte_calls) >= len(by_cte) - 1
+
+    assert by_scan == by_cte
+
+    # And both are right: each path is the chain of parent links from its head.
+    rows = {t.id: t for t in store.storage.turns(c.id)}
+    for key, value in by_cte.items():
+        if key == "request":
+            continue
+        head, turns, blobs = value
+        assert [t.id for t in turns] == _expected_path(rows, head)
+        assert all(isinstance(t, TurnRecord) for t in turns)
+        assert turns == [
+            TurnRecord(r.id, r.role, r.kind, r.content, r.stop_reason)
+            for r in (rows[i] for i in _expected_path(rows, head))
+        ]
+        has_image = any(b.get("type") == "image" for t in turns for b in t.content)
+        assert (blobs is not None) == has_image
+    main_texts = [t.content[-1]["text"] for t in by_cte["branch:main"][1]]
+    assert main_texts == [s for i in range(6) for s in (f"question {i}", f"answer {i}")]
+    alt_texts = [t.content[-1]["text"] for t in by_cte["branch:alt"][1]]
+    assert alt_texts[:4] == ["question 0", "answer 0", "question 1", "answer 1"]
+    assert alt_texts[4:] == [s for i in range(4) for s in (f"alt question {i}", f"alt answer {i}")]
+    assert len(by_cte["branch:short"][1]) == 2
+
+
+# -- listing -----------------------------------------------------------------------------------------
+
+
+def test_list_gives_summaries_with_turn_counts(store: Store) -> None:
+    assert store.list() == []
+    counts = {}
+    for n in (0, 1, 3):
+        c = store.create(MODEL, title=f"{n} turns")
+        for i in range(n):
+            (c.add_user if i % 2 == 0 else c.add_assistant)(f"turn {i}")
+        counts[c.id] = n
+    first = next(cid for cid, n in counts.items() if n == 0)
+    store.get(first).add_user("now the most recent")
+    counts[first] = 1
+    summaries = store.list()
+    assert {s.id: s.turn_count for s in summaries} == counts
+    assert {s.id: s.title for s in summaries} == {
+        cid: f"{n if cid != first else 0} turns" for cid, n in counts.items()
+    }
+    assert summaries[0].id == first
+    assert all(s.model == MODEL and s.current_branch == "main" and s.calls == 0 for s in summaries)
+    assert [s.id for s in store.list(limit=2)] == [s.id for s in summaries[:2]]
+
+
+# -- where the database is -----------------------------------------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_default_database_is_private_under_xdg_data_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    xdg = tmp_path / "xdg"
+    monkeypatch.setenv("XDG_DATA_HOME", str(xdg))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    old_umask = os.umask(0)  # even a permissive umask must not make the store readable
+    try:
+        with Store() as s:
+            c = s.create(MODEL)
+            c.add_user("secret thoughts")
+            c.add_assistant("noted")
+            assert c.request()["messages"][0]["content"][0]["text"] == "secret thoughts"
+            db_file = xdg / "convo" / "convo.db"
+            assert db_file.is_file()
+            assert s.url == f"sqlite:///{db_file}"
+            assert _mode(db_file) == 0o600
+            assert _mode(db_file.parent) == 0o700
+            for side in ("convo.db-wal", "convo.db-shm", "convo.db-journal"):
+                if (db_file.parent / side).exists():
+                    assert _mode(db_file.parent / side) == 0o600, side
+    finally:
+        os.umask(old_umask)
+    assert not (tmp_path / "home").exists()
+    with Store() as again:
+        assert [x.turn_count for x in again.list()] == [2]
+
+
+def test_convo_database_url_overrides_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    xdg = tmp_path / "xdg"
+    other = tmp_path / "elsewhere" / "mine.db"
+    monkeypatch.setenv("XDG_DATA_HOME", str(xdg))
+    monkeypatch.setenv("CONVO_DATABASE_URL", f"sqlite:///{other}")
+    with Store() as s:
+        s.create(MODEL).add_user("hi")
+        assert s.url == f"sqlite:///{other}"
+    assert other.is_file()
+    assert not (xdg / "convo" / "convo.db").exists()
+    # An explicit URL beats the variable.
+    explicit = tmp_path / "explicit.db"
+    with Store(f"sqlite:///{explicit}") as s:
+        assert s.list() == []
+    assert explicit.is_file()
+
+
+def test_tilde_in_a_sqlite_url_is_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    with Store("sqlite:///~/data/convo.db") as s:
+        s.create(MODEL).add_user("hi")
+    assert (home / "data" / "convo.db").is_file()
+    assert not (tmp_path / "~").exists()
+    with Store("sqlite:///~/data/convo.db") as s:
+        assert len(s.list()) == 1
+
+
+def test_unreachable_postgresql_is_database_unavailable_without_the_password() -> None:
+    secret = "pa55w0rd-Secret"
+    for url in (
+        f"postgresql+psycopg://convo_user:{secret}@127.0.0.1:1/convo",
+        f"postgresql://convo_user:{secret}@127.0.0.1:1/convo",
+    ):
+        for upgrade in (None, True, False):
+            with pytest.raises(DatabaseUnavailable) as exc:
+                Store(url, upgrade=upgrade)
+            message = str(exc.value)
+            assert "\n" not in message and message.strip() == message
+            assert secret not in message
+            assert secret not in repr(exc.value.args)
+            assert "127.0.0.1" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "not a url",
+        "definitely://nothing",
+        "mysql://user:pw@localhost/db",
+        "postgresql://user:pw@localhost:notaport/db",
+        "postgresql+nosuchdriver://user:pw@localhost/db",
+        "sqlite:////proc/no/such/dir/convo.db",
+    ],
+)
+def test_invalid_url_is_database_unavailable(url: str) -> None:
+    with pytest.raises(DatabaseUnavailable) as exc:
+        Store(url)
+    assert "\n" not in str(exc.value)
+    assert ":pw@" not in str(exc.value)
+
+
+def test_a_file_that_is_not_a_database_is_database_unavailable(tmp_path: Path) -> None:
+    junk = tmp_path / "notes.db"
+    junk.write_bytes(b"this is a text file, not SQLite " * 100)
+    with pytest.raises(DatabaseUnavailable) as exc:
+        Store(f"sqlite:///{junk}")
+    assert "\n" not in str(exc.value)
+    assert junk.read_bytes() == b"this is a text file, not SQLite " * 100
+
+
+def test_postgresql_at_an_empty_schema_asks_for_an_upgrade(fresh_pg_url: str) -> None:
+    with pytest.raises(StoreError) as exc:
+        Store(fresh_pg_url)
+    assert type(exc.value) is StoreError
+    assert "convo db upgrade" in str(exc.value)
+    engine = create_engine(fresh_pg_url)
+    try:
+        with engine.connect() as conn:
+            assert inspect(conn).get_table_names() == []
+    finally:
+        engine.dispose()
+    with Store(fresh_pg_url, upgrade=True) as s:
+        s.create(MODEL).add_user("hi")
+    with Store(fresh_pg_url) as s:
+        assert [x.turn_count for x in s.list()] == [1]
+
+
+# -- integrity and hostile text ------------------------------------------------------------------------
+
+HOSTILE = [
+    "'; DROP TABLE turns; --",
+    "Robert'); DROP TABLE conversations;--",
+    '" OR 1=1 --',
+    "$(rm -rf /)",
+    "`rm -rf ~`",
+    "&& shutdown -h now ; | cat /etc/passwd > /dev/null",
+    "%s %d %(name)s {0} {{}} :param ? $1",
+    "back\\slash \\n not a newline \\\\",
+    "quotes ' \" ` ´ ‘ ’ “ ” « »",
+    "emoji 😀🎉👍🏽 and a family 👩‍👩‍👧‍👦",
+    "日本語 · Ελληνικά · עברית · العربية · 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "right-to-left \u202e override and zero\u200bwidth",
+    "line\r\nbreaks\rand\u2028separators\u2029end",
+    "<script>alert('x')</script> <!-- -->",
+    "\x01\x02\x1b[31mescape\x1b[0m",
+    '{"type": "image", "source": {"type": "convo_blob"}}',
+]
+
+
+def test_hostile_text_is_stored_and_replayed_unchanged(db_url: str) -> None:
+    with Store(db_url) as s:
+        c = s.create(MODEL, title=HOSTILE[0], system=HOSTILE[1])
+        for i, t in enumerate(HOSTILE):
+            c.add_user(t)
+            c.add_assistant(f"echo {i}: {t}".rstrip())
+        body = c.request(HOSTILE[-1])
+        cid = c.id
+        assert s.storage.integrity_problems() == []
+    with Store(db_url) as s:
+        c = s.get(cid)
+        assert c.info.title == HOSTILE[0]
+        assert c.request(HOSTILE[-1]) == body
+        users = [m["content"][0]["text"] for m in body["messages"] if m["role"] == "user"]
+        assert users == HOSTILE + [HOSTILE[-1]]
+        assert body["system"] == HOSTILE[1]
+        assert count(s, Turn.__table__) == 2 * len(HOSTILE)
+        stored = [t.content for t in c.turns()]
+        assert stored[0::2] == [[text_block(t)] for t in HOSTILE]
+
+
+def test_integrity_after_branching_and_deleting(store: Store, tmp_path: Path) -> None:
+    c = _branched_conversation(store, tmp_path)
+    other = store.create(MODEL)
+    other.add_user("keep me")
+    assert store.storage.integrity_problems() == []
+    c.delete_branch("alt")
+    assert store.storage.integrity_problems() == []
+    store.storage.delete_conversation(c.id)
+    assert store.storage.integrity_problems() == []
+    assert [x.id for x in store.list()] == [other.id]
+    with pytest.raises(NotFound):
+        store.get(c.id)
+
+
+def test_integrity_problems_are_found(store: Store) -> None:
+    """integrity_problems can fail: a turn whose depth is wrong is reported."""
+    c = store.create(MODEL)
+    c.add_user("one")
+    c.add_assistant("two")
+    with store.storage.engine.begin() as conn:
+        conn.execute(text("UPDATE turns SET depth = 5 WHERE depth = 1"))
+    problems = store.storage.integrity_problems()
+    assert problems and any("depth" in p for p in problems)
+
+
+def test_unknown_request_setting_refused_at_create(store: Store) -> None:
+    with pytest.raises(InvalidInput):
+        store.create(MODEL, temprature=0.5)
+    assert store.list() == []

@@ -1,0 +1,516 @@
+"""Tool use and JSON output, against the local stand-in, on SQLite and PostgreSQL.
+
+The stand-in answers with a tool_use when tools are offered and the message names a tool
+("weather" for get_weather), one parallel tool_use per Capitalized word ("Paris", "Rome"), fills
+inputs from the schema (strings get the word, integers 1), and answers tool results with text.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+
+import convo
+from convo import Conversation, Store
+from convo.client import Client
+from convo.errors import HistoryError, InvalidInput, OutputInvalid
+from convo.models import Base
+from convo.standin import LABEL, StandIn
+
+REPO = Path(__file__).resolve().parent.parent
+WEATHER = {
+    "name": "get_weather",
+    "description": "The current weather in a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "description": "The city"}},
+        "required": ["city"],
+    },
+}
+
+
+@pytest.fixture
+def standin() -> Iterator[StandIn]:
+    with StandIn() as s:
+        yield s
+
+
+@pytest.fixture
+def client(standin: StandIn) -> Iterator[Client]:
+    with Client(api_key="test-key", base_url=standin.base_url) as c:
+        yield c
+
+
+@pytest.fixture
+def store(db_url: str, client: Client) -> Iterator[Store]:
+    with Store(db_url, client=client) as s:
+        yield s
+
+
+@pytest.fixture
+def conv(store: Store) -> Conversation:
+    return store.create(tools=[WEATHER])
+
+
+def row_counts(store: Store) -> dict[str, int]:
+    with store.storage.engine.connect() as conn:
+        return {
+            t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
+            for t in Base.metadata.sorted_tables
+        }
+
+
+def last_body(standin: StandIn) -> dict[str, Any]:
+    return standin.requests[-1]["body"]
+
+
+def result_block(tool_use_id: str, content: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "tool_result", "tool_use_id": tool_use_id, "content": content, **extra}
+
+
+# -- tools on the conversation, results by hand --------------------------------------------
+
+
+def test_tools_are_stored_and_sent_again_by_a_resumed_store(
+    db_url: str, client: Client, store: Store, conv: Conversation, standin: StandIn
+) -> None:
+    assert conv.info.params["tools"] == [WEATHER]
+    first = conv.request("What's the weather in Paris?")
+    assert first["tools"] == [WEATHER]
+    with Store(db_url, client=client) as again:
+        resumed = again.get(conv.id)
+        assert resumed.request("What's the weather in Paris?") == first
+        reply = resumed.send("What's the weather in Paris?")
+    assert last_body(standin)["tools"] == [WEATHER]
+    assert reply.stop_reason == "tool_use"
+
+
+def test_tool_use_then_result_then_text(store: Store, conv: Conversation, standin: StandIn) -> None:
+    reply = conv.send("What's the weather in Paris?")
+    assert reply.stop_reason == "tool_use"
+    assert [(u.name, u.input) for u in reply.tool_uses] == [("get_weather", {"city": "Paris"})]
+    assert [u.id for u in conv.pending_tool_uses()] == [reply.tool_uses[0].id]
+    stored = conv.turns()[-1]
+    assert (stored.id, stored.kind, stored.stop_reason) == (reply.turn_id, "reply", "tool_use")
+
+    result = conv.add_tool_result(reply.tool_uses[0].id, "18 C, cloudy")
+    assert conv.turn(result).kind == "tool_result"
+    assert conv.pending_tool_uses() == []
+    final = conv.send()
+    assert final.stop_reason == "end_turn"
+    assert final.text == f"{LABEL}Tool results: get_weather: 18 C, cloudy"
+    sent = last_body(standin)["messages"]
+    assert sent[-2]["role"] == "assistant" and sent[-2]["content"] == reply.content
+    assert sent[-1] == {
+        "role": "user",
+        "content": [result_block(reply.tool_uses[0].id, "18 C, cloudy")],
+    }
+    # And the thread goes on.
+    conv.send("Thanks")
+    assert last_body(standin)["messages"][-1]["content"][0]["text"] == "Thanks"
+
+
+def test_error_result_is_carried(store: Store, conv: Conversation, standin: StandIn) -> None:
+    reply = conv.send("What's the weather in Paris?")
+    conv.add_tool_result(reply.tool_uses[0].id, "weather service down", is_error=True)
+    final = conv.send()
+    assert last_body(standin)["messages"][-1]["content"] == [
+        result_block(reply.tool_uses[0].id, "weather service down", is_error=True)
+    ]
+    assert "get_weather: error weather service down" in final.text
+
+
+def test_parallel_results_go_into_one_user_message(
+    store: Store, conv: Conversation, standin: StandIn
+) -> None:
+    reply = conv.send("Weather in Paris and Rome?")
+    assert reply.stop_reason == "tool_use"
+    paris, rome = reply.tool_uses
+    assert (paris.input, rome.input) == ({"city": "Paris"}, {"city": "Rome"})
+    # Answer in the other order, with text after them: the results still come first.
+    conv.add_tool_result(rome.id, "20 C, sunny")
+    assert [u.id for u in conv.pending_tool_uses()] == [paris.id]
+    conv.add_tool_result(paris.id, "18 C, cloudy")
+    assert conv.pending_tool_uses() == []
+    final = conv.send("Which is warmer?")
+    sent = last_body(standin)["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+    assert sent[-1]["content"] == [
+        result_block(rome.id, "20 C, sunny"),
+        result_block(paris.id, "18 C, cloudy"),
+        {"type": "text", "text": "Which is warmer?"},
+    ]
+    assert final.stop_reason == "end_turn"
+
+
+def test_bad_results_and_early_sends_are_refused_and_write_nothing(
+    store: Store, conv: Conversation, standin: StandIn
+) -> None:
+    reply = conv.send("Weather in Paris and Rome?")
+    paris, rome = reply.tool_uses
+    requests = len(standin.requests)
+    before = row_counts(store)
+    with pytest.raises(HistoryError, match="toolu_unknown"):
+        conv.add_tool_result("toolu_unknown", "?")
+    with pytest.raises(HistoryError, match="tool_use"):
+        conv.send("Hello?")
+    assert row_counts(store) == before
+
+    conv.add_tool_result(paris.id, "18 C")
+    before = row_counts(store)
+    with pytest.raises(HistoryError, match=paris.id):
+        conv.add_tool_result(paris.id, "18 C again")
+    with pytest.raises(HistoryError, match=rome.id):
+        conv.send("Hello?")
+    with pytest.raises(HistoryError, match=rome.id):
+        conv.send()
+    assert row_counts(store) == before
+    assert len(standin.requests) == requests
+
+    conv.add_tool_result(rome.id, "20 C")
+    with pytest.raises(HistoryError):
+        conv.add_tool_result(rome.id, "20 C again")
+    assert conv.send().stop_reason == "end_turn"
+
+
+def test_continuing_right_after_a_tool_use_names_the_missing_results(
+    store: Store, conv: Conversation, standin: StandIn
+) -> None:
+    """send() with no text right after a tool_use reply must say the results are missing, not
+    "the branch ends with Claude's reply; give text" (giving text is refused too)."""
+    reply = conv.send("What's the weather in Paris?")
+    before = row_counts(store)
+    with pytest.raises(HistoryError, match=reply.tool_uses[0].id):
+        conv.send()
+    assert row_counts(store) == before
+    assert len(standin.requests) == 1
+
+
+def test_add_user_while_a_tool_use_is_unanswered_is_refused(
+    store: Store, conv: Conversation
+) -> None:
+    """A user text turn between a tool_use and its result makes the branch unsendable for good
+    (the result can never again come first): refuse it as send(text) does."""
+    reply = conv.send("What's the weather in Paris?")
+    before = row_counts(store)
+    with pytest.raises(HistoryError):
+        conv.add_user("never mind")
+    assert row_counts(store) == before
+    conv.add_tool_result(reply.tool_uses[0].id, "18 C")
+    conv.send()
+
+
+# -- the tool loop --------------------------------------------------------------------------
+
+
+def test_run_calls_the_tools_and_stores_every_step(store: Store, standin: StandIn) -> None:
+    calls: list[str] = []
+
+    @convo.tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        calls.append(city)
+        return {"Paris": "18 C, cloudy", "Rome": "20 C, sunny"}[city]
+
+    conv = store.create()
+    reply = conv.run("Weather in Paris and Rome?", tools=[get_weather], max_steps=8)
+    assert calls == ["Paris", "Rome"]
+    assert reply.stop_reason == "end_turn"
+    assert reply.text == f"{LABEL}Tool results: get_weather: 18 C, cloudy; get_weather: 20 C, sunny"
+    kinds = [(t.role, t.kind) for t in conv.turns()]
+    assert kinds == [
+        ("user", "user"), ("assistant", "reply"),
+        ("user", "tool_result"), ("user", "tool_result"), ("assistant", "reply"),
+    ]
+    uses = conv.turns()[1].content
+    assert [b["input"] for b in uses if b["type"] == "tool_use"] == [{"city": "Paris"}, {"city": "Rome"}]
+    assert [t.content for t in conv.turns()[2:4]] == [
+        [result_block(uses[1]["id"], "18 C, cloudy")],
+        [result_block(uses[2]["id"], "20 C, sunny")],
+    ]
+    # The definitions went with every request, derived from the function.
+    assert [len(r["body"]["tools"]) for r in standin.requests] == [1, 1]
+    assert standin.requests[0]["body"]["tools"][0]["name"] == "get_weather"
+    assert len(conv.calls()) == 2
+
+
+def test_a_tool_that_raises_becomes_an_error_result(store: Store, standin: StandIn) -> None:
+    @convo.tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        if city == "Rome":
+            raise LookupError(f"no station in {city}")
+        return "18 C"
+
+    conv = store.create()
+    reply = conv.run("Weather in Paris and Rome?", tools=[get_weather])
+    results = [b for m in last_body(standin)["messages"][-1:] for b in m["content"]]
+    assert results[0] == result_block(results[0]["tool_use_id"], "18 C")
+    assert results[1]["is_error"] is True
+    assert results[1]["content"] == "LookupError: no station in Rome"
+    assert "error LookupError: no station in Rome" in reply.text
+
+
+def test_run_stops_at_max_steps_with_the_tool_use_unanswered(store: Store) -> None:
+    ran: list[str] = []
+
+    @convo.tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        ran.append(city)
+        return "18 C"
+
+    conv = store.create()
+    reply = conv.run("What's the weather in Paris?", tools=[get_weather], max_steps=1)
+    assert reply.stop_reason == "tool_use"
+    assert ran == []
+    assert [u.id for u in conv.pending_tool_uses()] == [u.id for u in reply.tool_uses]
+    assert conv.turns()[-1].id == reply.turn_id
+    with pytest.raises(InvalidInput):
+        conv.run("again", tools=[get_weather], max_steps=0)
+    # Picking the loop up later finishes it.
+    final = conv.run(None, tools=[get_weather])
+    assert ran == ["Paris"] and final.stop_reason == "end_turn"
+
+
+CRASHING_RUN = r"""
+import os, sys
+from pathlib import Path
+import convo
+url, cid, log, crash = sys.argv[1:5]
+
+@convo.tool
+def get_weather(city: str) -> str:
+    "The current weather in a city."
+    with open(log, "a") as f:
+        f.write(city + "\n")
+    if city == crash:
+        os._exit(3)  # the process dies mid-loop: no cleanup, no exception handlers
+    return {"Paris": "18 C, cloudy", "Rome": "20 C, sunny"}[city]
+
+store = convo.Store(url)
+conv = store.get(cid)
+content = None if sys.argv[5] == "resume" else "Weather in Paris and Rome?"
+reply = conv.run(content, tools=[get_weather])
+print(reply.stop_reason)
+print(reply.text)
+store.close()
+"""
+
+
+@pytest.mark.slow
+def test_run_resumes_in_a_new_process_without_rerunning_finished_tools(
+    db_url: str, store: Store, standin: StandIn, tmp_path: Path
+) -> None:
+    conv = store.create()
+    log = tmp_path / "tool-calls.log"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CONVO_"))},
+        "ANTHROPIC_API_KEY": "test-key",
+        "ANTHROPIC_BASE_URL": standin.base_url,
+        "PYTHONPATH": str(REPO),
+    }
+
+    def child(crash: str, mode: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", CRASHING_RUN, db_url, conv.id, str(log), crash, mode],
+            check=False, env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+        )
+
+    crashed = child("Rome", "start")
+    assert crashed.returncode == 3, crashed.stderr
+    assert log.read_text().split() == ["Paris", "Rome"]
+    # Paris has its result; Rome's tool_use is still open.
+    assert [t.kind for t in conv.turns()] == ["user", "reply", "tool_result"]
+    assert [u.input for u in conv.pending_tool_uses()] == [{"city": "Rome"}]
+
+    done = child("nowhere", "resume")
+    assert done.returncode == 0, done.stderr
+    assert log.read_text().split() == ["Paris", "Rome", "Rome"]  # Paris ran once
+    stop_reason, text = done.stdout.splitlines()
+    assert stop_reason == "end_turn"
+    assert text == f"{LABEL}Tool results: get_weather: 18 C, cloudy; get_weather: 20 C, sunny"
+    assert [t.kind for t in conv.turns()] == ["user", "reply", "tool_result", "tool_result", "reply"]
+    assert len(standin.requests) == 2
+    assert [b["type"] for b in last_body(standin)["messages"][-1]["content"]] == ["tool_result"] * 2
+
+
+def test_resume_with_a_result_added_by_hand(store: Store) -> None:
+    ran: list[str] = []
+
+    @convo.tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        ran.append(city)
+        return "20 C"
+
+    conv = store.create()
+    reply = conv.send("Weather in Paris and Rome?", tools=[get_weather])
+    conv.add_tool_result(reply.tool_uses[0].id, "18 C (by hand)")
+    final = conv.run(None, tools=[get_weather])
+    assert ran == ["Rome"]
+    assert final.text.endswith("get_weather: 18 C (by hand); get_weather: 20 C")
+
+    # Crashed after the last result was stored, before sending it: resume only sends.
+    again = conv.send("Weather in Oslo and Rome?", tools=[get_weather])
+    for use in again.tool_uses:
+        conv.add_tool_result(use.id, "cold")
+    final = conv.run(None, tools=[get_weather])
+    assert ran == ["Rome"]
+    assert final.stop_reason == "end_turn"
+    assert final.text.endswith("get_weather: cold; get_weather: cold")
+
+
+# -- structured output ----------------------------------------------------------------------
+
+
+class City(BaseModel):
+    name: str
+    population: int
+
+
+def test_send_json_with_a_pydantic_model(store: Store, standin: StandIn) -> None:
+    conv = store.create()
+    value = conv.send_json("Tell me about Paris", City)
+    assert value == City(name="Paris", population=1)
+    body = last_body(standin)
+    assert body["tool_choice"] == {"type": "tool", "name": "record_output"}
+    assert body["tools"][0]["input_schema"]["required"] == ["name", "population"]
+    reply_turn, result_turn = conv.turns()[-2:]
+    assert reply_turn.kind == "reply" and reply_turn.stop_reason == "tool_use"
+    (use,) = [b for b in reply_turn.content if b["type"] == "tool_use"]
+    assert use["input"] == {"name": "Paris", "population": 1}
+    assert result_turn.kind == "tool_result"
+    assert result_turn.content[0]["tool_use_id"] == use["id"]
+    assert not result_turn.content[0].get("is_error")
+    # Not a conversation setting: the next send offers no tools.
+    conv.send("Thanks")
+    assert "tools" not in last_body(standin)
+
+
+def test_send_json_with_a_json_schema(store: Store) -> None:
+    conv = store.create()
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["city", "unit", "tags"],
+    }
+    value = conv.send_json("Weather report for Oslo and Bergen", schema)
+    assert value == {"city": "Oslo", "unit": "celsius", "tags": ["Oslo", "Bergen"]}
+
+
+class Crowd(BaseModel):
+    size: int = Field(ge=5)
+
+
+@pytest.mark.parametrize(
+    ("schema", "expected"),
+    [
+        (
+            {"type": "object", "properties": {"n": {"type": "integer", "minimum": 5}}, "required": ["n"]},
+            "n: 1 is less than the minimum of 5",
+        ),
+        (
+            {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[0-9]{3}$"}}, "required": ["code"]},
+            "code: 'Paris' does not match",
+        ),
+        (Crowd, "size: Input should be greater than or equal to 5"),
+    ],
+    ids=["minimum", "pattern", "pydantic"],
+)
+def test_send_json_invalid_output(
+    store: Store, standin: StandIn, schema: Any, expected: str
+) -> None:
+    conv = store.create()
+    with pytest.raises(OutputInvalid) as info:
+        conv.send_json("Tell me about Paris", schema)
+    assert len(info.value.errors) == 1 and info.value.errors[0].startswith(expected)
+    assert expected in str(info.value)
+    assert info.value.output in ({"n": 1}, {"code": "Paris"}, {"size": 1})
+    # The reply and an error result are stored, and the thread stays sendable.
+    result = conv.turns()[-1]
+    assert result.kind == "tool_result" and result.content[0]["is_error"] is True
+    assert conv.pending_tool_uses() == []
+    reply = conv.send("Never mind")
+    assert reply.stop_reason == "end_turn"
+    assert last_body(standin)["messages"][-1]["content"][0]["is_error"] is True
+
+
+# -- edits and forks around tool turns ------------------------------------------------------
+
+
+def test_fork_right_after_a_tool_result(store: Store, conv: Conversation, standin: StandIn) -> None:
+    reply = conv.send("What's the weather in Paris?")
+    result = conv.add_tool_result(reply.tool_uses[0].id, "18 C, cloudy")
+    conv.send()
+    main_turns = [t.id for t in conv.turns()]
+    assert conv.fork(result) == "fork-1"
+    again = conv.send()
+    assert again.text.endswith("get_weather: 18 C, cloudy")
+    assert [t.id for t in conv.turns()] == [*main_turns[:3], again.turn_id]
+    assert [t.id for t in conv.turns("main")] == main_turns
+
+
+def test_edit_a_tool_result_keeps_the_pairing(store: Store, conv: Conversation, standin: StandIn) -> None:
+    reply = conv.send("What's the weather in Paris?")
+    use = reply.tool_uses[0]
+    old = conv.add_tool_result(use.id, "18 C, cloudy", is_error=True)
+    conv.send()
+    new = conv.edit(old, "19 C, clear")
+    assert conv.branch == "edit-1"
+    row = conv.turn(new)
+    assert (row.kind, row.parent_id, row.source_id) == ("tool_result", reply.turn_id, old)
+    assert row.content == [result_block(use.id, "19 C, clear")]
+    final = conv.send()
+    assert last_body(standin)["messages"][-1]["content"] == [result_block(use.id, "19 C, clear")]
+    assert final.text.endswith("get_weather: 19 C, clear")
+    # The original result is still on main.
+    assert conv.turns("main")[2].content == [result_block(use.id, "18 C, cloudy", is_error=True)]
+
+
+def test_edit_one_of_two_parallel_results(store: Store, conv: Conversation, standin: StandIn) -> None:
+    reply = conv.send("Weather in Paris and Rome?")
+    paris, rome = reply.tool_uses
+    first = conv.add_tool_result(paris.id, "18 C")
+    second = conv.add_tool_result(rome.id, "20 C")
+
+    conv.edit(second, "21 C")
+    conv.send()
+    assert last_body(standin)["messages"][-1]["content"] == [
+        result_block(paris.id, "18 C"), result_block(rome.id, "21 C"),
+    ]
+
+    # Editing the first result gives a branch where Rome is still to be answered, exactly the
+    # state add_tool_result leaves between two results.
+    conv.checkout("main")
+    conv.edit(first, "17 C")
+    assert [u.id for u in conv.pending_tool_uses()] == [rome.id]
+    conv.add_tool_result(rome.id, "20 C")
+    conv.send()
+    assert last_body(standin)["messages"][-1]["content"] == [
+        result_block(paris.id, "17 C"), result_block(rome.id, "20 C"),
+    ]
+
+
+def test_edit_a_tool_use_reply(store: Store, conv: Conversation, standin: StandIn) -> None:
+    """Editing the reply that asked for a tool gives a synthetic turn; it can ask again."""
+    reply = conv.send("What's the weather in Paris?")
+    assert reply.turn_id is not None
+    mine = {"type": "tool_use", "id": "toolu_mine", "name": "get_weather", "input": {"city": "Lyon"}}
+    new = conv.edit(reply.turn_id, [mine])
+    assert conv.turn(new).kind == "synthetic"
+    assert [u.id for u in conv.pending_tool_uses()] == ["toolu_mine"]
+    conv.add_tool_result("toolu_mine", "15 C")
+    assert conv.send().text.endswith("get_weather: 15 C")
