@@ -291,15 +291,6 @@ def _interrupted_note(conv: Any, head_before: str | None, continuing: bool) -> s
     return "[interrupted: nothing was saved]"
 
 
-def _check_retryable(conv: Any) -> None:
-    turns = conv.turns()
-    if not turns:
-        raise InvalidInput("nothing to retry: the branch has no turns")
-    last = turns[-1]
-    if last.role == "assistant" and last.kind == "reply" and last.stop_reason != "pause_turn":
-        raise InvalidInput("nothing to retry: the last turn already has its reply")
-
-
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if getattr(args, "model", None):
@@ -381,13 +372,12 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     with _store(args) as store:
         conv = _conversation(store, args.conversation)
-        _check_retryable(conv)
         lead = _continuation_lead(conv)
-        if args.no_stream:
-            start: Callable[[Any], Any] = lambda _cb: conv.retry()  # noqa: E731
-        else:
-            start = lambda cb: conv.stream(on_retry=cb)  # noqa: E731
-        _deliver(conv, start, stream=not args.no_stream, lead=lead, continuing=True)
+        stream = not args.no_stream
+        _deliver(
+            conv, lambda cb: conv.retry(stream=stream, on_retry=cb),
+            stream=stream, lead=lead, continuing=True,
+        )
     return 0
 
 
@@ -395,53 +385,15 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
     with _store(args) as store:
         conv = _conversation(store, args.conversation)
         name = _utf8(args.name, "--name")
-        if args.no_stream:
-            # The library call: a new checked-out branch, then the reply.
-            head_before = _branch_head(conv)
-            try:
-                reply = conv.regenerate(args.turn, name=name)
-            except KeyboardInterrupt:
-                _err(_interrupted_note(conv, head_before, True))
-                raise _Exit(EXIT_INTERRUPTED) from None
+        stream = not args.no_stream
+
+        def start(cb: Callable[[Any], None] | None) -> Any:
+            replies = conv.regenerate(args.turn, name=name, stream=stream, on_retry=cb)
             _err(f"[on new branch {conv.branch}]")
-            _out(reply.text)
-            _print_reply_tail(reply)
-            return 0
-        # Streaming: the same steps as Conversation.regenerate (a branch at the turn before
-        # the reply, checked out), then the continuation streamed.
-        at = _regenerate_point(conv, args.turn)
-        branch = conv.fork(at, name or _free_branch_name(conv, "regen"))
-        _err(f"[on new branch {branch}]")
-        _deliver(
-            conv,
-            lambda cb: conv.stream(on_retry=cb),
-            stream=True,
-            lead=_continuation_lead(conv),
-            continuing=True,
-        )
+            return replies
+
+        _deliver(conv, start, stream=stream, lead="", continuing=True)
     return 0
-
-
-def _regenerate_point(conv: Any, turn: str | None) -> str:
-    if turn is None:
-        replies = [t for t in conv.turns() if t.role == "assistant" and t.kind == "reply"]
-        if not replies:
-            raise InvalidInput("nothing to regenerate: the branch has no reply yet")
-        target = conv.turn(replies[-1].id)
-    else:
-        target = conv.turn(turn)
-    at = target.parent_id if target.kind == "reply" else target.id
-    if at is None:
-        raise InvalidInput(f"turn {target.id} has nothing before it to answer")
-    return at
-
-
-def _free_branch_name(conv: Any, prefix: str) -> str:
-    taken = {b.name for b in conv.branches()}
-    n = 1
-    while f"{prefix}-{n}" in taken:
-        n += 1
-    return f"{prefix}-{n}"
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -487,29 +439,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _previews(store: Any, summaries: Sequence[Any]) -> dict[str, str]:
-    """First words of each untitled conversation's first user turn."""
-    from convo.types import text_of
-
-    out: dict[str, str] = {}
-    for s in summaries:
-        preview = getattr(s, "preview", None)
-        if preview:
-            out[s.id] = preview
-            continue
-        if s.title or not s.turn_count:
-            continue
-        for t in store.storage.turns(s.id):
-            if t.role == "user":
-                out[s.id] = render.one_line(text_of(t.content) or render.content_text(t.content))
-                break
-    return out
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     with _store(args) as store:
         summaries = store.list(args.limit or None)
-        previews = _previews(store, summaries)
+        previews = {s.id: s.preview for s in summaries if s.preview}
         if args.json:
             _out(render.to_json(render.conversations_json(summaries, previews)))
         else:
@@ -596,9 +529,7 @@ def cmd_branches(args: argparse.Namespace) -> int:
     with _store(args) as store:
         conv = _conversation(store, args.conversation)
         branches = conv.branches()
-        depths = {
-            b.head_id: store.storage.turn(b.head_id).depth for b in branches if b.head_id
-        }
+        depths = {b.head_id: b.head_depth for b in branches if b.head_id}
         _out(render.branches_table(branches, conv.branch, depths))
     return 0
 
@@ -693,36 +624,28 @@ def _cap_value(value: str) -> int | str:
 
 
 def cmd_budget(args: argparse.Namespace) -> int:
-    from convo.service import STORE_BUDGET_KEY
-
     with _store(args) as store:
         if args.store:
             if args.max_input_tokens is not None:
                 raise InvalidInput("--max-input-tokens applies to a conversation, not the store")
             if args.usd is not None:
                 store.set_budget(None if args.usd == _OFF else args.usd)
-            limit = store.storage.get_setting(STORE_BUDGET_KEY)
+            limit = store.budget
             spent = store.usage(by="conversation").total.cost_usd
             shown = render.fmt_usd(limit) if limit is not None else "none"
             _out(f"store budget {shown} (spent {render.fmt_usd(spent)})")
             return 0
         conv = _conversation(store, args.conversation)
-        info = conv.info
-        params = dict(info.params)
-        changed = False
-        for key, value in (("budget_usd", args.usd), ("max_input_tokens", args.max_input_tokens)):
-            if value is None:
-                continue
-            changed = True
-            if value == _OFF:
-                params.pop(key, None)
-            else:
-                params[key] = value
-        if changed:
-            store.storage.update_conversation(conv.id, params=params)
+        changes = {
+            key: None if value == _OFF else value
+            for key, value in (("budget_usd", args.usd), ("max_input_tokens", args.max_input_tokens))
+            if value is not None
+        }
+        if changes:
+            conv.set_limits(**changes)
+        limits = conv.limits
         spent = conv.usage(by="conversation").total.cost_usd
-        budget = params.get("budget_usd")
-        cap = params.get("max_input_tokens")
+        budget, cap = limits["budget_usd"], limits["max_input_tokens"]
         _out(
             f"conversation {conv.id}: budget "
             f"{render.fmt_usd(budget) if budget is not None else 'none'} "
@@ -761,9 +684,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     _out(render.branches_table(branches, conv.branch))
                     continue
                 if command == "/retry":
-                    _check_retryable(conv)
                     lead, continuing = _continuation_lead(conv), True
-                    start: Callable[[Any], Any] = lambda cb: conv.stream(on_retry=cb)  # noqa: E731
+                    start: Callable[[Any], Any] = lambda cb: conv.retry(  # noqa: E731
+                        stream=True, on_retry=cb
+                    )
                 elif command.startswith("/"):
                     _err(f"unknown command {command}: /quit, /retry, /branches")
                     continue

@@ -20,7 +20,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path as FilePath
-from typing import Any
+from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict
 
@@ -69,6 +69,7 @@ LEASE = timedelta(minutes=15)
 # How long a second writer on a busy branch waits before raising Conflict.
 WAIT_FOR_BRANCH_SECONDS = 120.0
 STORE_BUDGET_KEY = "budget_usd"
+KEEP = object()  # "leave this setting as it is"
 
 
 class Reply(BaseModel):
@@ -223,9 +224,14 @@ class Store:
         return Conversation(self, import_conversation(self.storage, data))
 
     def set_budget(self, usd: float | None) -> None:
-        """A spending cap for the whole store, checked before every send."""
+        """A spending cap for the whole store, checked before every send (None removes it)."""
         _check_limits({"budget_usd": usd} if usd is not None else {})
         self.storage.set_setting(STORE_BUDGET_KEY, usd)
+
+    @property
+    def budget(self) -> float | None:
+        value = self.storage.get_setting(STORE_BUDGET_KEY)
+        return None if value is None else float(value)
 
 
 def _tool_defs(tools: Sequence[Any] | None) -> list[dict[str, Any]] | None:
@@ -473,7 +479,25 @@ class Conversation:
         steps = self._send_steps(content, prefill, images, overrides, streaming=True)
         return ReplyStream(steps, on_retry)
 
-    def retry(self, *, stream: bool = False, **overrides: Any) -> Reply:
+    @overload
+    def retry(self, *, stream: Literal[False] = False, **overrides: Any) -> Reply: ...
+
+    @overload
+    def retry(
+        self,
+        *,
+        stream: Literal[True],
+        on_retry: Callable[[RetryNotice], None] | None = None,
+        **overrides: Any,
+    ) -> ReplyStream: ...
+
+    def retry(
+        self,
+        *,
+        stream: bool = False,
+        on_retry: Callable[[RetryNotice], None] | None = None,
+        **overrides: Any,
+    ) -> Reply | ReplyStream:
         """Send the branch head again after a failed send: no turn is added or duplicated."""
         path = self.store.storage.path(self.id)
         if not path.turns:
@@ -482,7 +506,7 @@ class Conversation:
         if last.role == "assistant" and last.kind == "reply" and last.stop_reason != "pause_turn":
             raise InvalidInput("nothing to retry: the last turn already has its reply")
         steps = self._send_steps(None, None, (), overrides, streaming=stream)
-        return _drain(steps)
+        return ReplyStream(steps, on_retry) if stream else _drain(steps)
 
     def _send_steps(
         self,
@@ -780,13 +804,31 @@ class Conversation:
         name = self._new_branch_name(name, "edit")
         return storage.branch_with_turns(self.id, name, old.parent_id, [new])[0]
 
+    @overload
     def regenerate(
-        self, turn: str | None = None, *, name: str | None = None, **overrides: Any
-    ) -> Reply:
+        self, turn: str | None = None, *, name: str | None = None,
+        stream: Literal[False] = False, **overrides: Any,
+    ) -> Reply: ...
+
+    @overload
+    def regenerate(
+        self, turn: str | None = None, *, name: str | None = None, stream: Literal[True],
+        on_retry: Callable[[RetryNotice], None] | None = None, **overrides: Any,
+    ) -> ReplyStream: ...
+
+    def regenerate(
+        self,
+        turn: str | None = None,
+        *,
+        name: str | None = None,
+        stream: bool = False,
+        on_retry: Callable[[RetryNotice], None] | None = None,
+        **overrides: Any,
+    ) -> Reply | ReplyStream:
         """Another reply on a new checked-out branch; the old reply stays on its branch.
 
         `turn` is the reply to redo (default: the branch's last reply), or the user turn to
-        answer again.
+        answer again. If the send fails, the new branch keeps the turn unanswered for retry().
         """
         storage = self.store.storage
         if turn is None:
@@ -800,11 +842,32 @@ class Conversation:
         at = target.parent_id if target.kind == "reply" else target.id
         if at is None:
             raise InvalidInput(f"turn {target.id} has nothing before it to answer")
-        name = self._new_branch_name(name, "regen")
         path = storage.path(self.id, head_id=at)
         check_structure(path.turns, final_pending_ok=False)
-        storage.create_branch(self.id, name, at, checkout=True)
-        return self.retry(**overrides)
+        if path.turns[-1].role == "assistant" and path.turns[-1].kind == "reply":
+            raise InvalidInput(f"turn {at} is a reply: regenerate answers a user turn")
+        storage.create_branch(self.id, self._new_branch_name(name, "regen"), at, checkout=True)
+        return self.retry(stream=stream, on_retry=on_retry, **overrides)  # type: ignore[call-overload,no-any-return]
+
+    def set_limits(
+        self, *, budget_usd: float | None | object = KEEP, max_input_tokens: int | None | object = KEEP
+    ) -> None:
+        """Set (or, with None, remove) the conversation's budget in USD and input-token cap."""
+        params = dict(self.info.params)
+        for key, value in (("budget_usd", budget_usd), ("max_input_tokens", max_input_tokens)):
+            if value is KEEP:
+                continue
+            if value is None:
+                params.pop(key, None)
+            else:
+                _check_limits({key: value})
+                params[key] = value
+        self.store.storage.update_conversation(self.id, params=params)
+
+    @property
+    def limits(self) -> dict[str, Any]:
+        p = self.info.params
+        return {"budget_usd": p.get("budget_usd"), "max_input_tokens": p.get("max_input_tokens")}
 
     def _new_branch_name(self, name: str | None, prefix: str) -> str:
         taken = self.store.storage.branch_names(self.id)
@@ -859,8 +922,8 @@ class Conversation:
 
 
 def _records(new: Sequence[NewTurn]) -> list[TurnRecord]:
-    """Turns not yet written, as the history builder sees them."""
-    return [TurnRecord(f"(new turn {i + 1})", t.role, t.kind, t.content) for i, t in enumerate(new)]
+    """Turns not yet written, as the history builder sees them (named for error messages)."""
+    return [TurnRecord(f"(the new {t.kind} turn)", t.role, t.kind, t.content) for t in new]
 
 
 def _normalize_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:

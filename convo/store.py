@@ -96,6 +96,7 @@ class BranchRow:
     created_at: datetime
     lease_owner: str | None = None
     lease_expires: datetime | None = None
+    head_depth: int | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class ConversationSummary:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    # The first words of the first user turn, for untitled conversations.
+    preview: str | None = None
 
 
 @dataclass(frozen=True)
@@ -263,8 +266,15 @@ class Storage:
             .group_by(K.c.conversation_id)
             .subquery()
         )
+        first = (
+            select(T.c.content)
+            .where(T.c.conversation_id == C.c.id, T.c.depth == 0, T.c.role == "user")
+            .order_by(T.c.id)
+            .limit(1)
+            .scalar_subquery()
+        )
         q = (
-            select(C, spend.c.calls, spend.c.inp, spend.c.out, spend.c.cost)
+            select(C, spend.c.calls, spend.c.inp, spend.c.out, spend.c.cost, first.label("first"))
             .outerjoin(spend, spend.c.conversation_id == C.c.id)
             .order_by(C.c.updated_at.desc(), C.c.id.desc())
         )
@@ -285,6 +295,7 @@ class Storage:
                 input_tokens=int(r.inp or 0),
                 output_tokens=int(r.out or 0),
                 cost_usd=float(r.cost or 0.0),
+                preview=_preview(r.first),
             )
             for r in rows
         ]
@@ -573,11 +584,15 @@ class Storage:
     def branches(self, conv_id: str) -> list[BranchRow]:
         with db.read(self.engine) as conn:
             rows = conn.execute(
-                select(B.c.name, B.c.head_id, B.c.created_at, B.c.lease_owner, B.c.lease_expires)
+                select(
+                    B.c.name, B.c.head_id, B.c.created_at, B.c.lease_owner, B.c.lease_expires,
+                    T.c.depth,
+                )
+                .select_from(B.outerjoin(T, T.c.id == B.c.head_id))
                 .where(B.c.conversation_id == conv_id)
                 .order_by(B.c.created_at, B.c.id)
             ).all()
-        return [BranchRow(r[0], r[1], _utc(r[2]), r[3], _utc(r[4])) for r in rows]  # type: ignore[arg-type]
+        return [BranchRow(r[0], r[1], _utc(r[2]), r[3], _utc(r[4]), r[5]) for r in rows]  # type: ignore[arg-type]
 
     def branch(self, conv_id: str, name: str) -> BranchRow:
         for b in self.branches(conv_id):
@@ -945,6 +960,16 @@ class Storage:
             if dangling:
                 problems.append(f"{dangling} branches whose head is missing")
         return problems
+
+
+def _preview(content: str | None, width: int = 60) -> str | None:
+    if content is None:
+        return None
+    text = " ".join(
+        b.get("text", "") for b in orjson.loads(content) if b.get("type") == "text"
+    ).split()
+    line = " ".join(text)
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def _conversation_row(row: Any) -> ConversationRow:

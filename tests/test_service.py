@@ -556,7 +556,7 @@ def test_cut_stream_with_retries_exhausted_appends_nothing(store: Store, standin
         assert c["output_tokens"] >= 1
         assert c["reply_id"] is None
     # the branch is free again, and retry(stream=True) completes it
-    reply = conv.retry(stream=True)
+    reply = conv.retry(stream=True).until_done()
     assert [t.role for t in conv.turns()] == ["user", "assistant"]
     assert conv.calls()[-1]["reply_id"] == reply.turn_id
 

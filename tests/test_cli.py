@@ -1,0 +1,925 @@
+"""The `convo` CLI: pure rendering tests, then the real CLI run as a subprocess.
+
+The subprocess tests (`@pytest.mark.slow`) run `python -m convo --db URL ...` against a StandIn
+started in this process (ANTHROPIC_BASE_URL points the child at it), on SQLite and PostgreSQL.
+Every run checks that the API key never reaches stdout or stderr and that errors are one line.
+Database state is checked in-process through the service layer; setup that is not the subject
+of a test is done in-process too, which keeps the file's runtime low (each CLI process costs
+about a second of imports).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from convo import render
+from convo.cli import build_parser
+from convo.client import Client
+from convo.service import Store
+from convo.standin import StandIn
+from convo.store import BranchRow, ConversationSummary, TurnRow, UsageReport, UsageRow
+from convo.types import ToolUse
+
+TEST_KEY = "sk-ant-test-NEVER-PRINT-0123456789"
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- pure rendering ----------------------------------------------------------------------------
+
+UTC = timezone.utc
+T0 = datetime(2026, 5, 1, 12, 30, 45, tzinfo=UTC)
+
+
+def turn(
+    id: str, parent: str | None, role: str, kind: str, text: str, depth: int = 0
+) -> TurnRow:
+    return TurnRow(
+        id,
+        "c1",
+        parent,
+        role,
+        kind,
+        [{"type": "text", "text": text}],
+        depth,
+        None,
+        None,
+        T0,
+    )
+
+
+def test_formats() -> None:
+    assert render.fmt_int(1234567) == "1,234,567"
+    assert render.fmt_int(None) == "0"
+    assert render.fmt_usd(0.00123) == "$0.0012"
+    assert render.fmt_usd(None) == "$?"
+    assert render.fmt_size(512) == "512 B"
+    assert render.fmt_size(12_595) == "12.3 KB"
+    assert render.fmt_size(3 * 1024 * 1024) == "3.0 MB"
+    assert render.one_line("a\n  b\tc") == "a b c"
+    assert render.one_line("x" * 50, 10) == "x" * 9 + "…"
+    assert render.local_minute(T0, UTC) == "2026-05-01 12:30"
+    assert render.turn_label("user", "user") == "user"
+    assert render.turn_label("assistant", "reply") == "assistant/reply"
+
+
+def test_id_width_grows_until_ids_differ() -> None:
+    assert render.id_width(["01abcdefgh000", "01zzzzzzzz000"]) == 8
+    assert render.id_width(["01abcdefghij1", "01abcdefghij2"]) == 13
+    assert render.id_width([]) == 8
+    assert render.short("0123456789abc", 10) == "0123456789"
+
+
+def test_block_text_renders_every_kind() -> None:
+    assert render.block_text({"type": "text", "text": "hi"}) == "hi"
+    use = {
+        "type": "tool_use",
+        "id": "toolu_1",
+        "name": "get_weather",
+        "input": {"city": "Paris"},
+    }
+    assert render.block_text(use) == '[tool_use toolu_1] get_weather {"city": "Paris"}'
+    res = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}
+    assert render.block_text(res) == "[tool_result for toolu_1] sunny"
+    err = {
+        "type": "tool_result",
+        "tool_use_id": "toolu_1",
+        "content": "boom",
+        "is_error": True,
+    }
+    assert render.block_text(err) == "[tool_result for toolu_1] [error] boom"
+    img = {
+        "type": "image",
+        "source": {
+            "type": "convo_blob",
+            "media_type": "image/png",
+            "sha256": "ab",
+            "size": 12_595,
+        },
+    }
+    assert render.block_text(img) == "[image image/png 12.3 KB]"
+    assert render.block_text({"type": "server_thing"}) == "[server_thing]"
+    assert render.content_text([{"type": "text", "text": "look:"}, img]) == (
+        "look:\n[image image/png 12.3 KB]"
+    )
+    assert render.tool_use_line(ToolUse(id="toolu_1", name="f", input={"a": 1})) == (
+        '[tool_use toolu_1] f({"a": 1})'
+    )
+
+
+def test_usage_line() -> None:
+    call = {
+        "input_tokens": 1234,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 1100,
+        "output_tokens": 56,
+        "cost_usd": 0.00123,
+    }
+    assert (
+        render.usage_line(call)
+        == "in 1,234 (+cache write 0, read 1,100) out 56 · $0.0012"
+    )
+    assert render.usage_line(None) == ""
+
+
+def test_table_aligns_and_adds_a_footer() -> None:
+    out = render.table(
+        ("name", "n"), [("a", "1"), ("bbb", "22")], right=(1,), footer=("total", "23")
+    )
+    assert out.splitlines() == [
+        "name    n",
+        "a       1",
+        "bbb    22",
+        "-----  --",
+        "total  23",
+    ]
+
+
+@dataclass
+class _Info:
+    id: str = "c1"
+    title: str | None = "trip"
+    model: str = "claude-sonnet-4-5"
+    system: Any = "be brief"
+    params: dict[str, Any] | None = None
+    current_branch: str = "main"
+    turn_count: int = 2
+    created_at: datetime = T0
+    updated_at: datetime = T0
+
+
+def _path() -> list[Any]:
+    from convo.history import TurnRecord
+
+    return [
+        TurnRecord("01aaaaaaaa1", "user", "user", [{"type": "text", "text": "Hello"}]),
+        TurnRecord(
+            "01aaaaaaaa2",
+            "assistant",
+            "reply",
+            [{"type": "text", "text": "Hi!"}],
+            "max_tokens",
+        ),
+    ]
+
+
+CALLS = {
+    "01aaaaaaaa2": {
+        "input_tokens": 10,
+        "output_tokens": 3,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "cost_usd": 0.0001,
+    }
+}
+
+
+def test_transcript_text() -> None:
+    out = render.transcript(_Info(), "main", _path(), CALLS)
+    assert out.splitlines() == [
+        'conversation c1 "trip" · claude-sonnet-4-5 · branch main',
+        "system: be brief",
+        "",
+        "01aaaaaaaa1 user",
+        "  Hello",
+        "",
+        "01aaaaaaaa2 assistant/reply  [stopped: max_tokens]",
+        "  Hi!",
+        "  in 10 (+cache write 0, read 0) out 3 · $0.0001",
+    ]
+
+
+def test_transcript_json_shape() -> None:
+    data = render.transcript_json(_Info(params={}), "main", _path(), CALLS)
+    assert set(data) == {"conversation", "branch", "turns"}
+    assert data["branch"] == "main"
+    assert data["conversation"]["id"] == "c1"
+    assert data["conversation"]["created_at"] == T0.isoformat()
+    first, second = data["turns"]
+    assert set(first) == {
+        "id",
+        "parent_id",
+        "role",
+        "kind",
+        "content",
+        "stop_reason",
+        "usage",
+        "cost_usd",
+    }
+    assert (
+        first["parent_id"] is None
+        and first["usage"] is None
+        and first["cost_usd"] is None
+    )
+    assert second["parent_id"] == "01aaaaaaaa1"
+    assert second["usage"] == {
+        "input_tokens": 10,
+        "output_tokens": 3,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
+    assert second["cost_usd"] == 0.0001
+    json.dumps(data)  # JSON-ready as it is
+
+
+def test_tree_draws_branches_and_marks_heads() -> None:
+    turns = [
+        turn("01a0000000u1", None, "user", "user", "Hello there", 0),
+        turn("01a0000000r1", "01a0000000u1", "assistant", "reply", "Hi! " * 30, 1),
+        turn("01a0000000u2", "01a0000000r1", "user", "user", "main question", 2),
+        turn("01a0000000u3", "01a0000000r1", "user", "user", "edited question", 2),
+        turn("01a0000000r3", "01a0000000u3", "assistant", "reply", "edited answer", 3),
+    ]
+    branches = [
+        BranchRow("main", "01a0000000u2", T0),
+        BranchRow("edit-1", "01a0000000r3", T0),
+        BranchRow("empty", None, T0),
+    ]
+    lines = render.tree(turns, branches, "edit-1").splitlines()
+    assert lines[0].startswith("01a0000000u1 user ")
+    assert lines[1].startswith("01a0000000r1 assistant/reply  Hi! Hi!")
+    assert lines[1].endswith("…")
+    assert lines[2].startswith("├─ 01a0000000u2 user ") and lines[2].endswith("[main]")
+    assert lines[3].startswith("└─ 01a0000000u3 user ")
+    assert lines[4].startswith("   01a0000000r3 assistant/reply") and lines[4].endswith(
+        "[*edit-1]"
+    )
+    assert len(lines) == 5
+
+
+def test_tree_of_a_deep_thread_needs_no_recursion() -> None:
+    n = 5000
+    turns = [
+        turn(
+            f"t{i:08d}",
+            f"t{i - 1:08d}" if i else None,
+            "user" if i % 2 == 0 else "assistant",
+            "user" if i % 2 == 0 else "reply",
+            f"turn {i}",
+            i,
+        )
+        for i in range(n)
+    ]
+    out = render.tree(turns, [BranchRow("main", f"t{n - 1:08d}", T0)], "main")
+    assert len(out.splitlines()) == n
+    assert out.splitlines()[-1].endswith("[*main]")
+
+
+def test_tree_of_nothing() -> None:
+    assert render.tree([], [], "main") == "(no turns yet)"
+
+
+def test_branches_table() -> None:
+    branches = [
+        BranchRow("main", "01aaaaaaaaaa", T0),
+        BranchRow("edit-1", "01bbbbbbbbbb", T0),
+    ]
+    out = render.branches_table(
+        branches, "edit-1", {"01aaaaaaaaaa": 3, "01bbbbbbbbbb": 1}
+    )
+    assert out.splitlines() == [
+        "   branch  head      turns",
+        "   main    01aaaaaa      4",
+        "*  edit-1  01bbbbbb      2",
+    ]
+
+
+def _report() -> UsageReport:
+    rows = [
+        UsageRow("main", 2, 100, 20, 1500, 3000, 0.01, 0.02),
+        UsageRow("edit-1", 1, 50, 10, 0, 1500, 0.002, 0.005),
+    ]
+    total = UsageRow("total", 3, 150, 30, 1500, 4500, 0.012, 0.025)
+    return UsageReport("branch", rows, total, 0, [])
+
+
+def test_usage_renderings() -> None:
+    report = _report()
+    lines = render.usage_table(report).splitlines()
+    assert lines[0].split() == [
+        "branch",
+        "calls",
+        "in",
+        "cache",
+        "write",
+        "cache",
+        "read",
+        "out",
+        "cost",
+    ]
+    assert lines[-1].split() == ["total", "3", "150", "1,500", "4,500", "30", "$0.0120"]
+    assert render.cache_savings_line(report.total) == (
+        "prompt cache saved $0.0130 (52% of what these calls would have cost without it)"
+    )
+    data = render.usage_json(report)
+    assert data["total"]["calls"] == 3 and data["by"] == "branch"
+    assert data["cache_saved_usd"] == pytest.approx(0.013)
+    rows = list(csv.DictReader(io.StringIO(render.usage_csv(report))))
+    assert [r["key"] for r in rows] == ["main", "edit-1", "total"]
+    assert tuple(rows[0]) == render.USAGE_CSV_COLUMNS
+
+
+def test_cache_savings_line_when_caching_cost_more() -> None:
+    total = UsageRow("total", 1, 0, 1, 2000, 0, 0.0075, 0.006)
+    assert render.cache_savings_line(total).startswith(
+        "prompt cache cost $0.0015 more (25%"
+    )
+    empty = UsageRow("total", 0, 0, 0, 0, 0, 0.0, 0.0)
+    assert "no priced calls" in render.cache_savings_line(empty)
+
+
+def test_conversations_table_and_json() -> None:
+    s = ConversationSummary(
+        "01abc", None, "claude-sonnet-4-5", "main", 4, T0, T0, 2, 1234, 56, 0.5
+    )
+    out = render.conversations_table([s], {"01abc": "what is up"}, UTC)
+    header, row = out.splitlines()
+    assert header.split()[:3] == ["id", "title", "model"]
+    assert row.split() == [
+        "01abc",
+        "what",
+        "is",
+        "up",
+        "claude-sonnet-4-5",
+        "main",
+        "4",
+        "1,234",
+        "56",
+        "$0.5000",
+        "2026-05-01",
+        "12:30",
+    ]
+    (data,) = render.conversations_json([s], {"01abc": "what is up"})
+    assert data["preview"] == "what is up" and data["updated_at"] == T0.isoformat()
+    assert render.conversations_table([]) == "no conversations yet: run `convo new`"
+
+
+def test_parser_knows_every_command() -> None:
+    parser = build_parser()
+    for argv in (
+        ["new"],
+        ["send", "x"],
+        ["send"],
+        ["retry"],
+        ["add", "--role", "user", "x"],
+        ["request"],
+        ["show", "--json"],
+        ["list"],
+        ["usage", "--csv"],
+        ["fork", "--at", "t"],
+        ["edit", "t", "x"],
+        ["regenerate"],
+        ["branches"],
+        ["branch", "-d", "b"],
+        ["checkout", "b"],
+        ["tree"],
+        ["tool-result", "id", "x"],
+        ["db", "current"],
+        ["budget", "--usd", "off"],
+        ["chat"],
+        ["standin"],
+        ["demo"],
+    ):
+        args = parser.parse_args(argv)
+        assert callable(args.func)
+    args = parser.parse_args(["show", "--db", "sqlite:///x.db", "-C", "01ab"])
+    assert args.db == "sqlite:///x.db" and args.conversation == "01ab"
+    assert parser.parse_args(["--db", "sqlite:///y.db", "show"]).db == "sqlite:///y.db"
+
+
+# -- the real CLI ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[StandIn]:
+    with StandIn() as s:
+        yield s
+
+
+@pytest.fixture
+def api(standin: StandIn) -> StandIn:
+    standin.reset_faults()
+    standin.clear_requests()
+    return standin
+
+
+def child_env(standin: StandIn | None, **extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ANTHROPIC_", "CONVO_"))
+    }
+    if standin is not None:
+        env["ANTHROPIC_BASE_URL"] = standin.base_url
+        env["ANTHROPIC_API_KEY"] = TEST_KEY
+    env["PYTHONIOENCODING"] = "utf-8"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def err_lines(self) -> list[str]:
+        return self.err.splitlines()
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+def convo(
+    db: str | None,
+    *args: str,
+    standin: StandIn | None = None,
+    input: bytes | None = None,
+    env: dict[str, str] | None = None,
+) -> Run:
+    argv = [sys.executable, "-m", "convo"] + (["--db", db] if db else []) + list(args)
+    p = subprocess.run(
+        argv,
+        input=input if input is not None else b"",
+        capture_output=True,
+        env=env or child_env(standin),
+        cwd=REPO,
+        timeout=120,
+    )
+    run = Run(p.returncode, p.stdout.decode("utf-8"), p.stderr.decode("utf-8"))
+    assert TEST_KEY not in run.out and TEST_KEY not in run.err
+    assert "Traceback" not in run.err, run.err
+    return run
+
+
+def convo_many(
+    db: str,
+    standin: StandIn,
+    commands: Sequence[Sequence[str]],
+    inputs: dict[int, bytes] | None = None,
+) -> list[Run]:
+    """Independent commands run at the same time (each process spends most of its second
+    importing); `inputs` gives the stdin of some of them, by index."""
+    inputs = inputs or {}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(
+            pool.map(
+                lambda i: convo(db, *commands[i], standin=standin, input=inputs.get(i)),
+                range(len(commands)),
+            )
+        )
+
+
+def ok(run: Run) -> Run:
+    assert run.code == 0, f"exit {run.code}: {run.err}"
+    return run
+
+
+def one_error(run: Run, code: int, *fragments: str) -> None:
+    assert run.code == code, (run.code, run.out, run.err)
+    errors = [line for line in run.err_lines if line.startswith("convo: error: ")]
+    assert len(errors) == 1, run.err
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture
+def store_for(standin: StandIn) -> Iterator[Any]:
+    """An in-process Store on the same database, for setup and for checking what was stored."""
+    opened: list[tuple[Store, Client]] = []
+
+    def open_store(url: str) -> Store:
+        client = Client(api_key=TEST_KEY, base_url=standin.base_url)
+        store = Store(url, client=client)
+        opened.append((store, client))
+        return store
+
+    yield open_store
+    for store, client in opened:
+        store.close()
+        client.close()
+
+
+@pytest.mark.slow
+def test_new_send_show_list_request_add(
+    db_url: str, api: StandIn, store_for: Any
+) -> None:
+    cid = ok(
+        convo(
+            db_url, "new", "--title", "first chat", "--max-tokens", "300", standin=api
+        )
+    ).out
+    cid = cid.strip()
+    assert len(cid) == 26 and "\n" not in cid
+
+    sent = ok(convo(db_url, "send", "Hello there", standin=api))
+    assert sent.out.startswith("[stand-in, not Claude] You said: Hello there")
+    assert sent.out.endswith("\n") and sent.err == ""
+    assert api.requests[-1]["body"]["stream"] is True
+    assert api.requests[-1]["headers"]["x-api-key"] == TEST_KEY
+
+    # Two more conversations for the adds, so every command below can run at once.
+    store = store_for(db_url)
+    other = store.create(title="adds")
+    prefilled = store.create("claude-3-5-haiku-20241022", title="prefilled")
+    prefilled.add_user("Pick A, B or C.")
+    show, show_json, listed, request, added, synthetic = convo_many(
+        db_url,
+        api,
+        [
+            ["show", "-C", cid[:12]],
+            ["show", "--json", "-C", cid],
+            ["list", "--json"],
+            ["request", "Next question?", "--prefill", "Sure", "-C", cid],
+            ["add", "--role", "user", "-", "-C", other.id],
+            ["add", "--role", "assistant", "The answer is (", "-C", prefilled.id],
+        ],
+        inputs={4: "From stdin ✓".encode()},
+    )
+    lines = ok(show).out.splitlines()
+    assert lines[0].startswith(f'conversation {cid} "first chat"')
+    assert any(line.endswith(" user") for line in lines)
+    assert any("assistant/reply" in line for line in lines)
+    assert any(
+        line.strip().startswith("in ") and "out " in line and "· $" in line
+        for line in lines
+    )
+
+    data = ok(show_json).json()
+    assert data["conversation"]["id"] == cid and data["branch"] == "main"
+    user, reply = data["turns"]
+    assert user["role"] == "user" and user["content"] == [
+        {"type": "text", "text": "Hello there"}
+    ]
+    assert reply["kind"] == "reply" and reply["parent_id"] == user["id"]
+    assert reply["usage"]["output_tokens"] > 0 and reply["cost_usd"] > 0
+
+    (row,) = [r for r in ok(listed).json() if r["id"] == cid]
+    assert row["title"] == "first chat" and row["turn_count"] == 2
+
+    body = ok(request).json()
+    assert body["max_tokens"] == 300
+    assert [m["role"] for m in body["messages"]] == [
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
+    assert body["messages"][-1]["content"] == [{"type": "text", "text": "Sure"}]
+
+    (turn,) = other.turns()
+    assert turn.id == ok(added).out.strip()
+    assert turn.content == [{"type": "text", "text": "From stdin ✓"}]
+    assert prefilled.turns()[-1].id == ok(synthetic).out.strip()
+    assert len(api.requests) == 1  # request and add send nothing
+
+    # No TEXT continues the branch: the synthetic assistant turn is a prefill to continue.
+    cont = ok(convo(db_url, "send", "--no-stream", "-C", prefilled.id, standin=api))
+    assert cont.out.startswith("The answer is (C)")
+    assert (
+        prefilled.turns()[-1].kind == "reply"
+        and "stream" not in api.requests[-1]["body"]
+    )
+
+
+@pytest.mark.slow
+def test_failed_send_keeps_the_turn_once_and_retry_completes(
+    db_url: str, api: StandIn, store_for: Any
+) -> None:
+    store = store_for(db_url)
+    conv = store.create(title="flaky")
+    api.fail_next(500, times=3, headers={"retry-after-ms": "20"})
+    failed = convo(db_url, "send", "Are you there?", standin=api)
+    one_error(failed, 1, "500", "convo retry")
+    assert all(
+        line.startswith("[retrying after ")
+        for line in failed.err_lines
+        if not line.startswith("convo:")
+    )
+    assert sum(line.startswith("[retrying after ") for line in failed.err_lines) == 2
+    turns = conv.turns()
+    assert [(t.role, t.content[0]["text"]) for t in turns] == [
+        ("user", "Are you there?")
+    ]
+
+    retried = ok(convo(db_url, "retry", standin=api))
+    assert "You said: Are you there?" in retried.out
+    turns = conv.turns()
+    assert [t.role for t in turns] == ["user", "assistant"]
+    assert (
+        len(store.storage.turns(conv.id)) == 2
+    )  # nothing duplicated anywhere in the tree
+    # The replayed request carried the user turn once.
+    assert [m["role"] for m in api.requests[-1]["body"]["messages"]] == ["user"]
+
+
+@pytest.mark.slow
+def test_branching_commands(db_url: str, api: StandIn, store_for: Any) -> None:
+    store = store_for(db_url)
+    conv = store.create(title="branchy")
+    conv.send("First question")
+    conv.send("Second question")
+    u1, r1, u2, r2 = (t.id for t in conv.turns())
+
+    fork = ok(convo(db_url, "fork", "--at", r1, "--name", "alt", standin=api))
+    assert fork.out.strip() == "alt" and conv.branch == "alt"
+    edit = ok(
+        convo(
+            db_url,
+            "edit",
+            u2,
+            "-",
+            "--name",
+            "edited",
+            standin=api,
+            input=b"Better question",
+        )
+    )
+    new_turn = edit.out.strip()
+    assert conv.branch == "edited" and conv.turns()[-1].id == new_turn
+    assert conv.turn(new_turn).content == [{"type": "text", "text": "Better question"}]
+    assert "You said: Better question" in conv.send().text  # answer the edited turn
+
+    branches, tree, refused = convo_many(
+        db_url, api, [["branches"], ["tree"], ["branch", "-d", "edited"]]
+    )
+    rows = [line.split() for line in ok(branches).out.splitlines()[1:]]
+    assert [r[-3] for r in rows] == ["main", "alt", "edited"]
+    assert [r[0] for r in rows if r[0] == "*"] == ["*"] and rows[2][0] == "*"
+    tree_lines = ok(tree).out.splitlines()
+    assert len(tree_lines) == 6
+    assert tree_lines[1].endswith("[alt]")  # alt's head is the first reply
+    assert any(
+        line.startswith("│  ") and line.endswith("[main]") for line in tree_lines
+    )
+    assert tree_lines[-1].endswith("[*edited]") and "├─ " in "".join(tree_lines)
+    one_error(refused, 2, "checked out")
+
+    checkout, delete = convo_many(
+        db_url, api, [["checkout", "main"], ["branch", "-d", "alt"]]
+    )
+    assert ok(checkout).out.strip() == "on branch main" and conv.branch == "main"
+    ok(delete)
+    assert [b.name for b in conv.branches()] == ["main", "edited"]
+    assert len(store.storage.turns(conv.id)) == 6  # deleting a branch keeps its turns
+
+    regenerated = ok(convo(db_url, "regenerate", "--name", "again", standin=api))
+    assert "You said: Second question" in regenerated.out
+    assert conv.branch == "again" and conv.turns()[-1].id != r2
+    assert [t.id for t in conv.turns()[:3]] == [u1, r1, u2]
+
+
+@pytest.mark.slow
+def test_usage_totals_match_the_calls(
+    db_url: str, api: StandIn, store_for: Any
+) -> None:
+    store = store_for(db_url)
+    system = "You are a careful assistant. " * 200  # over the 1,024-token cache minimum
+    a = store.create(system=system, title="a")
+    for text in ("one", "two", "three"):
+        a.send(text)
+    b = store.create(title="b")
+    b.send("hello")
+    api.fail_next(400, message="bad thing")
+    with pytest.raises(Exception):
+        b.send("rejected")
+    calls = store.storage.calls(a.id) + store.storage.calls(b.id)
+    assert len(calls) == 5
+
+    as_json, as_csv, table, bad_date = convo_many(
+        db_url,
+        api,
+        [
+            ["usage", "--json"],
+            ["usage", "--csv", "--by", "model"],
+            ["usage", "-C", a.id],
+            ["usage", "--since", "yesterday"],
+        ],
+    )
+    data = ok(as_json).json()
+    assert data["by"] == "conversation" and len(data["rows"]) == 2
+    total = data["total"]
+    for key in (
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ):
+        assert total[key] == sum(c[key] or 0 for c in calls), key
+        assert total[key] == sum(r[key] for r in data["rows"])
+    assert total["calls"] == 5
+    assert total["cost_usd"] == pytest.approx(sum(c["cost_usd"] or 0 for c in calls))
+    assert total["cache_read_input_tokens"] > 0
+    assert data["cache_saved_usd"] == pytest.approx(
+        total["uncached_cost_usd"] - total["cost_usd"]
+    )
+
+    rows = list(csv.DictReader(io.StringIO(ok(as_csv).out)))
+    assert [r["key"] for r in rows] == ["claude-sonnet-4-5", "total"]
+    assert int(rows[-1]["calls"]) == 5
+    assert int(rows[-1]["output_tokens"]) == sum(c["output_tokens"] or 0 for c in calls)
+
+    lines = ok(table).out.splitlines()
+    assert lines[0].split()[0] == "branch"
+    assert lines[-2].split()[:2] == ["total", "3"]
+    assert lines[-1].startswith("prompt cache saved $")
+    one_error(bad_date, 2, "YYYY-MM-DD")
+
+
+def _refused(
+    url: str, api: StandIn, cases: Sequence[tuple[list[str], bytes, str]]
+) -> None:
+    """Each command exits 2 with one stderr line holding its fragment, and prints nothing."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        runs = list(
+            pool.map(lambda c: convo(url, *c[0], standin=api, input=c[1]), cases)
+        )
+    for (args, _, fragment), run in zip(cases, runs, strict=True):
+        one_error(run, 2, fragment)
+        assert run.out == "", args
+        assert len(run.err_lines) == 1, (args, run.err)
+    assert not [r for r in api.requests if r["path"] == "/v1/messages"]
+
+
+@pytest.mark.slow
+def test_bad_ids_and_refused_prefill_exit_2_and_write_nothing(
+    db_url: str, api: StandIn, store_for: Any
+) -> None:
+    store = store_for(db_url)
+    first = store.create(title="one")
+    second = store.create(title="two")
+    strict = store.create("claude-sonnet-4-6", title="strict")  # the most recent one
+    prefix = os.path.commonprefix([first.id, second.id, strict.id])
+    assert prefix
+    _refused(
+        db_url,
+        api,
+        [
+            (["send", "hi", "-C", "zzzzzzzzzz"], b"", "no conversation"),
+            (["show", "-C", prefix], b"", "ambiguous"),
+            (
+                ["send", "Pick A, B or C.", "--prefill", "The answer is ("],
+                b"",
+                "does not accept prefill",
+            ),
+        ],
+    )
+    for conv in (first, second, strict):
+        assert conv.info.turn_count == 0
+
+
+@pytest.mark.slow
+def test_bad_text_exits_2_and_writes_nothing(
+    tmp_path: Path, api: StandIn, store_for: Any
+) -> None:
+    url = f"sqlite:///{tmp_path / 'bad.db'}"
+    conv = store_for(url).create(title="one")
+    _refused(
+        url,
+        api,
+        [
+            (["send", ""], b"", "text is empty"),
+            (["send", "hi", "--prefill", "Sure "], b"", "whitespace"),
+            (["send", "-"], b"caf\xe9 \xff", "stdin is not valid UTF-8"),
+            (["send", "hi", "--max-tokens", "lots"], b"", "--max-tokens"),
+            (["frobnicate"], b"", "invalid choice"),
+            (["retry"], b"", "nothing to retry"),
+        ],
+    )
+    assert conv.info.turn_count == 0
+
+
+@pytest.mark.slow
+def test_no_conversation_yet_and_db_commands(db_url: str, api: StandIn) -> None:
+    show, current, upgrade = convo_many(
+        db_url, api, [["show"], ["db", "current"], ["db", "upgrade"]]
+    )
+    one_error(show, 2, "no conversation yet: run `convo new`")
+    assert ok(current).out.strip().endswith("(head)")
+    assert "(head)" in ok(upgrade).out
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_reply_keeps_the_turn(
+    tmp_path: Path, api: StandIn, store_for: Any
+) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    store = store_for(url)
+    conv = store.create(title="interrupted")
+    api.delay_next(30)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "convo", "--db", url, "send", "Take your time"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(api),
+        cwd=REPO,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not [r for r in api.requests if r["path"] == "/v1/messages"]:
+            assert time.monotonic() < deadline and child.poll() is None
+            time.sleep(0.02)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        api.reset_faults()
+    assert child.returncode == 130
+    assert (
+        err.decode().strip()
+        == "[interrupted: your turn is saved; `convo retry` asks again]"
+    )
+    assert [t.role for t in conv.turns()] == ["user"]
+    statuses = [c["status"] for c in store.storage.calls(conv.id)]
+    assert statuses == ["cancelled"]
+    # The lease was released: another send can go ahead at once.
+    assert ok(convo(url, "retry", standin=api)).out.startswith("[stand-in, not Claude]")
+
+
+@pytest.mark.slow
+def test_chat_loop(tmp_path: Path, api: StandIn, store_for: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'chat.db'}"
+    conv = store_for(url).create(title="chat")
+    run = ok(
+        convo(
+            url,
+            "chat",
+            standin=api,
+            input=b"Hello chat\n/branches\n/retry\n/nope\n/quit\n",
+        )
+    )
+    assert "claude> [stand-in, not Claude] You said: Hello chat" in run.out
+    assert re.search(r"^\*\s+main\s", run.out, re.M)  # /branches
+    assert "nothing to retry" in run.err and "unknown command /nope" in run.err
+    assert [t.role for t in conv.turns()] == ["user", "assistant"]
+
+
+def _check_demo_output(out: str) -> None:
+    assert out.startswith(
+        "convo demo — replies come from convo's LOCAL STAND-IN of the Messages API, not from Claude"
+    )
+    assert "does not accept prefill" in out and "the stand-in saw 0 requests" in out
+    assert "cache read" in out and "prompt cache saved $" in out
+    assert "[*edit-1]" in out
+    assert "== 5. Resume in a new process ==" in out
+
+
+@pytest.mark.slow
+def test_demo_runs_without_a_key() -> None:
+    run = ok(convo(None, "demo", env=child_env(None)))
+    _check_demo_output(run.out)
+
+
+@pytest.mark.slow
+def test_demo_ignores_a_real_key(api: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
+    from convo import demo
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", TEST_KEY)
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", api.base_url)
+    out = io.StringIO()
+    assert demo.run(out=out) == 0
+    _check_demo_output(out.getvalue())
+    assert TEST_KEY not in out.getvalue()
+    # The real key's server was never contacted: the demo talks to its own stand-in only.
+    assert api.requests == []
+
+
+@pytest.mark.slow
+def test_edit_in_the_editor(tmp_path: Path, api: StandIn, store_for: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    conv = store_for(url).create(title="editor")
+    first = conv.add_user("Original question")
+    script = "import sys; p = sys.argv[-1]; t = open(p).read(); open(p, 'w').write({!r}.format(t))"
+    rewrite = f'{sys.executable} -c "{script.format("{} (edited)")}"'
+    blank = f'{sys.executable} -c "{script.format("  ")}"'
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        edited, aborted = pool.map(
+            lambda editor: convo(
+                url, "edit", first, "--editor", env={**child_env(api), "EDITOR": editor}
+            ),
+            [rewrite, blank],
+        )
+    new_id = ok(edited).out.strip()
+    assert conv.turn(new_id).content == [
+        {"type": "text", "text": "Original question (edited)"}
+    ]
+    one_error(aborted, 2, "empty text: edit aborted")
+    assert len(conv.branches()) == 2
