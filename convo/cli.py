@@ -12,6 +12,7 @@ to the most recently used conversation.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -655,6 +656,37 @@ def cmd_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        text = render.to_json(store.export(conv.id))
+    if args.output:
+        try:
+            Path(args.output).write_text(text + "\n", encoding="utf-8")
+        except OSError as e:
+            raise InvalidInput(f"cannot write {args.output}: {e.strerror or e}") from None
+    else:
+        _out(text)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    if args.file == "-":
+        raw = _read_stdin()
+    else:
+        try:
+            raw = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidInput(f"cannot read {args.file}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"{args.file} is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    with _store(args) as store:
+        _out(store.import_(data).id)
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     try:
         import readline  # noqa: F401  (line editing for input())
@@ -866,6 +898,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", action="store_true", help="the whole store's budget instead")
 
     command("chat", cmd_chat, "an interactive chat in a conversation")
+
+    p = command("export", cmd_export, "write a conversation's whole tree, branches and ledger as JSON")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: stdout)")
+
+    p = command(
+        "import", cmd_import, "import a conversation exported by `convo export`; prints its new id",
+        conv=False,
+    )
+    p.add_argument("file", metavar="FILE", help="the export (- reads stdin)")
 
     p = command(
         "standin", cmd_standin, "run the local stand-in of the Messages API (not Claude)",

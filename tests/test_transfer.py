@@ -153,3 +153,35 @@ def test_import_refuses_a_branch_with_a_broken_tool_pairing(db_url: str) -> None
         store.import_(data)
     assert _row_counts(store) == before
     store.close()
+
+
+def _cli(url: str, *args: str, stdin: str | None = None):  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "convo", "--db", url, *args],
+        input=stdin, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.slow
+def test_cli_export_import_round_trip_and_malformed_input(db_url: str, tmp_path: Path) -> None:
+    store = Store(db_url, upgrade=True)
+    conv = store.create(model="claude-sonnet-4-5")
+    conv.add_user("hi")
+    conv.add_assistant("hello")
+    out = tmp_path / "e.json"
+    done = _cli(db_url, "export", "-C", conv.id, "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    done = _cli(db_url, "import", str(out))
+    assert done.returncode == 0, done.stderr
+    new_id = done.stdout.strip()
+    assert store.get(new_id).request() == conv.request()
+    before = _row_counts(store)
+    for bad in ("not json", '{"format": "convo.conversation/1"}', "[]"):
+        done = _cli(db_url, "import", "-", stdin=bad)
+        assert done.returncode == 2
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("convo: error:")
+    assert _row_counts(store) == before
+    store.close()
