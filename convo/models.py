@@ -112,10 +112,13 @@ class Blob(Base):
 
 class Call(Base):
     __tablename__ = "calls"
+    # (conversation, branch): audits by branch, and constant-time checks that a branch name
+    # was never billed; it serves lookups by conversation alone too.
+    __table_args__ = (Index("ix_calls_conversation_id_branch", "conversation_id", "branch"),)
 
     id: Mapped[str] = mapped_column(ID, primary_key=True)
     conversation_id: Mapped[str] = mapped_column(
-        ForeignKey("conversations.id", ondelete="CASCADE"), index=True
+        ForeignKey("conversations.id", ondelete="CASCADE")
     )
     branch: Mapped[str] = mapped_column(String(200))
     # The last turn sent (the reply's parent) and the reply, once stored.

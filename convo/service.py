@@ -766,8 +766,7 @@ class Conversation:
         """A new branch whose head is turn `at` (id or prefix): one row, whatever the depth."""
         storage = self.store.storage
         turn = storage.resolve_turn(self.id, at)
-        path = storage.path(self.id, head_id=turn.id)
-        check_structure(path.turns, final_pending_ok=False)
+        self._check_local(turn.id, [], final_pending_ok=False)
         name = self._new_branch_name(name, "fork")
         storage.create_branch(self.id, name, turn.id, checkout=checkout)
         return name
@@ -794,11 +793,9 @@ class Conversation:
             blocks = normalize(content, "assistant", where="edited turn")
             kind = "synthetic"
         new = NewTurn(old.role, kind, blocks, source_id=old.id)
-        parent_path = (
-            storage.path(self.id, head_id=old.parent_id).turns if old.parent_id else []
-        )
-        check_structure(
-            parent_path + [TurnRecord("(edited turn)", new.role, new.kind, new.content)],
+        self._check_local(
+            old.parent_id,
+            [TurnRecord("(edited turn)", new.role, new.kind, new.content)],
             final_pending_ok=old.role == "assistant" or kind == "tool_result",
         )
         name = self._new_branch_name(name, "edit")
@@ -869,18 +866,25 @@ class Conversation:
         p = self.info.params
         return {"budget_usd": p.get("budget_usd"), "max_input_tokens": p.get("max_input_tokens")}
 
+    def _check_local(
+        self, parent_id: str | None, new: list[TurnRecord], *, final_pending_ok: bool
+    ) -> None:
+        """check_structure on just the turns that decide it (back to the nearest assistant
+        turn), so a fork or an edit costs the same at depth 10,000 as at depth 10."""
+        tail, from_root = self.store.storage.tail(parent_id) if parent_id else ([], True)
+        if not from_root:  # stands for the (valid) turns before the assistant turn
+            tail.insert(0, TurnRecord("(earlier turns)", "user", "user", [{"type": "text", "text": "."}]))
+        check_structure(tail + new, final_pending_ok=final_pending_ok)
+
     def _new_branch_name(self, name: str | None, prefix: str) -> str:
-        taken = self.store.storage.branch_names(self.id)
-        if name is not None:
-            if not name.strip() or name != name.strip() or len(name) > 200:
-                raise InvalidInput(f"invalid branch name {name!r}")
-            if name in taken:
-                raise InvalidInput(f"branch {name!r} already exists")
-            return name
-        n = 1
-        while f"{prefix}-{n}" in taken:
-            n += 1
-        return f"{prefix}-{n}"
+        storage = self.store.storage
+        if name is None:
+            return storage.free_branch_name(self.id, prefix)
+        if not name.strip() or name != name.strip() or len(name) > 200:
+            raise InvalidInput(f"invalid branch name {name!r}")
+        if storage.branch_name_taken(self.id, name):
+            raise InvalidInput(f"branch {name!r} already exists (or did, and has calls in the audit)")
+        return name
 
     def branches(self) -> list[BranchRow]:
         return self.store.storage.branches(self.id)

@@ -653,13 +653,45 @@ class Storage:
             self._lock_branch(conn, conv_id, name, None)  # NotFound, or Conflict while in use
             conn.execute(delete(B).where(B.c.conversation_id == conv_id, B.c.name == name))
 
-    def branch_names(self, conv_id: str) -> set[str]:
-        """Names of live branches and of deleted ones that still have calls in the ledger, so
-        a new branch never inherits an old one's spend in an audit by branch."""
-        live = select(B.c.name).where(B.c.conversation_id == conv_id)
-        billed = select(K.c.branch).where(K.c.conversation_id == conv_id)
+    def free_branch_name(self, conv_id: str, prefix: str) -> str:
+        """`prefix-N` with the smallest N used by no branch, live or deleted with calls in the
+        ledger (so a new branch never inherits an old one's spend in an audit by branch).
+        Index lookups only: constant time whatever the thread's length."""
         with db.read(self.engine) as conn:
-            return set(conn.execute(live.union(billed)).scalars())
+            live = set(conn.execute(select(B.c.name).where(B.c.conversation_id == conv_id)).scalars())
+            n = 1
+            while True:
+                name = f"{prefix}-{n}"
+                if name not in live and not self._billed_branch(conn, conv_id, name):
+                    return name
+                n += 1
+
+    def branch_name_taken(self, conv_id: str, name: str) -> bool:
+        with db.read(self.engine) as conn:
+            live = conn.execute(
+                select(B.c.id).where(B.c.conversation_id == conv_id, B.c.name == name)
+            ).first()
+            return live is not None or self._billed_branch(conn, conv_id, name)
+
+    def _billed_branch(self, conn: Connection, conv_id: str, name: str) -> bool:
+        q = select(K.c.id).where(K.c.conversation_id == conv_id, K.c.branch == name).limit(1)
+        return conn.execute(q).first() is not None
+
+    def tail(self, turn_id: str) -> tuple[list[TurnRecord], bool]:
+        """The turns from the nearest assistant ancestor of `turn_id` (inclusive) down to it,
+        and whether the walk reached the root: all that tool pairing and role order depend on
+        when a turn is forked at or edited, read without loading the whole path."""
+        cols = (T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason)
+        out: list[TurnRecord] = []
+        cur: str | None = turn_id
+        with db.read(self.engine) as conn:
+            while cur is not None:
+                r = conn.execute(select(*cols).where(T.c.id == cur)).one()
+                out.append(TurnRecord(r[0], r[2], r[3], orjson.loads(r[4]), r[5]))
+                if r[2] == "assistant":
+                    return out[::-1], False
+                cur = r[1]
+        return out[::-1], True
 
     # -- the calls ledger ------------------------------------------------------------------
 
