@@ -326,7 +326,9 @@ class Storage:
         low, high = prefix_range(prefix)
         q = select(table.c.id).where(table.c.id >= low, table.c.id < high).order_by(table.c.id).limit(11)
         if conv_id is not None:
-            q = q.where(table.c.conversation_id == conv_id)
+            # Wrapped so SQLite's planner walks the primary key range (a handful of rows)
+            # rather than every turn of the conversation through its index.
+            q = q.where(func.coalesce(table.c.conversation_id, "") == conv_id)
         ids = list(conn.execute(q).scalars())
         if not ids:
             if conv_id is not None:
