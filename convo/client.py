@@ -112,7 +112,11 @@ class MessageStream:
         if not isinstance(event, dict):
             raise APIConnectionError(f"undecodable {sse.event or 'message'} event in the stream")
         if sse.event == "error" or event.get("type") == "error":
-            raise error_from_event(event, request_id=self.info.request_id)
+            err = error_from_event(event, request_id=self.info.request_id)
+            err.message = self._client._scrub(err.message)
+            err.args = (self._client._scrub(str(err)),)
+            err.body = None  # it may echo what was sent, key included
+            raise err
         return event
 
 
@@ -227,7 +231,7 @@ class Client:
         request = self._http.build_request(
             "POST",
             self.base_url + path,
-            content=json.dumps(payload, ensure_ascii=False).encode("utf-8"),
+            content=json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8"),
             headers=self._headers(self._api_key),
             timeout=self.timeout,
         )

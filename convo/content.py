@@ -10,10 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from convo.errors import ContentError
 from convo.types import Block
@@ -174,17 +177,30 @@ def image_block(path: str | Path) -> Block:
     }
 
 
+def check_json(value: Any, where: str) -> None:
+    """Refuse what JSON cannot carry exactly (NaN, sets, bytes, huge ints, lone surrogates,
+    non-string keys): stored history must be byte-for-byte what is sent."""
+    try:
+        json.dumps(value, allow_nan=False)
+        orjson.dumps(value)
+    except (TypeError, ValueError, OverflowError, orjson.JSONEncodeError) as e:
+        raise ContentError(f"{where}: not valid JSON content ({str(e).splitlines()[0][:120]})") from None
+
+
 def normalize(content: str | Block | list[Block], role: str, *, where: str = "turn") -> list[Block]:
     """What a person wrote as a validated block list: a string becomes one text block."""
     if isinstance(content, str):
         _check_text(content, where)
+        check_json(content, where)
         return [{"type": "text", "text": content}]
     if isinstance(content, dict):
         content = [content]
     if not isinstance(content, list) or not content:
         raise ContentError(f"{where}: content must be a non-empty string or list of blocks")
     allowed = USER_BLOCK_TYPES if role == "user" else ASSISTANT_BLOCK_TYPES
-    return [_check_block(b, allowed, f"{where} block {i}") for i, b in enumerate(content)]
+    blocks = [_check_block(b, allowed, f"{where} block {i}") for i, b in enumerate(content)]
+    check_json(blocks, where)
+    return blocks
 
 
 def _check_block(block: Any, allowed: frozenset[str], where: str) -> Block:

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
-from convo.errors import DatabaseUnavailable, SchemaTooNew, StoreError
+from convo.errors import ConfigError, DatabaseUnavailable, SchemaTooNew, StoreError
 
 # The newest revision this convo knows; a database at another unknown revision is newer.
 HEAD = "0002"
@@ -57,7 +57,7 @@ def create_engine_for(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except (sa_exc.ArgumentError, ValueError):  # ValueError: a non-numeric port
-        raise DatabaseUnavailable(f"not a database URL: {_redact(url)}") from None
+        raise ConfigError(f"not a database URL: {_redact(url)}") from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         database = parsed.database or ""
@@ -79,8 +79,8 @@ def create_engine_for(url: str) -> Engine:
         try:
             return create_engine(parsed, pool_pre_ping=True)
         except sa_exc.ArgumentError as e:  # an unknown driver (NoSuchModuleError)
-            raise DatabaseUnavailable(f"{_redact(str(parsed))}: {_first_line(e)}") from None
-    raise DatabaseUnavailable(f"unsupported database {backend!r}: use sqlite or postgresql")
+            raise ConfigError(f"{_redact(str(parsed))}: {_first_line(e)}") from None
+    raise ConfigError(f"unsupported database {backend!r}: use sqlite or postgresql")
 
 
 def _enable_wal(cur: Any) -> None:
@@ -147,6 +147,9 @@ def _connect(engine: Engine) -> Iterator[Connection]:
         yield conn
     except sa_exc.OperationalError as e:
         raise StoreError(f"database error: {_first_line(e.orig)}") from e
+    except (sa_exc.IntegrityError, sa_exc.DataError) as e:
+        # A value the schema refuses (too long, duplicate): one line, never the SQL itself.
+        raise StoreError(f"the database refused a value: {_first_line(e.orig)}") from None
     finally:
         conn.close()
 

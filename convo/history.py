@@ -48,9 +48,10 @@ MAX_REQUEST_BYTES = 32 * 1024 * 1024
 MAX_CACHE_BREAKPOINTS = 4
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TurnRecord:
-    """One stored turn as the builder sees it."""
+    """One stored turn as the builder sees it. Not frozen: a frozen dataclass's __init__
+    costs three times as much, and a resume builds 20,000 of them. Treat it as read-only."""
 
     id: str
     role: str
@@ -79,15 +80,16 @@ def build_messages(path: Sequence[TurnRecord]) -> tuple[list[dict[str, Any]], li
 
 
 def _build_messages(
-    path: Sequence[TurnRecord],
-) -> tuple[list[dict[str, Any]], list[str], list[list[str]]]:
-    """build_messages, plus the id of the turn each block came from (to name the turn at fault)."""
+    path: Sequence[TurnRecord], *, with_block_owners: bool = True
+) -> tuple[list[dict[str, Any]], list[str], list[list[str]] | None]:
+    """build_messages, plus (when asked) the id of the turn each block came from, to name the
+    turn at fault in an error; the hot path skips that and recomputes it only on an error."""
     messages: list[dict[str, Any]] = []
     owners: list[str] = []
-    block_owners: list[list[str]] = []
-    prev: TurnRecord | None = None
+    block_owners: list[list[str]] | None = [] if with_block_owners else None
+    prev_role = None
     for turn in path:
-        if prev is not None and turn.role == prev.role:
+        if turn.role == prev_role:
             blocks = messages[-1]["content"]
             new = turn.content
             if (
@@ -101,13 +103,15 @@ def _build_messages(
                 blocks[-1] = {"type": "text", "text": blocks[-1]["text"] + new[0]["text"]}
                 new = new[1:]
             blocks.extend(new)
-            block_owners[-1].extend([turn.id] * len(new))
+            if block_owners is not None:
+                block_owners[-1].extend([turn.id] * len(new))
             owners[-1] = turn.id
         else:
             messages.append({"role": turn.role, "content": list(turn.content)})
             owners.append(turn.id)
-            block_owners.append([turn.id] * len(turn.content))
-        prev = turn
+            if block_owners is not None:
+                block_owners.append([turn.id] * len(turn.content))
+        prev_role = turn.role
     return messages, owners, block_owners
 
 
@@ -298,8 +302,14 @@ def build_request(
         raise InvalidInput("no model set")
     if not isinstance(s.get("max_tokens"), int) or s["max_tokens"] < 1:
         raise InvalidInput("max_tokens must be a positive integer")
-    messages, owners, block_owners = _build_messages(path)
-    check_messages(messages, owners, block_owners=block_owners)
+    messages, owners, _ = _build_messages(path, with_block_owners=False)
+    try:
+        check_messages(messages, owners)
+    except HistoryError:
+        # Build again with each block's turn, so the error names the very turn at fault.
+        again, owners, block_owners = _build_messages(path)
+        check_messages(again, owners, block_owners=block_owners)
+        raise
     _check_prefill(messages, path, s, prefill_models)
     if blobs is not None:
         # The store passes blobs (maybe empty) only when the path holds media, so a text-only

@@ -55,8 +55,10 @@ from convo.store import (
     Path,
     Storage,
     TurnRow,
+    STORE_BUDGET_KEY,
     UsageReport,
     lease_owner_id,
+    now,
 )
 from convo.stream import MessageAccumulator
 from convo.tokens import estimate_input_tokens
@@ -68,7 +70,6 @@ DEFAULT_MAX_TOKENS = 1024
 LEASE = timedelta(minutes=15)
 # How long a second writer on a busy branch waits before raising Conflict.
 WAIT_FOR_BRANCH_SECONDS = 120.0
-STORE_BUDGET_KEY = "budget_usd"
 KEEP = object()  # "leave this setting as it is"
 
 
@@ -92,6 +93,18 @@ class Reply(BaseModel):
     @property
     def tool_uses(self) -> list[ToolUse]:
         return tool_uses_of(self.content)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a send's reply goes: after `last_id` (at `last_depth`) on `branch`, leased to
+    `owner`; `prefill_text` leads the reply's text."""
+
+    branch: str
+    last_id: str
+    last_depth: int
+    owner: str
+    prefill_text: str
 
 
 @dataclass(frozen=True)
@@ -182,8 +195,8 @@ class Store:
             )
         extra = {k: v for k, v in (("budget_usd", budget_usd), ("max_input_tokens", max_input_tokens)) if v is not None}
         _check_limits(extra)
-        if not isinstance(model, str) or not model.strip():
-            raise InvalidInput("model must be a non-empty string")
+        if not isinstance(model, str) or not model.strip() or len(model) > 200:
+            raise InvalidInput("model must be a non-empty string of at most 200 characters")
         row = self.storage.create_conversation(
             model=model, system=system, params={**settings, **extra}, title=title
         )
@@ -530,7 +543,10 @@ class Conversation:
             self.store.client.require_key()
             self._check_budget(info, body)
             try:
-                ids = storage.append(self.id, path.branch, path.head_id, new, owner=owner, hold=LEASE)
+                ids = storage.append(
+                    self.id, path.branch, path.head_id, new, owner=owner, hold=LEASE,
+                    head_depth=path.head_depth if path.head_id else None,
+                )
                 break
             except Conflict:
                 # Another send holds or moved the branch: wait for it, then append after it.
@@ -543,9 +559,11 @@ class Conversation:
         prefill_text = text_of(new[-1].content) if new and new[-1].role == "assistant" else ""
         if not new and path.turns and path.turns[-1].role == "assistant":
             prefill_text = text_of(path.turns[-1].content)
+        last_depth = (path.head_depth if path.head_id else -1) + len(ids)
+        target = _Target(path.branch, last_id, last_depth, owner, prefill_text)
         stored = False
         try:
-            reply = yield from self._call(info, path.branch, last_id, body, owner, streaming, prefill_text)
+            reply = yield from self._call(target, body, streaming)
             stored = True
             return reply
         finally:
@@ -568,7 +586,7 @@ class Conversation:
     def _check_budget(self, info: ConversationRow, body: dict[str, Any]) -> None:
         budget = info.params.get("budget_usd")
         cap = info.params.get("max_input_tokens")
-        store_budget = self.store.storage.get_setting(STORE_BUDGET_KEY)
+        store_budget = info.store_budget_usd
         if budget is None and cap is None and store_budget is None:
             return
         estimate = self._estimate_tokens(body)
@@ -606,14 +624,7 @@ class Conversation:
             return estimate_input_tokens(body)
 
     def _call(
-        self,
-        info: ConversationRow,
-        branch: str,
-        last_id: str,
-        body: dict[str, Any],
-        owner: str,
-        streaming: bool,
-        prefill_text: str,
+        self, target: _Target, body: dict[str, Any], streaming: bool
     ) -> Generator[str | RetryNotice, None, Reply]:
         store = self.store
         storage = store.storage
@@ -622,9 +633,10 @@ class Conversation:
         model = body["model"]
         attempt = 0
         while True:
+            started = now()
             call_id = storage.start_call(
-                conv_id=self.id, branch=branch, turn_id=last_id, model=model,
-                attempt=attempt, streamed=streaming,
+                conv_id=self.id, branch=target.branch, turn_id=target.last_id, model=model,
+                attempt=attempt, streamed=streaming, started_at=started,
             )
             acc = MessageAccumulator()
             request_id: str | None = None
@@ -645,7 +657,7 @@ class Conversation:
                     message, meta = client.create_message_once(body)
                     request_id, http_status = meta.request_id, meta.status_code
             except APIError as e:
-                self._record_failure(call_id, model, acc, e, request_id, http_status, streaming)
+                self._record_failure(call_id, started, model, acc, e, request_id, http_status, streaming)
                 if attempt < policy.max_retries and policy.should_retry(e):
                     delay = policy.delay(attempt, e, random.random())
                     yield RetryNotice(attempt + 1, e, delay)
@@ -654,13 +666,14 @@ class Conversation:
                     continue
                 raise
             except BaseException as e:  # Ctrl-C, a closed generator: keep what was billed
-                self._record_failure(call_id, model, acc, e, request_id, http_status, streaming)
+                self._record_failure(call_id, started, model, acc, e, request_id, http_status, streaming)
                 raise
-            return self._store_reply(call_id, branch, last_id, owner, model, message, request_id, http_status, prefill_text)
+            return self._store_reply(target, call_id, started, model, message, request_id, http_status)
 
     def _record_failure(
         self,
         call_id: str,
+        started_at: datetime,
         model: str,
         acc: MessageAccumulator,
         error: BaseException,
@@ -674,9 +687,12 @@ class Conversation:
             status = "cut" if streaming and started else "error"
         else:
             status = "cancelled"
+        kind = getattr(error, "error_type", None)
+        if not kind:
+            kind = "interrupted" if isinstance(error, KeyboardInterrupt | GeneratorExit) else type(error).__name__
         fields: dict[str, Any] = {
             "status": status,
-            "error_type": getattr(error, "error_type", None) or type(error).__name__,
+            "error_type": kind,
             "error_message": (str(error).splitlines() or [""])[0][:500] or type(error).__name__,
         }
         if isinstance(error, APIStatusError):
@@ -688,7 +704,7 @@ class Conversation:
         if started:
             fields.update(self._usage_fields(model, usage))
             fields["partial_text"] = acc.text or None
-        self.store.storage.finish_call(call_id, **fields)
+        self.store.storage.finish_call(call_id, started_at=started_at, **fields)
 
     def _usage_fields(self, model: str, usage: Usage) -> dict[str, Any]:
         return {
@@ -704,15 +720,13 @@ class Conversation:
 
     def _store_reply(
         self,
+        target: _Target,
         call_id: str,
-        branch: str,
-        last_id: str,
-        owner: str,
+        started_at: datetime,
         model: str,
         message: dict[str, Any],
         request_id: str | None,
         http_status: int | None,
-        prefill_text: str,
     ) -> Reply:
         usage = Usage.from_api(message.get("usage"))
         content = message.get("content") or []
@@ -731,12 +745,14 @@ class Conversation:
             reply = NewTurn("assistant", "reply", content, stop_reason=message.get("stop_reason"))
             try:
                 reply_id = storage.finish_with_reply(
-                    call_id, self.id, branch, last_id, reply, owner, fields
+                    call_id, self.id, target.branch, target.last_id, reply, target.owner, fields,
+                    parent_depth=target.last_depth, started_at=started_at,
                 )
             except (Conflict, NotFound) as e:
                 # The branch moved or vanished meanwhile: the call was billed all the same.
                 storage.finish_call(
                     call_id,
+                    started_at=started_at,
                     **{**fields, "status": "error", "error_type": "reply_not_stored",
                        "error_message": str(e)[:500], "partial_text": text_of(content) or None},
                 )
@@ -744,14 +760,14 @@ class Conversation:
         else:
             # An empty reply cannot be replayed (the API refuses empty messages): keep the call,
             # leave the branch at the unanswered turn.
-            storage.finish_call(call_id, **fields)
-            storage.release(self.id, branch, owner)
+            storage.finish_call(call_id, started_at=started_at, **fields)
+            storage.release(self.id, target.branch, target.owner)
         return Reply(
             turn_id=reply_id,
             call_id=call_id,
             model=message.get("model") or model,
             content=content,
-            text=prefill_text + text_of(content),
+            text=target.prefill_text + text_of(content),
             stop_reason=message.get("stop_reason"),
             stop_sequence=message.get("stop_sequence"),
             usage=usage,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -34,6 +34,7 @@ S = Setting.__table__
 
 # A thread is read with one range scan when it has at most this many turns per turn on the
 # path (plus slack); a bushier tree is walked with a recursive CTE instead.
+STORE_BUDGET_KEY = "budget_usd"
 SCAN_RATIO = 2
 SCAN_SLACK = 100
 
@@ -73,6 +74,8 @@ class ConversationRow:
     turn_count: int
     created_at: datetime
     updated_at: datetime
+    # The store-wide budget in force (read with the conversation by `snapshot`).
+    store_budget_usd: float | None = None
 
 
 @dataclass(frozen=True)
@@ -389,8 +392,15 @@ class Storage:
         """A conversation and a branch's path (default: the current one) in two queries, one
         consistent read: what building the next request needs."""
         name = branch if branch is not None else C.c.current_branch
+        budget = select(S.c.value).where(S.c.key == STORE_BUDGET_KEY).scalar_subquery()
         q = (
-            select(C, B.c.name.label("branch_name"), B.c.head_id, T.c.depth.label("head_depth"))
+            select(
+                C,
+                B.c.name.label("branch_name"),
+                B.c.head_id,
+                T.c.depth.label("head_depth"),
+                budget.label("store_budget"),
+            )
             .select_from(
                 C.outerjoin(B, and_(B.c.conversation_id == C.c.id, B.c.name == name)).outerjoin(
                     T, T.c.id == B.c.head_id
@@ -405,6 +415,8 @@ class Storage:
             if row.branch_name is None:
                 raise NotFound(f"no branch {branch!r} in conversation {conv_id}")
             info = _conversation_row(row)
+            if row.store_budget is not None:
+                info = replace(info, store_budget_usd=float(orjson.loads(row.store_budget)))
             if row.head_id is None:
                 return info, Path(row.branch_name, None, [], None, -1)
             path = self._read_path(
@@ -415,10 +427,15 @@ class Storage:
     def _read_path(
         self, conn: Connection, conv_id: str, branch: str, head_id: str, depth: int, count: int
     ) -> Path:
-        if count <= (depth + 1) * SCAN_RATIO + SCAN_SLACK:
+        cols = (T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason)
+        if count == depth + 1:
+            # A thread that never branched: its turns are the path, in depth order.
+            chain = conn.execute(
+                select(*cols).where(T.c.conversation_id == conv_id).order_by(T.c.depth)
+            ).all()
+        elif count <= (depth + 1) * SCAN_RATIO + SCAN_SLACK:
             rows = conn.execute(
-                select(T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason)
-                .where(T.c.conversation_id == conv_id, T.c.depth <= depth)
+                select(*cols).where(T.c.conversation_id == conv_id, T.c.depth <= depth)
             ).all()
             by_id = {r[0]: r for r in rows}
             chain = []
@@ -434,7 +451,8 @@ class Storage:
         loads = orjson.loads
         turns = [TurnRecord(r[0], r[2], r[3], loads(r[4]), r[5]) for r in chain]
         blobs = None
-        if any('"image"' in r[4] or '"document"' in r[4] for r in chain):
+        # Blob references are the only "source" objects convo stores (URL media needs no bytes).
+        if any('"source"' in r[4] for r in chain):
             blobs = self._blobs_for(conn, turns)
         return Path(branch, head_id, turns, blobs, depth)
 
@@ -472,12 +490,19 @@ class Storage:
         *,
         owner: str | None = None,
         hold: timedelta | None = None,
+        head_depth: int | None = None,
     ) -> list[str]:
         """Append turns at a branch head in one transaction; optionally take the branch lease.
 
         Raises Conflict when the head is no longer `expected_head` or another live writer holds
         the branch. With `hold`, the branch stays leased to `owner` until `release`.
+        `head_depth`, when the caller knows it, saves a lookup.
         """
+        lease = (
+            {"lease_owner": owner, "lease_expires": now() + hold}
+            if owner is not None and hold is not None
+            else {}
+        )
         with db.write(self.engine) as conn:
             head = self._lock_branch(conn, conv_id, branch, owner)
             if head != expected_head:
@@ -485,12 +510,10 @@ class Storage:
                     f"branch {branch!r} moved (head is now {head}, expected {expected_head}): "
                     "another writer got there first; reload and try again"
                 )
-            ids = self._insert_turns(conn, conv_id, branch, head, turns)
-            if owner is not None and hold is not None:
+            ids = self._insert_turns(conn, conv_id, branch, head, turns, head_depth, lease)
+            if lease and not ids:
                 conn.execute(
-                    update(B)
-                    .where(B.c.conversation_id == conv_id, B.c.name == branch)
-                    .values(lease_owner=owner, lease_expires=now() + hold)
+                    update(B).where(B.c.conversation_id == conv_id, B.c.name == branch).values(**lease)
                 )
         return ids
 
@@ -512,6 +535,14 @@ class Storage:
                 raise Conflict(
                     f"branch {branch!r} is busy: another send on it has not finished"
                 )
+            # The holder died or its lease ran out: the calls it left pending will never
+            # finish. Say so in the ledger rather than leave them pending forever.
+            conn.execute(
+                update(K)
+                .where(K.c.conversation_id == conv_id, K.c.branch == branch, K.c.status == "pending")
+                .values(status="abandoned", error_type="abandoned",
+                        error_message="the sending process died before the call finished")
+            )
         return head
 
     def _insert_turns(
@@ -521,10 +552,18 @@ class Storage:
         branch: str,
         parent_id: str | None,
         turns: Sequence[NewTurn],
+        parent_depth: int | None = None,
+        branch_values: dict[str, Any] | None = None,
     ) -> list[str]:
+        """Insert turns under `parent_id` and move the branch head (with `branch_values`, such
+        as a lease change, in the same UPDATE)."""
         depth = -1
         if parent_id is not None:
-            depth = conn.execute(select(T.c.depth).where(T.c.id == parent_id)).scalar_one()
+            depth = (
+                parent_depth
+                if parent_depth is not None
+                else conn.execute(select(T.c.depth).where(T.c.id == parent_id)).scalar_one()
+            )
         ts = now()
         rows = []
         blobs: dict[str, BlobData] = {}
@@ -556,7 +595,7 @@ class Storage:
             conn.execute(
                 update(B)
                 .where(B.c.conversation_id == conv_id, B.c.name == branch)
-                .values(head_id=parent_id)
+                .values(head_id=parent_id, **(branch_values or {}))
             )
             conn.execute(
                 update(C)
@@ -706,6 +745,7 @@ class Storage:
         model: str,
         attempt: int,
         streamed: bool,
+        started_at: datetime | None = None,
     ) -> str:
         call_id = new_id()
         with db.write(self.engine) as conn:
@@ -719,17 +759,20 @@ class Storage:
                     model=model,
                     streamed=int(streamed),
                     status="pending",
-                    started_at=now(),
+                    started_at=started_at or now(),
                 )
             )
         return call_id
 
-    def finish_call(self, call_id: str, **fields: Any) -> None:
+    def finish_call(self, call_id: str, *, started_at: datetime | None = None, **fields: Any) -> None:
         with db.write(self.engine) as conn:
-            self._finish_call(conn, call_id, fields)
+            self._finish_call(conn, call_id, fields, started_at)
 
-    def _finish_call(self, conn: Connection, call_id: str, fields: dict[str, Any]) -> None:
-        started = conn.execute(select(K.c.started_at).where(K.c.id == call_id)).scalar_one()
+    def _finish_call(
+        self, conn: Connection, call_id: str, fields: dict[str, Any], started: datetime | None = None
+    ) -> None:
+        if started is None:
+            started = conn.execute(select(K.c.started_at).where(K.c.id == call_id)).scalar_one()
         end = now()
         conn.execute(
             update(K)
@@ -750,22 +793,23 @@ class Storage:
         reply: NewTurn,
         owner: str | None,
         fields: dict[str, Any],
+        *,
+        parent_depth: int | None = None,
+        started_at: datetime | None = None,
     ) -> str:
-        """Store a reply, move the head and complete its call row: all or nothing."""
+        """Store a reply, move the head, release the lease and complete its call row: all or
+        nothing."""
         with db.write(self.engine) as conn:
             head = self._lock_branch(conn, conv_id, branch, owner)
             if head != parent_id:
                 raise Conflict(
                     f"branch {branch!r} moved while waiting for the reply; the reply was not stored"
                 )
-            (reply_id,) = self._insert_turns(conn, conv_id, branch, parent_id, [reply])
-            self._finish_call(conn, call_id, {**fields, "reply_id": reply_id})
-            if owner is not None:
-                conn.execute(
-                    update(B)
-                    .where(B.c.conversation_id == conv_id, B.c.name == branch, B.c.lease_owner == owner)
-                    .values(lease_owner=None, lease_expires=None)
-                )
+            release = {"lease_owner": None, "lease_expires": None} if owner is not None else {}
+            (reply_id,) = self._insert_turns(
+                conn, conv_id, branch, parent_id, [reply], parent_depth, release
+            )
+            self._finish_call(conn, call_id, {**fields, "reply_id": reply_id}, started_at)
         return reply_id
 
     def calls(self, conv_id: str) -> list[dict[str, Any]]:

@@ -9,11 +9,11 @@ imported twice, or into the database it came from, without clashing.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from convo.content import inline_blobs, normalize
+from convo.content import check_json, inline_blobs, normalize
 from convo.errors import InvalidInput
 from convo.history import TurnRecord, check_structure
 from convo.store import Storage
@@ -25,14 +25,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Int32 = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
 class TurnExport(_Strict):
-    id: str
+    id: str = Field(min_length=1, max_length=200)
     parent_id: str | None
     role: Literal["user", "assistant"]
     kind: Literal["user", "reply", "synthetic", "prefill", "tool_result"]
     content: list[dict[str, Any]] = Field(min_length=1)
     source_id: str | None = None
-    stop_reason: str | None = None
+    stop_reason: str | None = Field(default=None, max_length=40)
     created_at: datetime
 
 
@@ -44,10 +47,10 @@ class BranchExport(_Strict):
 class ConversationExport(_Strict):
     id: str
     title: str | None
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=200)
     system: str | list[dict[str, Any]] | None
     params: dict[str, Any]
-    current_branch: str
+    current_branch: str = Field(max_length=200)
     created_at: datetime
     updated_at: datetime
 
@@ -56,29 +59,29 @@ class CallExport(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     id: str
-    branch: str
+    branch: str = Field(max_length=200)
     turn_id: str | None = None
     reply_id: str | None = None
-    attempt: int = 0
-    model: str
-    streamed: int = 0
-    status: str
-    http_status: int | None = None
-    error_type: str | None = None
+    attempt: Int32 = 0
+    model: str = Field(max_length=200)
+    streamed: Int32 = 0
+    status: str = Field(max_length=16)
+    http_status: Int32 | None = None
+    error_type: str | None = Field(default=None, max_length=64)
     error_message: str | None = None
-    request_id: str | None = None
-    message_id: str | None = None
-    stop_reason: str | None = None
+    request_id: str | None = Field(default=None, max_length=200)
+    message_id: str | None = Field(default=None, max_length=200)
+    stop_reason: str | None = Field(default=None, max_length=40)
     stop_sequence: str | None = None
     partial_text: str | None = None
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    cache_creation_5m_input_tokens: int | None = None
-    cache_creation_1h_input_tokens: int | None = None
-    cost_usd: float | None = None
-    uncached_cost_usd: float | None = None
+    input_tokens: Int32 = 0
+    output_tokens: Int32 = 0
+    cache_creation_input_tokens: Int32 = 0
+    cache_read_input_tokens: Int32 = 0
+    cache_creation_5m_input_tokens: Int32 | None = None
+    cache_creation_1h_input_tokens: Int32 | None = None
+    cost_usd: float | None = Field(default=None, allow_inf_nan=False)
+    uncached_cost_usd: float | None = Field(default=None, allow_inf_nan=False)
     started_at: datetime
     finished_at: datetime | None = None
     duration_ms: float | None = None
@@ -143,9 +146,23 @@ def parse_export(data: Any) -> Export:
     for t in export.turns:
         if t.parent_id is not None and t.parent_id not in ids:
             raise InvalidInput(f"not a convo export: turn {t.id} has an unknown parent")
+    names = [b.name for b in export.branches]
+    if len(set(names)) != len(names):
+        raise InvalidInput("not a convo export: two branches share a name")
     for b in export.branches:
         if b.head_id is not None and b.head_id not in ids:
             raise InvalidInput(f"not a convo export: branch {b.name!r} has an unknown head")
+    reached: set[str] = set()
+    children: dict[str | None, list[str]] = {}
+    for t in export.turns:
+        children.setdefault(t.parent_id, []).append(t.id)
+    stack = list(children.get(None, []))
+    while stack:
+        tid = stack.pop()
+        reached.add(tid)
+        stack.extend(children.get(tid, []))
+    if len(reached) != len(ids):
+        raise InvalidInput("not a convo export: some turns are not reachable from a root")
     if export.conversation.current_branch not in {b.name for b in export.branches}:
         raise InvalidInput("not a convo export: the current branch is not among the branches")
     return export
@@ -162,6 +179,8 @@ def import_conversation(storage: Storage, data: Any) -> str:
     for t in export.turns:
         if t.kind != "reply":
             normalize(t.content, t.role, where=f"turn {t.id}")
+        else:
+            check_json(t.content, f"turn {t.id}")
     for b in export.branches:
         path: list[TurnRecord] = []
         cur = b.head_id
