@@ -48,6 +48,7 @@ from convo.history import (
 from convo.pricing import PriceTable, load_prices
 from convo.retry import RetryPolicy
 from convo.store import (
+    Branching,
     BranchRow,
     ConversationRow,
     ConversationSummary,
@@ -780,11 +781,11 @@ class Conversation:
 
     def fork(self, at: str, name: str | None = None, *, checkout: bool = True) -> str:
         """A new branch whose head is turn `at` (id or prefix): one row, whatever the depth."""
-        storage = self.store.storage
-        turn = storage.resolve_turn(self.id, at)
-        self._check_local(turn.id, [], final_pending_ok=False)
-        name = self._new_branch_name(name, "fork")
-        storage.create_branch(self.id, name, turn.id, checkout=checkout)
+        with self.store.storage.branching(self.id) as tx:
+            turn = tx.turn(at)
+            _check_local(tx, turn.id, [], final_pending_ok=False)
+            name = _branch_name(tx, name, "fork")
+            tx.create(name, turn.id, checkout=checkout)
         return name
 
     def edit(self, turn: str, content: str | list[Block], *, name: str | None = None) -> str:
@@ -792,30 +793,32 @@ class Conversation:
 
         Editing a reply or synthetic turn gives a synthetic assistant turn: replay sends the
         edited text, and the original reply's call stays in the audit. Returns the new turn id.
+        Constant time and two rows, whatever the depth.
         """
-        storage = self.store.storage
-        old = storage.resolve_turn(self.id, turn)
-        if old.role == "user":
-            if old.kind == "tool_result" and isinstance(content, str):
-                ids = [b["tool_use_id"] for b in old.content if b.get("type") == "tool_result"]
-                if len(ids) != 1:
-                    raise InvalidInput(
-                        f"turn {old.id} answers {len(ids)} tool uses: give the new content as blocks"
-                    )
-                content = [{"type": "tool_result", "tool_use_id": ids[0], "content": content}]
-            blocks = normalize(content, "user", where="edited turn")
-            kind = "tool_result" if any(b.get("type") == "tool_result" for b in blocks) else "user"
-        else:
-            blocks = normalize(content, "assistant", where="edited turn")
-            kind = "synthetic"
-        new = NewTurn(old.role, kind, blocks, source_id=old.id)
-        self._check_local(
-            old.parent_id,
-            [TurnRecord("(edited turn)", new.role, new.kind, new.content)],
-            final_pending_ok=old.role == "assistant" or kind == "tool_result",
-        )
-        name = self._new_branch_name(name, "edit")
-        return storage.branch_with_turns(self.id, name, old.parent_id, [new])[0]
+        with self.store.storage.branching(self.id) as tx:
+            old = tx.turn(turn)
+            if old.role == "user":
+                if old.kind == "tool_result" and isinstance(content, str):
+                    ids = [b["tool_use_id"] for b in old.content if b.get("type") == "tool_result"]
+                    if len(ids) != 1:
+                        raise InvalidInput(
+                            f"turn {old.id} answers {len(ids)} tool uses: give the new content as blocks"
+                        )
+                    content = [{"type": "tool_result", "tool_use_id": ids[0], "content": content}]
+                blocks = normalize(content, "user", where="edited turn")
+                kind = "tool_result" if any(b.get("type") == "tool_result" for b in blocks) else "user"
+            else:
+                blocks = normalize(content, "assistant", where="edited turn")
+                kind = "synthetic"
+            new = NewTurn(old.role, kind, blocks, source_id=old.id)
+            _check_local(
+                tx,
+                old.parent_id,
+                [TurnRecord("(edited turn)", new.role, new.kind, new.content)],
+                final_pending_ok=old.role == "assistant" or kind == "tool_result",
+            )
+            name = _branch_name(tx, name, "edit")
+            return tx.create(name, old.parent_id, [new], parent_depth=old.depth - 1)[0]
 
     @overload
     def regenerate(
@@ -855,11 +858,12 @@ class Conversation:
         at = target.parent_id if target.kind == "reply" else target.id
         if at is None:
             raise InvalidInput(f"turn {target.id} has nothing before it to answer")
-        path = storage.path(self.id, head_id=at)
-        check_structure(path.turns, final_pending_ok=False)
-        if path.turns[-1].role == "assistant" and path.turns[-1].kind == "reply":
-            raise InvalidInput(f"turn {at} is a reply: regenerate answers a user turn")
-        storage.create_branch(self.id, self._new_branch_name(name, "regen"), at, checkout=True)
+        with storage.branching(self.id) as tx:
+            tail, _ = tx.tail(at)
+            if tail[-1].role == "assistant" and tail[-1].kind == "reply":
+                raise InvalidInput(f"turn {at} is a reply: regenerate answers a user turn")
+            _check_local(tx, at, [], final_pending_ok=False)
+            tx.create(_branch_name(tx, name, "regen"), at)
         return self.retry(stream=stream, on_retry=on_retry, **overrides)  # type: ignore[call-overload,no-any-return]
 
     def set_limits(
@@ -881,26 +885,6 @@ class Conversation:
     def limits(self) -> dict[str, Any]:
         p = self.info.params
         return {"budget_usd": p.get("budget_usd"), "max_input_tokens": p.get("max_input_tokens")}
-
-    def _check_local(
-        self, parent_id: str | None, new: list[TurnRecord], *, final_pending_ok: bool
-    ) -> None:
-        """check_structure on just the turns that decide it (back to the nearest assistant
-        turn), so a fork or an edit costs the same at depth 10,000 as at depth 10."""
-        tail, from_root = self.store.storage.tail(parent_id) if parent_id else ([], True)
-        if not from_root:  # stands for the (valid) turns before the assistant turn
-            tail.insert(0, TurnRecord("(earlier turns)", "user", "user", [{"type": "text", "text": "."}]))
-        check_structure(tail + new, final_pending_ok=final_pending_ok)
-
-    def _new_branch_name(self, name: str | None, prefix: str) -> str:
-        storage = self.store.storage
-        if name is None:
-            return storage.free_branch_name(self.id, prefix)
-        if not name.strip() or name != name.strip() or len(name) > 200:
-            raise InvalidInput(f"invalid branch name {name!r}")
-        if storage.branch_name_taken(self.id, name):
-            raise InvalidInput(f"branch {name!r} already exists (or did, and has calls in the audit)")
-        return name
 
     def branches(self) -> list[BranchRow]:
         return self.store.storage.branches(self.id)
@@ -939,6 +923,29 @@ class Conversation:
 
     def calls(self) -> list[dict[str, Any]]:
         return self.store.storage.calls(self.id)
+
+
+def _check_local(
+    tx: Branching, parent_id: str | None, new: list[TurnRecord], *, final_pending_ok: bool
+) -> None:
+    """check_structure on just the turns that decide it (back to the nearest assistant turn),
+    so a fork or an edit costs the same at depth 10,000 as at depth 10. Stored paths were
+    checked when written, so what lies before that assistant turn is valid."""
+    tail, from_root = tx.tail(parent_id) if parent_id else ([], True)
+    if not from_root:  # stands for the (valid) turns before the assistant turn
+        tail.insert(0, TurnRecord("(earlier turns)", "user", "user", [{"type": "text", "text": "."}]))
+    check_structure(tail + new, final_pending_ok=final_pending_ok)
+
+
+def _branch_name(tx: Branching, name: str | None, prefix: str) -> str:
+    """The given name, checked, or a readable free one (`fork-1`, `edit-2`, ...)."""
+    if name is None:
+        return tx.free_name(prefix)
+    if not name.strip() or name != name.strip() or len(name) > 200:
+        raise InvalidInput(f"invalid branch name {name!r}")
+    if tx.name_taken(name):
+        raise InvalidInput(f"branch {name!r} already exists (or did, and has calls in the audit)")
+    return name
 
 
 def _records(new: Sequence[NewTurn]) -> list[TurnRecord]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -641,41 +642,6 @@ class Storage:
                 return b
         raise NotFound(f"no branch {name!r} in conversation {conv_id}")
 
-    def create_branch(
-        self, conv_id: str, name: str, head_id: str | None, *, checkout: bool = True
-    ) -> None:
-        """A new branch at an existing turn: one row, whatever the depth."""
-        with db.write(self.engine) as conn:
-            exists = conn.execute(
-                select(B.c.id).where(B.c.conversation_id == conv_id, B.c.name == name)
-            ).first()
-            if exists:
-                raise InvalidInput(f"branch {name!r} already exists")
-            conn.execute(
-                insert(B).values(conversation_id=conv_id, name=name, head_id=head_id, created_at=now())
-            )
-            if checkout:
-                conn.execute(
-                    update(C).where(C.c.id == conv_id).values(current_branch=name, updated_at=now())
-                )
-
-    def branch_with_turns(
-        self, conv_id: str, name: str, parent_id: str | None, turns: Sequence[NewTurn]
-    ) -> list[str]:
-        """A new checked-out branch whose head is new turns under `parent_id` (edit, regenerate)."""
-        with db.write(self.engine) as conn:
-            exists = conn.execute(
-                select(B.c.id).where(B.c.conversation_id == conv_id, B.c.name == name)
-            ).first()
-            if exists:
-                raise InvalidInput(f"branch {name!r} already exists")
-            conn.execute(
-                insert(B).values(conversation_id=conv_id, name=name, head_id=parent_id, created_at=now())
-            )
-            ids = self._insert_turns(conn, conv_id, name, parent_id, turns)
-            conn.execute(update(C).where(C.c.id == conv_id).values(current_branch=name))
-        return ids
-
     def checkout(self, conv_id: str, name: str) -> None:
         with db.write(self.engine) as conn:
             exists = conn.execute(
@@ -694,44 +660,47 @@ class Storage:
             self._lock_branch(conn, conv_id, name, None)  # NotFound, or Conflict while in use
             conn.execute(delete(B).where(B.c.conversation_id == conv_id, B.c.name == name))
 
-    def free_branch_name(self, conv_id: str, prefix: str) -> str:
+    def _free_branch_name(self, conn: Connection, conv_id: str, prefix: str) -> str:
         """`prefix-N` with the smallest N used by no branch, live or deleted with calls in the
         ledger (so a new branch never inherits an old one's spend in an audit by branch).
         Index lookups only: constant time whatever the thread's length."""
-        with db.read(self.engine) as conn:
-            live = set(conn.execute(select(B.c.name).where(B.c.conversation_id == conv_id)).scalars())
-            n = 1
-            while True:
-                name = f"{prefix}-{n}"
-                if name not in live and not self._billed_branch(conn, conv_id, name):
-                    return name
-                n += 1
+        live = set(conn.execute(select(B.c.name).where(B.c.conversation_id == conv_id)).scalars())
+        n = 1
+        while True:
+            name = f"{prefix}-{n}"
+            if name not in live and not self._billed_branch(conn, conv_id, name):
+                return name
+            n += 1
 
-    def branch_name_taken(self, conv_id: str, name: str) -> bool:
-        with db.read(self.engine) as conn:
-            live = conn.execute(
-                select(B.c.id).where(B.c.conversation_id == conv_id, B.c.name == name)
-            ).first()
-            return live is not None or self._billed_branch(conn, conv_id, name)
+    def _branch_name_taken(self, conn: Connection, conv_id: str, name: str) -> bool:
+        live = conn.execute(
+            select(B.c.id).where(B.c.conversation_id == conv_id, B.c.name == name)
+        ).first()
+        return live is not None or self._billed_branch(conn, conv_id, name)
 
     def _billed_branch(self, conn: Connection, conv_id: str, name: str) -> bool:
         q = select(K.c.id).where(K.c.conversation_id == conv_id, K.c.branch == name).limit(1)
         return conn.execute(q).first() is not None
 
-    def tail(self, turn_id: str) -> tuple[list[TurnRecord], bool]:
+    @contextmanager
+    def branching(self, conv_id: str) -> Iterator[Branching]:
+        """One write transaction for a fork or an edit: resolve, check, name, write."""
+        with db.write(self.engine) as conn:
+            yield Branching(self, conn, conv_id)
+
+    def _tail(self, conn: Connection, turn_id: str) -> tuple[list[TurnRecord], bool]:
         """The turns from the nearest assistant ancestor of `turn_id` (inclusive) down to it,
         and whether the walk reached the root: all that tool pairing and role order depend on
         when a turn is forked at or edited, read without loading the whole path."""
         cols = (T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason)
         out: list[TurnRecord] = []
         cur: str | None = turn_id
-        with db.read(self.engine) as conn:
-            while cur is not None:
-                r = conn.execute(select(*cols).where(T.c.id == cur)).one()
-                out.append(TurnRecord(r[0], r[2], r[3], orjson.loads(r[4]), r[5]))
-                if r[2] == "assistant":
-                    return out[::-1], False
-                cur = r[1]
+        while cur is not None:
+            r = conn.execute(select(*cols).where(T.c.id == cur)).one()
+            out.append(TurnRecord(r[0], r[2], r[3], orjson.loads(r[4]), r[5]))
+            if r[2] == "assistant":
+                return out[::-1], False
+            cur = r[1]
         return out[::-1], True
 
     # -- the calls ledger ------------------------------------------------------------------
@@ -1038,6 +1007,47 @@ class Storage:
             if dangling:
                 problems.append(f"{dangling} branches whose head is missing")
         return problems
+
+
+class Branching:
+    """What a fork or an edit needs, inside one write transaction (see Storage.branching)."""
+
+    def __init__(self, storage: Storage, conn: Connection, conv_id: str) -> None:
+        self._s, self._conn, self.conv_id = storage, conn, conv_id
+
+    def turn(self, ref: str) -> TurnRow:
+        tid = self._s._resolve(self._conn, T, ref, "turn", self.conv_id)
+        return _turn_row(self._conn.execute(select(T).where(T.c.id == tid)).one())
+
+    def tail(self, turn_id: str) -> tuple[list[TurnRecord], bool]:
+        return self._s._tail(self._conn, turn_id)
+
+    def free_name(self, prefix: str) -> str:
+        return self._s._free_branch_name(self._conn, self.conv_id, prefix)
+
+    def name_taken(self, name: str) -> bool:
+        return self._s._branch_name_taken(self._conn, self.conv_id, name)
+
+    def create(
+        self,
+        name: str,
+        parent_id: str | None,
+        turns: Sequence[NewTurn] = (),
+        *,
+        parent_depth: int | None = None,
+        checkout: bool = True,
+    ) -> list[str]:
+        """A branch at `parent_id`, extended by `turns`: one branch row plus the turns."""
+        ts = now()
+        self._conn.execute(
+            insert(B).values(conversation_id=self.conv_id, name=name, head_id=parent_id, created_at=ts)
+        )
+        ids = self._s._insert_turns(self._conn, self.conv_id, name, parent_id, turns, parent_depth)
+        if checkout:
+            self._conn.execute(
+                update(C).where(C.c.id == self.conv_id).values(current_branch=name, updated_at=ts)
+            )
+        return ids
 
 
 def _preview(content: str | None, width: int = 60) -> str | None:

@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, func, inspect, select, text
 
 import convo.store as store_mod
 from convo import AmbiguousId, ContentError, NotFound, Store, StoreError
-from convo.errors import DatabaseUnavailable, InvalidInput
+from convo.errors import ConfigError, DatabaseUnavailable, InvalidInput
 from convo.history import TurnRecord
 from convo.ids import ALPHABET, LENGTH
 from convo.models import Blob, Turn
@@ -470,18 +470,19 @@ def test_unreachable_postgresql_is_database_unavailable_without_the_password() -
 
 
 @pytest.mark.parametrize(
-    "url",
+    "url, error",
     [
-        "not a url",
-        "definitely://nothing",
-        "mysql://user:pw@localhost/db",
-        "postgresql://user:pw@localhost:notaport/db",
-        "postgresql+nosuchdriver://user:pw@localhost/db",
-        "sqlite:////proc/no/such/dir/convo.db",
+        # A URL that is wrong is bad input (exit 2); one that is right but unusable is not.
+        ("not a url", ConfigError),
+        ("definitely://nothing", ConfigError),
+        ("mysql://user:pw@localhost/db", ConfigError),
+        ("postgresql://user:pw@localhost:notaport/db", ConfigError),
+        ("postgresql+nosuchdriver://user:pw@localhost/db", ConfigError),
+        ("sqlite:////proc/no/such/dir/convo.db", DatabaseUnavailable),
     ],
 )
-def test_invalid_url_is_database_unavailable(url: str) -> None:
-    with pytest.raises(DatabaseUnavailable) as exc:
+def test_invalid_url_is_refused_in_one_line(url: str, error: type[Exception]) -> None:
+    with pytest.raises(error) as exc:
         Store(url)
     assert "\n" not in str(exc.value)
     assert ":pw@" not in str(exc.value)
