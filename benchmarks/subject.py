@@ -1,0 +1,218 @@
+"""convo's side of the benchmark: populating a store fast, and undoing measured writes.
+
+Population goes through `Storage.append` in batches of turns (the path a send takes to write
+turns), plus the calls ledger inserted directly as rows of `convo.models.Call`, exactly as a
+successful send would leave them. Only population and clean-up use these shortcuts; every
+measured operation goes through the public service layer (`convo.Store`, `Conversation`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import httpx
+from sqlalchemy import Table, delete, func, insert, select, update
+
+from benchmarks.data import MAX_TOKENS, MODEL, Dataset
+from convo import Store, db
+from convo.client import Client
+from convo.ids import new_id
+from convo.models import Base, Branch, Call, Conversation, Turn
+from convo.store import NewTurn, lease_owner_id
+
+K = cast(Table, Call.__table__)
+T = cast(Table, Turn.__table__)
+B = cast(Table, Branch.__table__)
+C = cast(Table, Conversation.__table__)
+CALL_BATCH = 5000
+
+
+@dataclass
+class Populated:
+    conversation_ids: list[str]
+    # (user turn id, reply id) per exchange, per thread.
+    turn_ids: list[list[tuple[str, str]]]
+
+
+@contextmanager
+def _no_commit_wait() -> Iterator[None]:
+    """PostgreSQL sessions opened inside skip waiting for the WAL flush at commit (libpq reads
+    PGOPTIONS when it connects): population only, so thousands of small appends take seconds.
+    Every measured operation runs on connections opened afterwards, with the server's setting."""
+    old = os.environ.get("PGOPTIONS")
+    os.environ["PGOPTIONS"] = ((old or "") + " -c synchronous_commit=off").strip()
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PGOPTIONS"]
+        else:
+            os.environ["PGOPTIONS"] = old
+
+
+def populate(url: str, ds: Dataset) -> Populated:
+    with _no_commit_wait():
+        return _populate(url, ds)
+
+
+def _populate(url: str, ds: Dataset) -> Populated:
+    store = Store(url, upgrade=True)
+    try:
+        storage = store.storage
+        conv_ids = [store.create(MODEL, max_tokens=MAX_TOKENS).id for _ in ds.threads]
+        heads: list[str | None] = [None] * len(ds.threads)
+        turn_ids: list[list[tuple[str, str]]] = [[] for _ in ds.threads]
+        calls: list[dict[str, Any]] = []
+        for t, a, b in ds.chunks:
+            exchanges = ds.threads[t][a:b]
+            turns: list[NewTurn] = []
+            for ex in exchanges:
+                turns.append(NewTurn("user", "user", ex.user))
+                turns.append(NewTurn("assistant", "reply", ex.reply, stop_reason="end_turn"))
+            ids = storage.append(conv_ids[t], "main", heads[t], turns)
+            heads[t] = ids[-1]
+            ts = datetime.now(UTC)
+            for k, ex in enumerate(exchanges):
+                user_id, reply_id = ids[2 * k], ids[2 * k + 1]
+                turn_ids[t].append((user_id, reply_id))
+                calls.append(call_row(conv_ids[t], user_id, reply_id, ex.input_tokens, ex.output_tokens, ex.cost, ts))
+        insert_calls(store, calls)
+        return Populated(conv_ids, turn_ids)
+    finally:
+        store.close()
+
+
+def call_row(
+    conv_id: str, turn_id: str, reply_id: str, inp: int, out: int, cost: float, ts: datetime
+) -> dict[str, Any]:
+    """A calls row as a successful, non-streamed send leaves it."""
+    return {
+        "id": new_id(),
+        "conversation_id": conv_id,
+        "branch": "main",
+        "turn_id": turn_id,
+        "reply_id": reply_id,
+        "attempt": 0,
+        "model": MODEL,
+        "streamed": 0,
+        "status": "ok",
+        "http_status": 200,
+        "error_type": None,
+        "error_message": None,
+        "request_id": "req_" + new_id(),
+        "message_id": "msg_" + new_id(),
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "partial_text": None,
+        "input_tokens": inp,
+        "output_tokens": out,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "cache_creation_5m_input_tokens": None,
+        "cache_creation_1h_input_tokens": None,
+        "cost_usd": cost,
+        "uncached_cost_usd": cost,
+        "started_at": ts,
+        "finished_at": ts,
+        "duration_ms": 1500.0,
+    }
+
+
+def insert_calls(store: Store, rows: list[dict[str, Any]]) -> None:
+    for i in range(0, len(rows), CALL_BATCH):
+        with db.write(store.storage.engine) as conn:
+            conn.execute(insert(K), rows[i : i + CALL_BATCH])
+
+
+def mock_client(reply_bytes: bytes) -> tuple[Client, dict[str, bytes]]:
+    """A convo Client whose transport answers every POST in process with `reply_bytes`.
+
+    The last request body is kept (a reference, no parsing) so it can be checked afterwards.
+    """
+    captured: dict[str, bytes] = {}
+    headers = {"content-type": "application/json", "request-id": "req_01BenchmarkRequest0000000"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        captured["body"] = request.content
+        return httpx.Response(200, content=reply_bytes, headers=headers)
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    return Client(api_key="sk-bench", base_url="https://api.invalid", http_client=http), captured
+
+
+def send_writes(
+    store: Store, conv_id: str, head: str | None, user_text: str, reply: dict[str, Any], cost: float
+) -> tuple[str, str, str]:
+    """The writes of one send, in its order, through convo's storage layer (internal API):
+    the user turn with the branch lease, the pending call row, then reply + usage + lease release.
+    Returns (call id, user turn id, reply id)."""
+    storage = store.storage
+    owner = lease_owner_id()
+    (user_id,) = storage.append(
+        conv_id, "main", head, [NewTurn("user", "user", [{"type": "text", "text": user_text}])],
+        owner=owner, hold=timedelta(minutes=15),
+    )
+    call_id = storage.start_call(
+        conv_id=conv_id, branch="main", turn_id=user_id, model=MODEL, attempt=0, streamed=False
+    )
+    usage = reply["usage"]
+    fields = {
+        "status": "ok", "http_status": 200, "request_id": "req_bench", "message_id": reply["id"],
+        "stop_reason": reply["stop_reason"], "stop_sequence": None,
+        "input_tokens": usage["input_tokens"], "output_tokens": usage["output_tokens"],
+        "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+        "cost_usd": cost, "uncached_cost_usd": cost,
+    }
+    reply_turn = NewTurn("assistant", "reply", reply["content"], stop_reason=reply["stop_reason"])
+    reply_id = storage.finish_with_reply(call_id, conv_id, "main", user_id, reply_turn, owner, fields)
+    return call_id, user_id, reply_id
+
+
+def row_counts(store: Store) -> dict[str, int]:
+    with db.read(store.storage.engine) as conn:
+        return {
+            t.name: int(conn.execute(select(func.count()).select_from(t)).scalar_one())
+            for t in Base.metadata.sorted_tables
+        }
+
+
+def head_state(store: Store, conv_id: str) -> tuple[str | None, int, Any, str]:
+    with db.read(store.storage.engine) as conn:
+        head = conn.execute(
+            select(B.c.head_id).where(B.c.conversation_id == conv_id, B.c.name == "main")
+        ).scalar_one()
+        count, updated, current = conn.execute(
+            select(C.c.turn_count, C.c.updated_at, C.c.current_branch).where(C.c.id == conv_id)
+        ).one()
+    return head, count, updated, current
+
+
+def undo_send(store: Store, conv_id: str, state: tuple[Any, ...], call_ids: list[str], turn_ids: list[str]) -> None:
+    """Put the thread back as it was before a measured send (not measured)."""
+    head, count, updated, _ = state
+    with db.write(store.storage.engine) as conn:
+        conn.execute(
+            update(B)
+            .where(B.c.conversation_id == conv_id, B.c.name == "main")
+            .values(head_id=head, lease_owner=None, lease_expires=None)
+        )
+        conn.execute(delete(K).where(K.c.id.in_(call_ids)))
+        for tid in reversed(turn_ids):  # children first: turns reference their parent
+            conn.execute(delete(T).where(T.c.id == tid))
+        conn.execute(update(C).where(C.c.id == conv_id).values(turn_count=count, updated_at=updated))
+
+
+def drop_branch(store: Store, conv_id: str, name: str, turn_ids: Sequence[str] = ()) -> None:
+    """Remove a measured fork's or edit's branch (and an edit's new turn); check out main."""
+    with db.write(store.storage.engine) as conn:
+        conn.execute(update(C).where(C.c.id == conv_id).values(current_branch="main"))
+        conn.execute(delete(B).where(B.c.conversation_id == conv_id, B.c.name == name))
+        for tid in turn_ids:
+            conn.execute(delete(T).where(T.c.id == tid))
+        if turn_ids:
+            conn.execute(update(C).where(C.c.id == conv_id).values(turn_count=C.c.turn_count - len(turn_ids)))
