@@ -18,7 +18,10 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from convo import db
+from convo import Store, db
+from convo.client import Client
+from convo.retry import RetryPolicy
+from convo.standin import StandIn
 
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 TABLES = ("calls", "branches", "turns", "blobs", "conversations", "settings")
@@ -104,3 +107,36 @@ def fresh_pg_url() -> Iterator[str]:
     name = f"convo_mig_{uuid.uuid4().hex[:10]}"
     yield make_pg_database(name)
     drop_pg_database(name)
+
+
+# -- the stand-in, and a store that talks to it without ever really sleeping ----------------
+
+STANDIN_KEY = "sk-test-standin-key"
+
+
+@pytest.fixture
+def standin() -> Iterator[StandIn]:
+    """convo's local stand-in of the Messages API, on a free loopback port."""
+    with StandIn() as s:
+        yield s
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    """Every delay convo asked to sleep for; nothing really waits."""
+    return []
+
+
+@pytest.fixture
+def client(standin: StandIn, sleeps: list[float]) -> Iterator[Client]:
+    with Client(
+        STANDIN_KEY, standin.base_url, policy=RetryPolicy(max_retries=2), sleep=sleeps.append
+    ) as c:
+        yield c
+
+
+@pytest.fixture
+def store(db_url: str, client: Client, sleeps: list[float]) -> Iterator[Store]:
+    s = Store(db_url, client=client, sleep=sleeps.append)
+    yield s
+    s.close()

@@ -55,12 +55,6 @@ SONNET_46 = "claude-sonnet-4-6"  # refuses prefill
 TEN_MB = 10 * 1024 * 1024
 
 
-@pytest.fixture
-def standin() -> Iterator[StandIn]:
-    with StandIn() as s:
-        yield s
-
-
 # -- images ------------------------------------------------------------------------------------
 
 

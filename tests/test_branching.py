@@ -44,12 +44,6 @@ TOOL_USE = {"type": "tool_use", "id": "toolu_0001", "name": "get_weather", "inpu
 
 
 @pytest.fixture
-def standin() -> Iterator[StandIn]:
-    with StandIn() as s:
-        yield s
-
-
-@pytest.fixture
 def store(db_url: str, standin: StandIn) -> Iterator[Store]:
     with Client(api_key="test-key", base_url=standin.base_url) as client, Store(
         db_url, client=client

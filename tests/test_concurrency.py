@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -53,12 +52,6 @@ for i in range(int(n)):
 store.close()
 print(json.dumps(result))
 """
-
-
-@pytest.fixture
-def standin() -> Iterator[StandIn]:
-    with StandIn() as s:
-        yield s
 
 
 def _check_thread(store: Any, conv_id: str, expected: list[str]) -> list[Any]:

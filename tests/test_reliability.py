@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,12 +58,6 @@ from convo.standin import StandIn
 from convo.types import text_of
 
 MODEL = "claude-sonnet-4-5"
-
-
-@pytest.fixture
-def standin() -> Iterator[StandIn]:
-    with StandIn() as s:
-        yield s
 
 
 # (status, http_status, error_type) of a call row

@@ -15,7 +15,6 @@ import logging
 import os
 import stat
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,12 +37,6 @@ from convo.standin import StandIn
 from convo.types import text_of
 
 KEY_PART = "SECRET-1234567890"  # what must not appear, even cut or re-encoded around it
-
-
-@pytest.fixture
-def standin() -> Iterator[StandIn]:
-    with StandIn() as s:
-        yield s
 
 
 def _no_key(text: str, where: str) -> None:

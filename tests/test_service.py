@@ -7,10 +7,10 @@ Retries never really wait: the store and the client share a fake sleep that reco
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from helpers.kit import posts
 
 from convo import (
     APIConnectionError,
@@ -29,7 +29,6 @@ from convo.errors import (
     OverloadedError,
 )
 from convo.pricing import PriceTable
-from convo.retry import RetryPolicy
 from convo.service import RetryNotice
 from convo.standin import LABEL, MODEL_SUFFIX, StandIn
 from convo.types import Usage
@@ -40,36 +39,6 @@ SONNET_46 = "claude-sonnet-4-6"
 
 
 # -- fixtures ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def standin() -> Iterator[StandIn]:
-    with StandIn() as s:
-        yield s
-
-
-@pytest.fixture
-def sleeps() -> list[float]:
-    """Every delay convo asked to sleep for; nothing really waits."""
-    return []
-
-
-@pytest.fixture
-def client(standin: StandIn, sleeps: list[float]) -> Iterator[Client]:
-    with Client(KEY, standin.base_url, policy=RetryPolicy(max_retries=2), sleep=sleeps.append) as c:
-        yield c
-
-
-@pytest.fixture
-def store(db_url: str, client: Client, sleeps: list[float]) -> Iterator[Store]:
-    s = Store(db_url, client=client, sleep=sleeps.append)
-    yield s
-    s.close()
-
-
-def posts(standin: StandIn) -> list[dict[str, Any]]:
-    """The POST /v1/messages requests the stand-in received (count_tokens excluded)."""
-    return [r for r in standin.requests if r["method"] == "POST" and r["path"] == "/v1/messages"]
 
 
 def last_body(standin: StandIn) -> dict[str, Any]:

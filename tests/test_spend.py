@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, timedelta, timezone
 from typing import Any
 
 import pytest
+from helpers.kit import posts
 
 from convo import BudgetExceeded, ContentError, InvalidInput, Store
 from convo.client import Client
 from convo.errors import BadRequestError
 from convo.pricing import Price, PriceTable
-from convo.retry import RetryPolicy
 from convo.standin import StandIn
 from convo.types import Usage
 
@@ -31,34 +31,6 @@ SYSTEM = " ".join(f"Rule {i}: answer the question you are asked, and nothing els
 
 
 # -- fixtures and independent helpers ------------------------------------------------------
-
-
-@pytest.fixture
-def standin() -> Iterator[StandIn]:
-    with StandIn() as s:
-        yield s
-
-
-@pytest.fixture
-def sleeps() -> list[float]:
-    return []
-
-
-@pytest.fixture
-def client(standin: StandIn, sleeps: list[float]) -> Iterator[Client]:
-    with Client(KEY, standin.base_url, policy=RetryPolicy(max_retries=2), sleep=sleeps.append) as c:
-        yield c
-
-
-@pytest.fixture
-def store(db_url: str, client: Client, sleeps: list[float]) -> Iterator[Store]:
-    s = Store(db_url, client=client, sleep=sleeps.append)
-    yield s
-    s.close()
-
-
-def posts(standin: StandIn) -> list[dict[str, Any]]:
-    return [r for r in standin.requests if r["method"] == "POST" and r["path"] == "/v1/messages"]
 
 
 def _canon(obj: Any) -> str:

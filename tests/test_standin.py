@@ -40,12 +40,6 @@ CLOCK = {"name": "get_time", "input_schema": {"type": "object", "properties": {}
 
 
 @pytest.fixture
-def standin() -> Iterator[StandIn]:
-    with StandIn() as s:
-        yield s
-
-
-@pytest.fixture
 def client(standin: StandIn) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=standin.base_url, headers=HEADERS, timeout=10) as c:
         yield c

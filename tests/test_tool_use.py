@@ -38,12 +38,6 @@ WEATHER = {
 
 
 @pytest.fixture
-def standin() -> Iterator[StandIn]:
-    with StandIn() as s:
-        yield s
-
-
-@pytest.fixture
 def client(standin: StandIn) -> Iterator[Client]:
     with Client(api_key="test-key", base_url=standin.base_url) as c:
         yield c

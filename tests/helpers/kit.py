@@ -109,13 +109,14 @@ def dump_rows(url: str) -> str:
     return "\n".join(out)
 
 
+def posts(standin: Any) -> list[dict[str, Any]]:
+    """The POST /v1/messages requests the stand-in received (count_tokens excluded)."""
+    return [r for r in standin.requests if r["method"] == "POST" and r["path"] == "/v1/messages"]
+
+
 def message_bodies(standin: Any) -> list[dict[str, Any]]:
     """Bodies of the POST /v1/messages requests the stand-in received, in order."""
-    return [
-        r["body"]
-        for r in standin.requests
-        if r["method"] == "POST" and r["path"] == "/v1/messages"
-    ]
+    return [r["body"] for r in posts(standin)]
 
 
 def user_msg(text: str) -> dict[str, Any]:
