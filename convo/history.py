@@ -146,41 +146,51 @@ def check_messages(
     """
     if not messages:
         raise HistoryError("the branch has no turns to send")
-    if block_owners is None:
-        block_owners = [[o] * len(m["content"]) for m, o in zip(messages, owners, strict=True)]
+
+    def owner(i: int, j: int) -> str:
+        """The turn a block came from (computed only to name it in an error)."""
+        if block_owners is not None and j < len(block_owners[i]):
+            return block_owners[i][j]
+        return owners[i]
+
     if messages[0]["role"] != "user":
-        first = block_owners[0][0] if block_owners[0] else owners[0]
+        first = owner(0, 0)
         raise HistoryError("the first turn must be from the user", turn_id=first)
     pending: list[str] = []  # tool_use ids the next user message must answer first
     pending_owner = ""
     last = len(messages) - 1
-    for i, (message, blk_owners) in enumerate(zip(messages, block_owners, strict=True)):
+    for i, message in enumerate(messages):
         blocks = message["content"]
         if message["role"] == "user":
             answered: list[str] = []
             leading = True
-            for b, owner in zip(blocks, blk_owners, strict=True):
+            for j, b in enumerate(blocks):
                 if b.get("type") == "tool_result":
                     if not leading:
+                        who = owner(i, j)
                         raise HistoryError(
-                            f"turn {owner}: tool_result blocks must come before any other "
+                            f"turn {who}: tool_result blocks must come before any other "
                             "content in their message",
-                            turn_id=owner,
+                            turn_id=who,
                         )
                     tid = b.get("tool_use_id")
                     if tid not in pending:
+                        who = owner(i, j)
                         raise HistoryError(
-                            f"turn {owner}: tool_result for {tid} answers no tool_use "
+                            f"turn {who}: tool_result for {tid} answers no tool_use "
                             "in the turn before it",
-                            turn_id=owner,
+                            turn_id=who,
                         )
                     if tid in answered:
+                        who = owner(i, j)
                         raise HistoryError(
-                            f"turn {owner}: a second tool_result for {tid}", turn_id=owner
+                            f"turn {who}: a second tool_result for {tid}", turn_id=who
                         )
                     answered.append(tid)
                 else:
                     leading = False
+            if not pending:
+                continue
             missing = [t for t in pending if t not in answered]
             if missing and final_pending_ok and i == last and leading:
                 # Results still being added one by one (parallel tool use): not an error yet.
@@ -200,18 +210,18 @@ def check_messages(
                     "at the start of the next user turn",
                     turn_id=pending_owner,
                 )
-            pending = []
-            for b, owner in zip(blocks, blk_owners, strict=True):
+            for j, b in enumerate(blocks):
                 if b.get("type") == "tool_use":
                     uid = b.get("id")
                     if not isinstance(uid, str) or not uid or uid in pending:
+                        who = owner(i, j)
                         raise HistoryError(
-                            f"turn {owner}: a tool_use needs an id of its own in its message "
+                            f"turn {who}: a tool_use needs an id of its own in its message "
                             f"({uid!r})",
-                            turn_id=owner,
+                            turn_id=who,
                         )
                     pending.append(uid)
-                    pending_owner = owner
+                    pending_owner = owner(i, j)
     if pending and not final_pending_ok:
         raise HistoryError(
             f"turn {pending_owner}: tool_use {', '.join(pending)} awaits a tool_result: "

@@ -58,6 +58,7 @@ from convo.store import (
     TurnRow,
     STORE_BUDGET_KEY,
     UsageReport,
+    gc_paused,
     lease_owner_id,
     now,
 )
@@ -373,13 +374,14 @@ class Conversation:
             b.get("type") in ("image", "document") for t in new for b in t.content
         ):
             blobs = {}
-        return build_request(
-            records,
-            self.settings(info),
-            overrides=_normalize_overrides(overrides),
-            blobs=blobs,
-            prefill_models=self.store.prefill_models,
-        )
+        with gc_paused():
+            return build_request(
+                records,
+                self.settings(info),
+                overrides=_normalize_overrides(overrides),
+                blobs=blobs,
+                prefill_models=self.store.prefill_models,
+            )
 
     def _new_turns(
         self,

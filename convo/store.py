@@ -7,6 +7,7 @@ writer moved it, so no history is ever silently interleaved.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,6 +39,22 @@ S = Setting.__table__
 STORE_BUDGET_KEY = "budget_usd"
 SCAN_RATIO = 2
 SCAN_SLACK = 100
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many objects that all stay alive.
+
+    Decoding a 20,000-turn path allocates some 60,000 containers; each allocation threshold
+    crossed starts a collection that walks all of them again, which made decoding four times
+    slower than the decoding itself. Nothing built here forms a cycle."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def now() -> datetime:
@@ -450,7 +467,8 @@ class Storage:
             chain = self._walk_cte(conn, head_id)
 
         loads = orjson.loads
-        turns = [TurnRecord(r[0], r[2], r[3], loads(r[4]), r[5]) for r in chain]
+        with gc_paused():
+            turns = [TurnRecord(r[0], r[2], r[3], loads(r[4]), r[5]) for r in chain]
         blobs = None
         # Blob references are the only "source" objects convo stores (URL media needs no bytes).
         if any('"source"' in r[4] for r in chain):
