@@ -33,7 +33,7 @@ from convo.errors import (
     APIStatusError,
     BudgetExceeded,
     Conflict,
-    NotFound,
+    ConvoError,
     HistoryError,
     InvalidInput,
 )
@@ -70,6 +70,7 @@ DEFAULT_MODEL = "claude-sonnet-4-5"
 DEFAULT_MAX_TOKENS = 1024
 # How long a send holds its branch; a holder that died on this host is detected sooner.
 LEASE = timedelta(minutes=15)
+LEASE_RENEW_SECONDS = 60.0
 # How long a second writer on a busy branch waits before raising Conflict.
 WAIT_FOR_BRANCH_SECONDS = 120.0
 KEEP = object()  # "leave this setting as it is"
@@ -491,7 +492,12 @@ class Conversation:
         on_retry: Callable[[RetryNotice], None] | None = None,
         **overrides: Any,
     ) -> ReplyStream:
-        """Like send, streaming: iterate for text as it arrives; `.reply` once it is stored."""
+        """Like send, streaming: iterate for text as it arrives; `.reply` once it is stored.
+
+        A stream that fails midway is retried under the same policy as a send, and the new
+        attempt's text starts over: pass `on_retry` to learn of it (the CLI starts a new line).
+        The stored reply is always the one complete attempt.
+        """
         steps = self._send_steps(content, prefill, images, overrides, streaming=True)
         return ReplyStream(steps, on_retry)
 
@@ -571,7 +577,10 @@ class Conversation:
             return reply
         finally:
             if not stored:
-                storage.release(self.id, path.branch, owner)
+                try:
+                    storage.release(self.id, path.branch, owner)
+                except ConvoError:
+                    pass  # the lease expires, or the next send sees this process is gone
 
     def _check_continuable(self, path: Path) -> None:
         if not path.turns:
@@ -644,6 +653,9 @@ class Conversation:
             acc = MessageAccumulator()
             request_id: str | None = None
             http_status: int | None = None
+            if attempt:  # the first attempt's lease was just taken with the user turn
+                storage.renew_lease(self.id, target.branch, target.owner, LEASE)
+            renewed = time.monotonic()
             try:
                 if streaming:
                     with client.stream_message_once(body) as events:
@@ -651,6 +663,10 @@ class Conversation:
                         http_status = events.info.status_code
                         for event in events:
                             delta = acc.feed(event)
+                            if time.monotonic() - renewed > LEASE_RENEW_SECONDS:
+                                # A long stream keeps its branch: renew before the lease lapses.
+                                storage.renew_lease(self.id, target.branch, target.owner, LEASE)
+                                renewed = time.monotonic()
                             if delta:
                                 yield delta
                     if not acc.complete:
@@ -751,14 +767,19 @@ class Conversation:
                     call_id, self.id, target.branch, target.last_id, reply, target.owner, fields,
                     parent_depth=target.last_depth, started_at=started_at,
                 )
-            except (Conflict, NotFound) as e:
-                # The branch moved or vanished meanwhile: the call was billed all the same.
-                storage.finish_call(
-                    call_id,
-                    started_at=started_at,
-                    **{**fields, "status": "error", "error_type": "reply_not_stored",
-                       "error_message": str(e)[:500], "partial_text": text_of(content) or None},
-                )
+            except Exception as e:
+                # The branch moved or vanished, or the database failed: the call was billed
+                # all the same. Record that on its row in a transaction of its own.
+                try:
+                    storage.finish_call(
+                        call_id,
+                        started_at=started_at,
+                        **{**fields, "status": "error", "error_type": "reply_not_stored",
+                           "error_message": str(e).splitlines()[0][:500] if str(e) else type(e).__name__,
+                           "partial_text": text_of(content) or None},
+                    )
+                except ConvoError:
+                    pass  # the original error says more
                 raise
         else:
             # An empty reply cannot be replayed (the API refuses empty messages): keep the call,
@@ -860,6 +881,12 @@ class Conversation:
         at = target.parent_id if target.kind == "reply" else target.id
         if at is None:
             raise InvalidInput(f"turn {target.id} has nothing before it to answer")
+        # Everything that can refuse the send, before the new branch exists: a refused
+        # regenerate leaves no branch behind and the checkout where it was.
+        info = self.info
+        body = self._build(info, storage.path(self.id, head_id=at), [], overrides)
+        self.store.client.require_key()
+        self._check_budget(info, body)
         with storage.branching(self.id) as tx:
             tail, _ = tx.tail(at)
             if tail[-1].role == "assistant" and tail[-1].kind == "reply":

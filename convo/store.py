@@ -631,6 +631,15 @@ class Storage:
         dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         conn.execute(dialect_insert(BL).on_conflict_do_nothing(index_elements=["sha256"]), values)
 
+    def renew_lease(self, conv_id: str, branch: str, owner: str, hold: timedelta) -> None:
+        """Extend a lease this owner holds (a long call must not lose its branch)."""
+        with db.write(self.engine) as conn:
+            conn.execute(
+                update(B)
+                .where(B.c.conversation_id == conv_id, B.c.name == branch, B.c.lease_owner == owner)
+                .values(lease_expires=now() + hold)
+            )
+
     def release(self, conv_id: str, branch: str, owner: str) -> None:
         with db.write(self.engine) as conn:
             conn.execute(

@@ -168,6 +168,29 @@ def parse_export(data: Any) -> Export:
     return export
 
 
+TURN_KINDS = frozenset(
+    {("user", "user"), ("user", "tool_result"), ("assistant", "reply"),
+     ("assistant", "synthetic"), ("assistant", "prefill")}
+)
+
+
+def _check_conversation(conv: ConversationExport) -> None:
+    """The settings an imported conversation will send with, checked as `Store.create` would."""
+    from convo.service import _check_limits, _check_settings, _check_system
+
+    params = dict(conv.params)
+    limits = {k: params.pop(k) for k in ("budget_usd", "max_input_tokens") if k in params}
+    try:
+        _check_limits({k: v for k, v in limits.items() if v is not None})
+        _check_settings(params)
+        if conv.system is not None:
+            _check_system(conv.system)
+    except InvalidInput as e:
+        raise InvalidInput(f"not a convo export: conversation settings: {e}") from None
+    if "max_tokens" not in params:
+        raise InvalidInput("not a convo export: conversation settings lack max_tokens")
+
+
 def import_conversation(storage: Storage, data: Any) -> str:
     """Import an export in one transaction; returns the new conversation id.
 
@@ -175,7 +198,11 @@ def import_conversation(storage: Storage, data: Any) -> str:
     and every branch must replay (tool pairing) before anything is written.
     """
     export = parse_export(data)
+    _check_conversation(export.conversation)
     by_id = {t.id: t for t in export.turns}
+    for t in export.turns:
+        if (t.role, t.kind) not in TURN_KINDS:
+            raise InvalidInput(f"not a convo export: turn {t.id} is a {t.role} turn of kind {t.kind}")
     for t in export.turns:
         if t.kind != "reply":
             normalize(t.content, t.role, where=f"turn {t.id}")

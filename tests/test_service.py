@@ -637,3 +637,71 @@ def test_usage_type_from_reply_roundtrip(store: Store, standin: StandIn) -> None
         reply.usage.input_tokens + reply.usage.cache_creation_input_tokens
         + reply.usage.cache_read_input_tokens
     )
+
+
+def test_a_reply_the_database_cannot_store_keeps_its_usage_and_frees_the_branch(
+    store: Store, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from convo.errors import StoreError
+    from convo.store import Storage
+
+    conv = store.create("claude-sonnet-4-5")
+
+    def fail(*_a: Any, **_k: Any) -> str:
+        raise StoreError("database is locked")
+
+    monkeypatch.setattr(Storage, "finish_with_reply", fail)
+    with pytest.raises(StoreError):
+        conv.send("Hello")
+    (call,) = conv.calls()
+    assert call["status"] == "error" and call["error_type"] == "reply_not_stored"
+    assert call["output_tokens"] > 0 and call["input_tokens"] + call["cache_creation_input_tokens"] > 0
+    assert call["partial_text"]
+    monkeypatch.undo()
+    assert all(b.lease_owner is None for b in conv.branches())
+    reply = conv.retry()  # the branch is free at once, and the turn is answered
+    assert [t.role for t in conv.turns()] == ["user", "assistant"]
+    assert reply.turn_id == conv.turns()[-1].id
+
+
+def test_regenerate_refused_before_the_request_leaves_no_branch(
+    db_url: str, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from convo import BudgetExceeded, MissingApiKey
+
+    with Client(KEY, standin.base_url) as good:
+        s = Store(db_url, client=good)
+        conv = s.create("claude-sonnet-4-5")
+        conv.send("Hello")
+        s.close()
+    with Client(None, standin.base_url) as keyless:
+        s = Store(db_url, client=keyless)
+        conv = s.get(conv.id)
+        before = [b.name for b in conv.branches()]
+        with pytest.raises(MissingApiKey):
+            conv.regenerate()
+        assert [b.name for b in conv.branches()] == before and conv.branch == "main"
+        s.close()
+    with Client(KEY, standin.base_url) as good:
+        s = Store(db_url, client=good)
+        conv = s.get(conv.id)
+        conv.set_limits(max_input_tokens=1)
+        with pytest.raises(BudgetExceeded):
+            conv.regenerate()
+        assert [b.name for b in conv.branches()] == before and conv.branch == "main"
+        s.close()
+
+
+def test_a_lease_is_renewed_by_its_holder_only(store: Store) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    conv = store.create("claude-sonnet-4-5")
+    storage = store.storage
+    storage.append(conv.id, "main", None, [], owner="me", hold=timedelta(seconds=1))
+    storage.renew_lease(conv.id, "main", "someone else", timedelta(hours=1))
+    (b,) = conv.branches()
+    assert b.lease_expires is not None
+    assert b.lease_expires < datetime.now(timezone.utc) + timedelta(minutes=1)
+    storage.renew_lease(conv.id, "main", "me", timedelta(hours=1))
+    (b,) = conv.branches()
+    assert b.lease_expires > datetime.now(timezone.utc) + timedelta(minutes=59)

@@ -185,3 +185,30 @@ def test_cli_export_import_round_trip_and_malformed_input(db_url: str, tmp_path:
         assert done.stderr.count("\n") == 1 and done.stderr.startswith("convo: error:")
     assert _row_counts(store) == before
     store.close()
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["conversation"]["params"].update(max_tokens="lots"), "max_tokens"),
+        (lambda d: d["conversation"]["params"].update(temperature=7), "temperature"),
+        (lambda d: d["conversation"]["params"].update(budget_usd=-1), "budget_usd"),
+        (lambda d: d["conversation"]["params"].pop("max_tokens"), "max_tokens"),
+        (lambda d: d["conversation"].update(system=[{"type": "image"}]), "system"),
+        (lambda d: d["turns"][0].update(kind="reply"), "kind reply"),
+    ],
+)
+def test_import_refuses_settings_or_turns_that_could_never_be_sent(
+    db_url: str, mutate, message: str  # type: ignore[no-untyped-def]
+) -> None:
+    store = Store(db_url, upgrade=True)
+    conv = store.create(model="claude-sonnet-4-5")
+    conv.add_user("hi")
+    data = store.export(conv.id)
+    mutate(data)
+    before = _row_counts(store)
+    with pytest.raises(InvalidInput) as err:
+        store.import_(data)
+    assert message in str(err.value)
+    assert _row_counts(store) == before
+    store.close()
