@@ -47,10 +47,12 @@ from convo.history import (
 )
 from convo.pricing import PriceTable, load_prices
 from convo.retry import RetryPolicy
+from convo.ids import new_id
 from convo.store import (
     Branching,
     BranchRow,
     ConversationRow,
+    FirstCall,
     ConversationSummary,
     NewTurn,
     Path,
@@ -552,9 +554,11 @@ class Conversation:
             self.store.client.require_key()
             self._check_budget(info, body)
             try:
+                first_call = FirstCall(new_id(), now(), body["model"], streaming)
                 ids = storage.append(
                     self.id, path.branch, path.head_id, new, owner=owner, hold=LEASE,
                     head_depth=path.head_depth if path.head_id else None,
+                    first_call=first_call,
                 )
                 break
             except Conflict:
@@ -572,7 +576,7 @@ class Conversation:
         target = _Target(path.branch, last_id, last_depth, owner, prefill_text)
         stored = False
         try:
-            reply = yield from self._call(target, body, streaming)
+            reply = yield from self._call(target, body, streaming, first_call)
             stored = True
             return reply
         finally:
@@ -636,8 +640,10 @@ class Conversation:
             return estimate_input_tokens(body)
 
     def _call(
-        self, target: _Target, body: dict[str, Any], streaming: bool
+        self, target: _Target, body: dict[str, Any], streaming: bool, first_call: FirstCall
     ) -> Generator[str | RetryNotice, None, Reply]:
+        """Attempts under the retry policy, each a ledger row (the first one was written with
+        the user turn, in the same transaction)."""
         store = self.store
         storage = store.storage
         client = store.client
@@ -645,11 +651,14 @@ class Conversation:
         model = body["model"]
         attempt = 0
         while True:
-            started = now()
-            call_id = storage.start_call(
-                conv_id=self.id, branch=target.branch, turn_id=target.last_id, model=model,
-                attempt=attempt, streamed=streaming, started_at=started,
-            )
+            if attempt == 0:
+                call_id, started = first_call.id, first_call.started_at
+            else:
+                started = now()
+                call_id = storage.start_call(
+                    conv_id=self.id, branch=target.branch, turn_id=target.last_id, model=model,
+                    attempt=attempt, streamed=streaming, started_at=started,
+                )
             acc = MessageAccumulator()
             request_id: str | None = None
             http_status: int | None = None

@@ -130,6 +130,16 @@ class NewTurn:
 
 
 @dataclass(frozen=True)
+class FirstCall:
+    """The ledger row of a send's first attempt, written with its user turn."""
+
+    id: str
+    started_at: datetime
+    model: str
+    streamed: bool
+
+
+@dataclass(frozen=True)
 class Path:
     """A branch's path from root to head, ready for the history builder."""
 
@@ -510,6 +520,7 @@ class Storage:
         owner: str | None = None,
         hold: timedelta | None = None,
         head_depth: int | None = None,
+        first_call: FirstCall | None = None,
     ) -> list[str]:
         """Append turns at a branch head in one transaction; optionally take the branch lease.
 
@@ -533,6 +544,16 @@ class Storage:
             if lease and not ids:
                 conn.execute(
                     update(B).where(B.c.conversation_id == conv_id, B.c.name == branch).values(**lease)
+                )
+            if first_call is not None:
+                # One commit for the user turn and the call it is about to make.
+                conn.execute(
+                    insert(K).values(
+                        id=first_call.id, conversation_id=conv_id, branch=branch,
+                        turn_id=ids[-1] if ids else head, attempt=0, model=first_call.model,
+                        streamed=int(first_call.streamed), status="pending",
+                        started_at=first_call.started_at,
+                    )
                 )
         return ids
 
