@@ -232,17 +232,19 @@ def _deliver(
     start: Callable[[Callable[[Any], None] | None], Any],
     *,
     stream: bool,
-    lead: str,
+    lead: str | Callable[[], str],
     continuing: bool,
     prefix: str = "",
 ) -> Any:
     """Run one send (`start(on_retry)` returns a ReplyStream, or a Reply when not streaming),
     print the reply, and turn a failure into a clear message about what was kept."""
     head_before = _branch_head(conv)
-    printer = _ReplyPrinter(sys.stdout, prefix, lead)
+    printer = _ReplyPrinter(sys.stdout, prefix, lead if isinstance(lead, str) else "")
     try:
         if stream:
             replies = start(printer.retry)
+            if not isinstance(lead, str):
+                printer.lead = lead()
             for chunk in replies:
                 printer.chunk(chunk)
             reply = replies.reply
@@ -388,12 +390,16 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
         name = _utf8(args.name, "--name")
         stream = not args.no_stream
 
+        before = conv.branch
+
         def start(cb: Callable[[Any], None] | None) -> Any:
             replies = conv.regenerate(args.turn, name=name, stream=stream, on_retry=cb)
-            _err(f"[on new branch {conv.branch}]")
+            now_on = conv.branch
+            _err(f"[on new branch {now_on}]" if now_on != before else f"[on branch {now_on}]")
             return replies
 
-        _deliver(conv, start, stream=stream, lead="", continuing=True)
+        # The lead (a prefill the new reply continues) is known once the branch is made.
+        _deliver(conv, start, stream=stream, lead=lambda: _continuation_lead(conv), continuing=True)
     return 0
 
 
@@ -436,7 +442,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         if args.json:
             _out(render.to_json(render.transcript_json(info, branch, turns, calls)))
         else:
-            _out(render.transcript(info, branch, turns, calls))
+            width = render.id_width(store.storage.turn_ids(conv.id))
+            _out(render.transcript(info, branch, turns, calls, width=width))
     return 0
 
 
@@ -529,10 +536,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_branches(args: argparse.Namespace) -> int:
     with _store(args) as store:
         conv = _conversation(store, args.conversation)
-        branches = conv.branches()
-        depths = {b.head_id: b.head_depth for b in branches if b.head_id}
-        _out(render.branches_table(branches, conv.branch, depths))
+        _out(_branches_table(conv))
     return 0
+
+
+def _branches_table(conv: Any) -> str:
+    branches = conv.branches()
+    depths = {b.head_id: b.head_depth for b in branches if b.head_id}
+    width = render.id_width(conv.store.storage.turn_ids(conv.id))
+    return render.branches_table(branches, conv.branch, depths, width=width)
 
 
 def cmd_branch(args: argparse.Namespace) -> int:
@@ -712,8 +724,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 return 0
             try:
                 if command == "/branches":
-                    branches = conv.branches()
-                    _out(render.branches_table(branches, conv.branch))
+                    _out(_branches_table(conv))
                     continue
                 if command == "/retry":
                     lead, continuing = _continuation_lead(conv), True

@@ -61,6 +61,9 @@ def create_engine_for(url: str) -> Engine:
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         database = parsed.database or ""
+        if not database:
+            # SQLAlchemy would open a private in-memory database and lose everything on exit.
+            raise ConfigError("a sqlite URL needs a file path: sqlite:///path/to/convo.db")
         if database.startswith("~"):
             # Expand here, so the file prepared below is the very one SQLite opens.
             parsed = parsed.set(database=str(Path(database).expanduser()))

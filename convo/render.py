@@ -298,11 +298,16 @@ def conversations_json(
 
 
 def branches_table(
-    branches: Sequence[Any], current: str, depths: Mapping[str, int] | None = None
+    branches: Sequence[Any],
+    current: str,
+    depths: Mapping[str, int] | None = None,
+    width: int | None = None,
 ) -> str:
-    """`convo branches`: `*` marks the checked-out branch; `turns` is the head's path length."""
+    """`convo branches`: `*` marks the checked-out branch; `turns` is the head's path length.
+
+    `width` is the short-id length that is unique across the whole conversation."""
     depths = depths or {}
-    width = id_width(b.head_id for b in branches)
+    width = width or id_width(b.head_id for b in branches)
     rows = [
         (
             "*" if b.name == current else " ",
@@ -459,6 +464,7 @@ def transcript(
     branch: str,
     turns: Sequence[Any],
     calls: Mapping[str, Mapping[str, Any]] | None = None,
+    width: int | None = None,
 ) -> str:
     """`convo show`: a header, then each turn of the branch with its usage when it is a reply.
 
@@ -473,7 +479,7 @@ def transcript(
         lines.append(f"system: {one_line(system, 100)}")
     if not turns:
         lines.append("(no turns yet)")
-    width = id_width(t.id for t in turns)
+    width = width or id_width(t.id for t in turns)
     for t in turns:
         head = f"{short(t.id, width)} {turn_label(t.role, t.kind)}"
         if t.kind == "reply" and t.stop_reason and t.stop_reason != "end_turn":

@@ -876,11 +876,17 @@ class Conversation:
         """Another reply on a new checked-out branch; the old reply stays on its branch.
 
         `turn` is the reply to redo (default: the branch's last reply), or the user turn to
-        answer again. If the send fails, the new branch keeps the turn unanswered for retry().
+        answer again. If the branch ends with a turn nothing has answered yet (an edit), that
+        turn is answered on this branch. If the send fails, the turn waits for retry().
         """
         storage = self.store.storage
         if turn is None:
             path = storage.path(self.id)
+            last = path.turns[-1] if path.turns else None
+            if last is not None and not (last.role == "assistant" and last.kind == "reply"):
+                # Nothing answered the branch's last turn yet (after an edit, say): answering
+                # it is the reply to generate, here, with nothing to keep on another branch.
+                return self.retry(stream=stream, on_retry=on_retry, **overrides)  # type: ignore[call-overload,no-any-return]
             replies = [t for t in path.turns if t.role == "assistant" and t.kind == "reply"]
             if not replies:
                 raise InvalidInput("nothing to regenerate: the branch has no reply yet")

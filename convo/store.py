@@ -394,6 +394,11 @@ class Storage:
             ).all()
         return [_turn_row(r) for r in rows]
 
+    def turn_ids(self, conv_id: str) -> list[str]:
+        """Every turn id of a conversation (to shorten ids so each stays unique)."""
+        with db.read(self.engine) as conn:
+            return list(conn.execute(select(T.c.id).where(T.c.conversation_id == conv_id)).scalars())
+
     def children(self, turn_id: str) -> list[TurnRow]:
         with db.read(self.engine) as conn:
             rows = conn.execute(select(T).where(T.c.parent_id == turn_id).order_by(T.c.id)).all()

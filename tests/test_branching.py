@@ -318,13 +318,21 @@ def test_regenerate_a_named_reply_or_user_turn(store: Store, conv: Conversation)
 
 
 def test_regenerate_with_nothing_to_regenerate(store: Store, conv: Conversation) -> None:
+    before = row_counts(store)
     with pytest.raises(InvalidInput):
         conv.regenerate()
-    conv.add_user("hi")
-    before = row_counts(store)
-    with pytest.raises(InvalidInput, match="no reply"):
-        conv.regenerate()
     assert row_counts(store) == before
+
+
+def test_regenerate_answers_an_unanswered_last_turn_on_its_branch(
+    store: Store, conv: Conversation
+) -> None:
+    # After an edit the branch ends with a question nothing answered: that is what to generate.
+    conv.add_user("hi")
+    reply = conv.regenerate()
+    assert conv.branch == "main" and [b.name for b in conv.branches()] == ["main"]
+    assert [t.role for t in conv.turns()] == ["user", "assistant"]
+    assert conv.turns()[-1].id == reply.turn_id
 
 
 # -- branches, checkout, delete --------------------------------------------------------------

@@ -923,3 +923,32 @@ def test_edit_in_the_editor(tmp_path: Path, api: StandIn, store_for: Any) -> Non
     ]
     one_error(aborted, 2, "empty text: edit aborted")
     assert len(conv.branches()) == 2
+
+
+def test_short_ids_in_show_and_branches_are_unique_across_the_conversation(
+    tmp_path: Path,
+) -> None:
+    """Ids printed for one branch must still be unique prefixes among every branch's turns."""
+    import subprocess
+
+    from convo import Store
+
+    url = f"sqlite:///{tmp_path / 'ids.db'}"
+    store = Store(url)
+    conv = store.create(model="claude-sonnet-4-5")
+    first = conv.add_user("one")
+    conv.add_assistant("two")
+    for i in range(6):  # siblings made within the same millisecond share long prefixes
+        conv.edit(first, f"edit {i}")
+    all_ids = store.storage.turn_ids(conv.id)
+    store.close()
+    for args in (["show"], ["branches"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "convo", "--db", url, *args],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        printed = [w for w in out.stdout.split() if w[:2] == all_ids[0][:2] and len(w) < 26]
+        assert printed
+        for short_id in printed:
+            assert sum(i.startswith(short_id) for i in all_ids) == 1, short_id
