@@ -250,7 +250,7 @@ def _deliver(
             reply = replies.reply
             printer.finish()
         else:
-            reply = start(None)
+            reply = start(printer.retry)  # notices go to stderr; nothing is on stdout yet
             if prefix or reply.text:
                 _out(prefix + reply.text)
     except KeyboardInterrupt:
@@ -361,8 +361,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         if continuing:
             lead = _continuation_lead(conv)
         if args.no_stream:
-            start: Callable[[Any], Any] = lambda _cb: conv.send(  # noqa: E731
-                text, prefill=prefill, images=images, **overrides
+            start: Callable[[Any], Any] = lambda cb: conv.send(  # noqa: E731
+                text, prefill=prefill, images=images, on_retry=cb, **overrides
             )
         else:
             start = lambda cb: conv.stream(  # noqa: E731

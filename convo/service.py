@@ -475,15 +475,16 @@ class Conversation:
         *,
         prefill: str | None = None,
         images: Sequence[str | FilePath] = (),
+        on_retry: Callable[[RetryNotice], None] | None = None,
         **overrides: Any,
     ) -> Reply:
         """Append a user turn, ask Claude, store and return the reply.
 
         With no content, continues the branch as it is: after tool results, a prefill, an
-        unanswered user turn or a paused turn.
+        unanswered user turn or a paused turn. `on_retry` hears of each automatic retry.
         """
         steps = self._send_steps(content, prefill, images, overrides, streaming=False)
-        return _drain(steps)
+        return _drain(steps, on_retry)
 
     def stream(
         self,
@@ -530,7 +531,7 @@ class Conversation:
         if last.role == "assistant" and last.kind == "reply" and last.stop_reason != "pause_turn":
             raise InvalidInput("nothing to retry: the last turn already has its reply")
         steps = self._send_steps(None, None, (), overrides, streaming=stream)
-        return ReplyStream(steps, on_retry) if stream else _drain(steps)
+        return ReplyStream(steps, on_retry) if stream else _drain(steps, on_retry)
 
     def _send_steps(
         self,
@@ -1012,12 +1013,18 @@ def _incomplete_stream() -> APIError:
     return APIConnectionError("the stream ended before message_stop")
 
 
-def _drain(steps: Generator[str | RetryNotice, None, Reply]) -> Reply:
+def _drain(
+    steps: Generator[str | RetryNotice, None, Reply],
+    on_retry: Callable[[RetryNotice], None] | None = None,
+) -> Reply:
+    """Run a send's steps to the end, passing retry notices on."""
     while True:
         try:
-            next(steps)
+            item = next(steps)
         except StopIteration as done:
             return done.value
+        if on_retry is not None and isinstance(item, RetryNotice):
+            on_retry(item)
 
 
 class ReplyStream:

@@ -705,3 +705,16 @@ def test_a_lease_is_renewed_by_its_holder_only(store: Store) -> None:
     storage.renew_lease(conv.id, "main", "me", timedelta(hours=1))
     (b,) = conv.branches()
     assert b.lease_expires > datetime.now(timezone.utc) + timedelta(minutes=59)
+
+
+def test_a_plain_send_reports_its_automatic_retries(
+    store: Store, standin: StandIn, sleeps: list[float]
+) -> None:
+    conv = store.create("claude-sonnet-4-5")
+    standin.fail_next(529, times=2)
+    notices: list[RetryNotice] = []
+    reply = conv.send("Hello", on_retry=notices.append)
+    assert [n.attempt for n in notices] == [1, 2]
+    assert all(n.error.status_code == 529 for n in notices)
+    assert [n.delay for n in notices] == sleeps
+    assert reply.turn_id == conv.turns()[-1].id
