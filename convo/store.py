@@ -399,11 +399,6 @@ class Storage:
         with db.read(self.engine) as conn:
             return list(conn.execute(select(T.c.id).where(T.c.conversation_id == conv_id)).scalars())
 
-    def children(self, turn_id: str) -> list[TurnRow]:
-        with db.read(self.engine) as conn:
-            rows = conn.execute(select(T).where(T.c.parent_id == turn_id).order_by(T.c.id)).all()
-        return [_turn_row(r) for r in rows]
-
     # -- paths -----------------------------------------------------------------------------
 
     def path(self, conv_id: str, branch: str | None = None, head_id: str | None = None) -> Path:
