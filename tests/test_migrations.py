@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +22,9 @@ from convo.errors import SchemaTooNew, StoreError
 from convo.models import Base
 
 REPO = Path(__file__).resolve().parent.parent
-PYTHON = str(REPO / ".venv" / "bin" / "python")
-ALEMBIC = str(REPO / ".venv" / "bin" / "alembic")
+PYTHON = sys.executable
+# The `alembic` script installed next to the interpreter running the suite (whatever venv CI made).
+ALEMBIC = str(Path(sys.executable).parent / "alembic")
 MODEL_TABLES = set(Base.metadata.tables)
 
 
