@@ -80,7 +80,9 @@ def create_engine_for(url: str) -> Engine:
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
         try:
-            return create_engine(parsed, pool_pre_ping=True)
+            # No hstore: convo never uses it, and looking its type up costs every new engine
+            # a query (a third of a CLI command's connect time).
+            return create_engine(parsed, pool_pre_ping=True, use_native_hstore=False)
         except sa_exc.ArgumentError as e:  # an unknown driver (NoSuchModuleError)
             raise ConfigError(f"{_redact(str(parsed))}: {_first_line(e)}") from None
     raise ConfigError(f"unsupported database {backend!r}: use sqlite or postgresql")
@@ -162,11 +164,19 @@ def _first_line(err: object) -> str:
 
 
 def current_revision(conn: Connection) -> str | None:
-    try:
-        with conn.begin_nested():
-            row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
-    except (sa_exc.OperationalError, sa_exc.ProgrammingError):
-        return None
+    """The Alembic revision, None for a database convo never touched. Every Store opens with
+    this, so it is kept to plain statements: no savepoint, no Alembic context."""
+    if conn.dialect.name == "sqlite":
+        # A statement SQLite cannot prepare leaves the transaction as it was.
+        try:
+            row = conn.exec_driver_sql("SELECT version_num FROM alembic_version").first()
+        except sa_exc.OperationalError:
+            return None
+    else:
+        # A failed statement would abort a PostgreSQL transaction: ask the catalog first.
+        if conn.exec_driver_sql("SELECT to_regclass('alembic_version')").scalar() is None:
+            return None
+        row = conn.exec_driver_sql("SELECT version_num FROM alembic_version").first()
     return row[0] if row else None
 
 
