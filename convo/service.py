@@ -816,7 +816,7 @@ class Conversation:
         """A new branch whose head is turn `at` (id or prefix): one row, whatever the depth."""
         with self.store.storage.branching(self.id) as tx:
             turn = tx.turn(at)
-            _check_local(tx, turn.id, [], final_pending_ok=False)
+            _check_local(tx, turn, [], final_pending_ok=False)
             name = _branch_name(tx, name, "fork")
             tx.create(name, turn.id, checkout=checkout)
         return name
@@ -971,12 +971,12 @@ class Conversation:
 
 
 def _check_local(
-    tx: Branching, parent_id: str | None, new: list[TurnRecord], *, final_pending_ok: bool
+    tx: Branching, parent: str | TurnRow | None, new: list[TurnRecord], *, final_pending_ok: bool
 ) -> None:
     """check_structure on just the turns that decide it (back to the nearest assistant turn),
     so a fork or an edit costs the same at depth 10,000 as at depth 10. Stored paths were
     checked when written, so what lies before that assistant turn is valid."""
-    tail, from_root = tx.tail(parent_id) if parent_id else ([], True)
+    tail, from_root = tx.tail(parent) if parent else ([], True)
     if not from_root:  # stands for the (valid) turns before the assistant turn
         tail.insert(0, TurnRecord("(earlier turns)", "user", "user", [{"type": "text", "text": "."}]))
     check_structure(tail + new, final_pending_ok=final_pending_ok)

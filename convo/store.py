@@ -73,7 +73,11 @@ _SNAPSHOT = (
     .columns(created_at=C.c.created_at.type, updated_at=C.c.updated_at.type)
 )
 _PATH_COLUMNS = "id, parent_id, role, kind, content, stop_reason"
-_LINEAR_PATH = text(f"SELECT {_PATH_COLUMNS} FROM turns WHERE conversation_id = :conv_id ORDER BY depth")
+# A never-branched thread needs no parent ids: NULL spares the driver 20,000 strings at n=10,000.
+_LINEAR_PATH = text(
+    "SELECT id, NULL, role, kind, content, stop_reason FROM turns "
+    "WHERE conversation_id = :conv_id ORDER BY depth"
+)
 _NEAR_LINEAR_PATH = text(
     f"SELECT {_PATH_COLUMNS} FROM turns WHERE conversation_id = :conv_id AND depth <= :depth"
 )
@@ -402,20 +406,31 @@ class Storage:
     # -- ids -------------------------------------------------------------------------------
 
     def _resolve(
-        self, conn: Connection, table: Any, ref: str, what: str, conv_id: str | None = None
-    ) -> str:
+        self,
+        conn: Connection,
+        table: Any,
+        ref: str,
+        what: str,
+        conv_id: str | None = None,
+        *,
+        whole_rows: bool = False,
+    ) -> Any:
+        """The id matching `ref` (or with `whole_rows`, the matching row in a list)."""
         prefix = normalize_prefix(ref)
         if prefix is None:
             raise NotFound(f"no {what} with id {ref!r}")
         low, high = prefix_range(prefix)
+        rows: list[Any]
         if table is C:
-            ids = list(conn.execute(_CONVERSATIONS_BY_PREFIX, {"low": low, "high": high}).scalars())
+            rows = list(conn.execute(_CONVERSATIONS_BY_PREFIX, {"low": low, "high": high}))
         else:
-            q = select(table.c.id).where(table.c.id >= low, table.c.id < high)
+            q = select(*table.c) if whole_rows else select(table.c.id)
+            q = q.where(table.c.id >= low, table.c.id < high)
             # Wrapped so SQLite's planner walks the primary key range (a handful of rows)
             # rather than every turn of the conversation through its index.
             q = q.where(func.coalesce(table.c.conversation_id, "") == conv_id)
-            ids = list(conn.execute(q.order_by(table.c.id).limit(11)).scalars())
+            rows = list(conn.execute(q.order_by(table.c.id).limit(11)))
+        ids = [r.id for r in rows]
         if not ids:
             if conv_id is not None:
                 elsewhere = conn.execute(
@@ -426,13 +441,16 @@ class Storage:
             raise NotFound(f"no {what} with id {ref!r}")
         if len(ids) > 1:
             raise AmbiguousId(ref, ids, what)
-        return ids[0]
+        return rows if whole_rows else ids[0]
 
     def resolve_turn(self, conv_id: str, ref: str) -> TurnRow:
         with db.read(self.engine) as conn:
-            tid = self._resolve(conn, T, ref, "turn", conv_id)
-            row = conn.execute(select(T).where(T.c.id == tid)).one()
-        return _turn_row(row)
+            return self._resolve_turn(conn, conv_id, ref)
+
+    def _resolve_turn(self, conn: Connection, conv_id: str, ref: str) -> TurnRow:
+        """A turn by id or unique prefix, read with the lookup itself: one round trip."""
+        rows = self._resolve(conn, T, ref, "turn", conv_id, whole_rows=True)
+        return _turn_row(rows[0])
 
     def turn(self, turn_id: str) -> TurnRow:
         with db.read(self.engine) as conn:
@@ -755,10 +773,9 @@ class Storage:
             n += 1
 
     def _branch_name_taken(self, conn: Connection, conv_id: str, name: str) -> bool:
-        live = conn.execute(
-            select(B.c.id).where(B.c.conversation_id == conv_id, B.c.name == name)
-        ).first()
-        return live is not None or self._billed_branch(conn, conv_id, name)
+        live = select(B.c.id).where(B.c.conversation_id == conv_id, B.c.name == name).exists()
+        billed = select(K.c.id).where(K.c.conversation_id == conv_id, K.c.branch == name).exists()
+        return bool(conn.execute(select(or_(live, billed))).scalar())
 
     def _billed_branch(self, conn: Connection, conv_id: str, name: str) -> bool:
         q = select(K.c.id).where(K.c.conversation_id == conv_id, K.c.branch == name).limit(1)
@@ -770,13 +787,21 @@ class Storage:
         with db.write(self.engine) as conn:
             yield Branching(self, conn, conv_id)
 
-    def _tail(self, conn: Connection, turn_id: str) -> tuple[list[TurnRecord], bool]:
-        """The turns from the nearest assistant ancestor of `turn_id` (inclusive) down to it,
+    def _tail(self, conn: Connection, start: str | TurnRow) -> tuple[list[TurnRecord], bool]:
+        """The turns from the nearest assistant ancestor of `start` (inclusive) down to it,
         and whether the walk reached the root: all that tool pairing and role order depend on
-        when a turn is forked at or edited, read without loading the whole path."""
+        when a turn is forked at or edited, read without loading the whole path. `start` may
+        be a row already read, which saves reading it again."""
         cols = (T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason)
         out: list[TurnRecord] = []
-        cur: str | None = turn_id
+        cur: str | None
+        if isinstance(start, TurnRow):
+            out.append(TurnRecord(start.id, start.role, start.kind, start.content, start.stop_reason))
+            if start.role == "assistant":
+                return out, False
+            cur = start.parent_id
+        else:
+            cur = start
         while cur is not None:
             r = conn.execute(select(*cols).where(T.c.id == cur)).one()
             out.append(TurnRecord(r[0], r[2], r[3], orjson.loads(r[4]), r[5]))
@@ -1098,11 +1123,10 @@ class Branching:
         self._s, self._conn, self.conv_id = storage, conn, conv_id
 
     def turn(self, ref: str) -> TurnRow:
-        tid = self._s._resolve(self._conn, T, ref, "turn", self.conv_id)
-        return _turn_row(self._conn.execute(select(T).where(T.c.id == tid)).one())
+        return self._s._resolve_turn(self._conn, self.conv_id, ref)
 
-    def tail(self, turn_id: str) -> tuple[list[TurnRecord], bool]:
-        return self._s._tail(self._conn, turn_id)
+    def tail(self, start: str | TurnRow) -> tuple[list[TurnRecord], bool]:
+        return self._s._tail(self._conn, start)
 
     def free_name(self, prefix: str) -> str:
         return self._s._free_branch_name(self._conn, self.conv_id, prefix)
