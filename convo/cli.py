@@ -12,6 +12,7 @@ to the most recently used conversation.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -20,7 +21,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -227,6 +228,11 @@ def _print_reply_tail(reply: Any) -> None:
         _err("[the reply was empty: nothing was stored; the branch still ends with your turn]")
 
 
+def _stream_line(conv: Any, text: str, on_retry: Any) -> Any:
+    """A chat line's streamed reply (bound with functools.partial, one per line)."""
+    return conv.stream(text, on_retry=on_retry)
+
+
 def _deliver(
     conv: Any,
     start: Callable[[Callable[[Any], None] | None], Any],
@@ -260,7 +266,7 @@ def _deliver(
     except ConvoError as e:
         printer.abandon()
         if isinstance(e, APIError | MissingApiKey) and _turn_kept(conv, head_before, continuing):
-            e.convo_hint = RETRY_HINT  # type: ignore[attr-defined]
+            e.convo_hint = RETRY_HINT  # type: ignore[union-attr]
         raise
     _print_reply_tail(reply)
     return reply
@@ -465,7 +471,7 @@ def _day(value: str | None, flag: str) -> datetime | None:
         d = datetime.strptime(value, "%Y-%m-%d")
     except ValueError:
         raise InvalidInput(f"{flag} must be a date YYYY-MM-DD, not {value!r}") from None
-    return d.replace(tzinfo=timezone.utc)
+    return d.replace(tzinfo=UTC)
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -522,6 +528,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise _UsageError("give the new TEXT (or - for stdin), or --editor (see `convo edit --help`)")
     with _store(args) as store:
         conv = _conversation(store, args.conversation)
+        text: str | None
         if args.editor:
             text = _edit_in_editor(_editable_text(conv.turn(args.turn)))
         else:
@@ -736,7 +743,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     continue
                 else:
                     lead, continuing = "", False
-                    start = lambda cb, text=line: conv.stream(text, on_retry=cb)  # noqa: E731
+                    start = functools.partial(_stream_line, conv, line)
                 _deliver(
                     conv, start, stream=True, lead=lead, continuing=continuing, prefix="claude> "
                 )

@@ -131,7 +131,7 @@ def check_media(data: bytes, claimed: str | None, where: str, *, image: bool) ->
     """The real media type of image or document bytes, refusing a mismatch or an oversize."""
     actual = sniff_media_type(data)
     allowed = IMAGE_MEDIA_TYPES if image else DOCUMENT_MEDIA_TYPES
-    if actual not in allowed:
+    if actual is None or actual not in allowed:
         what = "an image (JPEG, PNG, GIF or WebP)" if image else "a PDF"
         raise ContentError(f"{where}: the bytes are not {what}")
     if claimed and claimed != actual:

@@ -74,9 +74,9 @@ def id_width(ids: Iterable[str | None], minimum: int = SHORT_ID) -> int:
     """
     distinct = sorted({i for i in ids if i})
     width = minimum
-    for a, b in zip(distinct, distinct[1:]):
+    for a, b in zip(distinct, distinct[1:], strict=False):
         common = 0
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=False):
             if x != y:
                 break
             common += 1

@@ -127,7 +127,7 @@ def _validate(
                 f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
                 for err in e.errors()
             ], None
-    import jsonschema
+    import jsonschema  # type: ignore[import-untyped]
 
     validator = jsonschema.Draft202012Validator(json_schema)
     errors = [

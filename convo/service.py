@@ -45,20 +45,20 @@ from convo.history import (
     check_structure,
     count_cache_markers,
 )
+from convo.ids import new_id
 from convo.pricing import PriceTable, load_prices
 from convo.retry import RetryPolicy
-from convo.ids import new_id
 from convo.store import (
+    STORE_BUDGET_KEY,
     Branching,
     BranchRow,
     ConversationRow,
-    FirstCall,
     ConversationSummary,
+    FirstCall,
     NewTurn,
     Path,
     Storage,
     TurnRow,
-    STORE_BUDGET_KEY,
     UsageReport,
     gc_paused,
     lease_owner_id,
@@ -157,7 +157,9 @@ class Store:
     @property
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client(sleep=self.sleep, **({"policy": self.policy} if self.policy else {}))
+            self._client = (
+                Client(sleep=self.sleep, policy=self.policy) if self.policy else Client(sleep=self.sleep)
+            )
         return self._client
 
     @property
@@ -448,7 +450,7 @@ class Conversation:
                 ids = [b["id"] for b in t.content if b.get("type") == "tool_use"]
                 return [i for i in ids if i not in answered]
             answered.update(
-                b.get("tool_use_id") for b in t.content if b.get("type") == "tool_result"
+                b["tool_use_id"] for b in t.content if b.get("type") == "tool_result"
             )
         return []
 

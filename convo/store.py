@@ -13,11 +13,12 @@ import socket
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import orjson
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     String,
@@ -115,7 +116,7 @@ def _fetchall(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[Any]:
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def dumps(value: Any) -> str:
@@ -125,7 +126,7 @@ def dumps(value: Any) -> str:
 def _utc(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; every datetime convo stores is UTC."""
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     return value
 
 
@@ -134,8 +135,8 @@ def _as_utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -694,7 +695,7 @@ class Storage:
                 .where(C.c.id == conv_id)
                 .values(updated_at=ts, turn_count=C.c.turn_count + len(rows))
             )
-        return [r["id"] for r in rows]
+        return [str(r["id"]) for r in rows]
 
     def _insert_blobs(self, conn: Connection, blobs: Iterable[BlobData], ts: datetime) -> None:
         values = [
@@ -918,6 +919,7 @@ class Storage:
         by: str = "conversation",
     ) -> UsageReport:
         """Spend grouped by conversation, branch, model or day: one aggregate query."""
+        key: ColumnElement[Any]
         if by == "conversation":
             key = K.c.conversation_id
         elif by == "branch":

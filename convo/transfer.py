@@ -18,7 +18,7 @@ from convo.errors import InvalidInput
 from convo.history import TurnRecord, check_structure
 from convo.store import Storage
 
-FORMAT = "convo.conversation/1"
+FORMAT: Literal["convo.conversation/1"] = "convo.conversation/1"
 
 
 class _Strict(BaseModel):

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import pytest
 from convo import render
 from convo.cli import build_parser
 from convo.client import Client
+from convo.errors import BadRequestError
 from convo.service import Store
 from convo.standin import StandIn
 from convo.store import BranchRow, ConversationSummary, TurnRow, UsageReport, UsageRow
@@ -42,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # -- pure rendering ----------------------------------------------------------------------------
 
-UTC = timezone.utc
+UTC = UTC
 T0 = datetime(2026, 5, 1, 12, 30, 45, tzinfo=UTC)
 
 
@@ -697,7 +698,7 @@ def test_usage_totals_match_the_calls(
     b = store.create(title="b")
     b.send("hello")
     api.fail_next(400, message="bad thing")
-    with pytest.raises(Exception):
+    with pytest.raises(BadRequestError):
         b.send("rejected")
     calls = store.storage.calls(a.id) + store.storage.calls(b.id)
     assert len(calls) == 5

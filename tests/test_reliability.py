@@ -506,7 +506,7 @@ def test_fault_matrix_cli(db_url: str, tmp_path: Path) -> None:
                 for _f, s, conv, _t in retries
             ]
         )
-        for (fault, s, conv, text), res in zip(retries, results, strict=True):
+        for (fault, s, _conv, text), res in zip(retries, results, strict=True):
             assert res.returncode == 0, f"{fault.id}: {res.stderr}"
             assert message_bodies(s)[-1]["messages"] == [user_msg(text)]
         for fault, s, conv in zip(faults, standins, convs, strict=True):

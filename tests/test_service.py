@@ -7,6 +7,7 @@ Retries never really wait: the store and the client share a fake sleep that reco
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Any
 
 import pytest
@@ -693,7 +694,7 @@ def test_regenerate_refused_before_the_request_leaves_no_branch(
 
 
 def test_a_lease_is_renewed_by_its_holder_only(store: Store) -> None:
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     conv = store.create("claude-sonnet-4-5")
     storage = store.storage
@@ -701,10 +702,10 @@ def test_a_lease_is_renewed_by_its_holder_only(store: Store) -> None:
     storage.renew_lease(conv.id, "main", "someone else", timedelta(hours=1))
     (b,) = conv.branches()
     assert b.lease_expires is not None
-    assert b.lease_expires < datetime.now(timezone.utc) + timedelta(minutes=1)
+    assert b.lease_expires < datetime.now(UTC) + timedelta(minutes=1)
     storage.renew_lease(conv.id, "main", "me", timedelta(hours=1))
     (b,) = conv.branches()
-    assert b.lease_expires > datetime.now(timezone.utc) + timedelta(minutes=59)
+    assert b.lease_expires > datetime.now(UTC) + timedelta(minutes=59)
 
 
 def test_a_plain_send_reports_its_automatic_retries(

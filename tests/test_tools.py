@@ -3,7 +3,7 @@
 import asyncio
 import dataclasses
 import json
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import pytest
 from pydantic import BaseModel, Field
@@ -15,7 +15,7 @@ from convo.tools import Tool, json_schema_for, tool, tool_definition
 
 class Address(BaseModel):
     city: str
-    zip: Optional[str] = None
+    zip: str | None = None
 
 
 @tool
@@ -89,8 +89,8 @@ def test_schema_from_type_hints() -> None:
         exact: bool = False,
         tags: list[str] = [],  # noqa: B006 - pydantic copies defaults
         mode: Literal["fast", "deep"] = "fast",
-        since: Optional[str] = None,
-        address: Optional[Address] = None,
+        since: str | None = None,
+        address: Address | None = None,
         note: Annotated[str, Field(description="From Annotated.")] = "",
     ) -> list[str]:
         """Search.
