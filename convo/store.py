@@ -20,6 +20,7 @@ import orjson
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Executable,
     Engine,
     String,
     Table,
@@ -81,6 +82,37 @@ _LINEAR_PATH = text(
 )
 _NEAR_LINEAR_PATH = text(
     f"SELECT {_PATH_COLUMNS} FROM turns WHERE conversation_id = :conv_id AND depth <= :depth"
+)
+# Statements a fork, an edit or a send runs every time, built once: building a select() in
+# Python costs about as much as running it on SQLite.
+_INSERT_TURNS = insert(T)
+_INSERT_BRANCH = insert(B)
+_COUNT_TURNS = (
+    update(C)
+    .where(C.c.id == bindparam("conv_id"))
+    .values(updated_at=bindparam("ts"), turn_count=C.c.turn_count + bindparam("n"))
+)
+_TURN_BY_PREFIX = (
+    select(*T.c)
+    .where(T.c.id >= bindparam("low"), T.c.id < bindparam("high"))
+    # Wrapped so SQLite's planner walks the primary key range (a handful of rows) rather than
+    # every turn of the conversation through its index.
+    .where(func.coalesce(T.c.conversation_id, "") == bindparam("conv_id"))
+    .order_by(T.c.id)
+    .limit(11)
+)
+_BRANCH_NAME_TAKEN = select(
+    or_(
+        select(B.c.id)
+        .where(B.c.conversation_id == bindparam("conv_id"), B.c.name == bindparam("name"))
+        .exists(),
+        select(K.c.id)
+        .where(K.c.conversation_id == bindparam("conv_id"), K.c.branch == bindparam("name"))
+        .exists(),
+    )
+)
+_TAIL_TURN = select(T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason).where(
+    T.c.id == bindparam("id")
 )
 _CONVERSATIONS_BY_PREFIX = text(
     "SELECT id FROM conversations WHERE id >= :low AND id < :high ORDER BY id LIMIT 11"
@@ -421,16 +453,9 @@ class Storage:
         if prefix is None:
             raise NotFound(f"no {what} with id {ref!r}")
         low, high = prefix_range(prefix)
-        rows: list[Any]
-        if table is C:
-            rows = list(conn.execute(_CONVERSATIONS_BY_PREFIX, {"low": low, "high": high}))
-        else:
-            q = select(*table.c) if whole_rows else select(table.c.id)
-            q = q.where(table.c.id >= low, table.c.id < high)
-            # Wrapped so SQLite's planner walks the primary key range (a handful of rows)
-            # rather than every turn of the conversation through its index.
-            q = q.where(func.coalesce(table.c.conversation_id, "") == conv_id)
-            rows = list(conn.execute(q.order_by(table.c.id).limit(11)))
+        stmt: Executable = _CONVERSATIONS_BY_PREFIX if table is C else _TURN_BY_PREFIX
+        params: dict[str, Any] = {"low": low, "high": high, "conv_id": conv_id}
+        rows = list(conn.execute(stmt, params))
         ids = [r.id for r in rows]
         if not ids:
             if conv_id is not None:
@@ -650,6 +675,27 @@ class Storage:
     ) -> list[str]:
         """Insert turns under `parent_id` and move the branch head (with `branch_values`, such
         as a lease change, in the same UPDATE)."""
+        ts = now()
+        rows = self._write_turns(conn, conv_id, parent_id, turns, parent_depth, ts)
+        if rows:
+            conn.execute(
+                update(B)
+                .where(B.c.conversation_id == conv_id, B.c.name == branch)
+                .values(head_id=rows[-1]["id"], **(branch_values or {}))
+            )
+            conn.execute(_COUNT_TURNS, {"conv_id": conv_id, "n": len(rows), "ts": ts})
+        return [str(r["id"]) for r in rows]
+
+    def _write_turns(
+        self,
+        conn: Connection,
+        conv_id: str,
+        parent_id: str | None,
+        turns: Sequence[NewTurn],
+        parent_depth: int | None,
+        ts: datetime,
+    ) -> list[dict[str, Any]]:
+        """Insert turns (and their blobs) as a chain under `parent_id`; the rows written."""
         depth = -1
         if parent_id is not None:
             depth = (
@@ -657,7 +703,6 @@ class Storage:
                 if parent_depth is not None
                 else conn.execute(select(T.c.depth).where(T.c.id == parent_id)).scalar_one()
             )
-        ts = now()
         rows = []
         blobs: dict[str, BlobData] = {}
         for t in turns:
@@ -684,18 +729,8 @@ class Storage:
         if blobs:
             self._insert_blobs(conn, blobs.values(), ts)
         if rows:
-            conn.execute(insert(T), rows)
-            conn.execute(
-                update(B)
-                .where(B.c.conversation_id == conv_id, B.c.name == branch)
-                .values(head_id=parent_id, **(branch_values or {}))
-            )
-            conn.execute(
-                update(C)
-                .where(C.c.id == conv_id)
-                .values(updated_at=ts, turn_count=C.c.turn_count + len(rows))
-            )
-        return [str(r["id"]) for r in rows]
+            conn.execute(_INSERT_TURNS, rows)
+        return rows
 
     def _insert_blobs(self, conn: Connection, blobs: Iterable[BlobData], ts: datetime) -> None:
         values = [
@@ -774,9 +809,7 @@ class Storage:
             n += 1
 
     def _branch_name_taken(self, conn: Connection, conv_id: str, name: str) -> bool:
-        live = select(B.c.id).where(B.c.conversation_id == conv_id, B.c.name == name).exists()
-        billed = select(K.c.id).where(K.c.conversation_id == conv_id, K.c.branch == name).exists()
-        return bool(conn.execute(select(or_(live, billed))).scalar())
+        return bool(conn.execute(_BRANCH_NAME_TAKEN, {"conv_id": conv_id, "name": name}).scalar())
 
     def _billed_branch(self, conn: Connection, conv_id: str, name: str) -> bool:
         q = select(K.c.id).where(K.c.conversation_id == conv_id, K.c.branch == name).limit(1)
@@ -793,7 +826,6 @@ class Storage:
         and whether the walk reached the root: all that tool pairing and role order depend on
         when a turn is forked at or edited, read without loading the whole path. `start` may
         be a row already read, which saves reading it again."""
-        cols = (T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason)
         out: list[TurnRecord] = []
         cur: str | None
         if isinstance(start, TurnRow):
@@ -804,7 +836,7 @@ class Storage:
         else:
             cur = start
         while cur is not None:
-            r = conn.execute(select(*cols).where(T.c.id == cur)).one()
+            r = conn.execute(_TAIL_TURN, {"id": cur}).one()
             out.append(TurnRecord(r[0], r[2], r[3], orjson.loads(r[4]), r[5]))
             if r[2] == "assistant":
                 return out[::-1], False
@@ -1145,17 +1177,22 @@ class Branching:
         parent_depth: int | None = None,
         checkout: bool = True,
     ) -> list[str]:
-        """A branch at `parent_id`, extended by `turns`: one branch row plus the turns."""
+        """A branch at `parent_id`, extended by `turns`: the turns, one branch row at their
+        head, and one update of the conversation (count, checkout)."""
         ts = now()
+        rows = self._s._write_turns(self._conn, self.conv_id, parent_id, turns, parent_depth, ts)
+        head = rows[-1]["id"] if rows else parent_id
         self._conn.execute(
-            insert(B).values(conversation_id=self.conv_id, name=name, head_id=parent_id, created_at=ts)
+            _INSERT_BRANCH, {"conversation_id": self.conv_id, "name": name, "head_id": head, "created_at": ts}
         )
-        ids = self._s._insert_turns(self._conn, self.conv_id, name, parent_id, turns, parent_depth)
+        values: dict[str, Any] = {}
+        if rows:
+            values["turn_count"] = C.c.turn_count + len(rows)
         if checkout:
-            self._conn.execute(
-                update(C).where(C.c.id == self.conv_id).values(current_branch=name, updated_at=ts)
-            )
-        return ids
+            values["current_branch"] = name
+        if values:
+            self._conn.execute(update(C).where(C.c.id == self.conv_id).values(updated_at=ts, **values))
+        return [str(r["id"]) for r in rows]
 
 
 def _preview(content: str | None, width: int = 60) -> str | None:
