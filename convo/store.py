@@ -20,8 +20,8 @@ import orjson
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    Executable,
     Engine,
+    Executable,
     String,
     Table,
     and_,
@@ -92,6 +92,15 @@ _COUNT_TURNS = (
     .where(C.c.id == bindparam("conv_id"))
     .values(updated_at=bindparam("ts"), turn_count=C.c.turn_count + bindparam("n"))
 )
+# Where-clause parameters are named w_*: any other key given with _MOVE_HEAD or _UPDATE_CALL
+# is a column to SET, so one statement serves every combination of fields.
+_MOVE_HEAD = update(B).where(B.c.conversation_id == bindparam("w_conv"), B.c.name == bindparam("w_branch"))
+_UPDATE_CALL = update(K).where(K.c.id == bindparam("w_id"))
+_INSERT_CALL = insert(K)
+_LOCK_BRANCH = select(B.c.head_id, B.c.lease_owner, B.c.lease_expires).where(
+    B.c.conversation_id == bindparam("conv_id"), B.c.name == bindparam("branch")
+)
+_LOCK_BRANCH_FOR_UPDATE = _LOCK_BRANCH.with_for_update()
 _TURN_BY_PREFIX = (
     select(*T.c)
     .where(T.c.id >= bindparam("low"), T.c.id < bindparam("high"))
@@ -620,30 +629,25 @@ class Storage:
                 )
             ids = self._insert_turns(conn, conv_id, branch, head, turns, head_depth, lease)
             if lease and not ids:
-                conn.execute(
-                    update(B).where(B.c.conversation_id == conv_id, B.c.name == branch).values(**lease)
-                )
+                conn.execute(_MOVE_HEAD, {"w_conv": conv_id, "w_branch": branch, **lease})
             if first_call is not None:
                 # One commit for the user turn and the call it is about to make.
                 conn.execute(
-                    insert(K).values(
-                        id=first_call.id, conversation_id=conv_id, branch=branch,
-                        turn_id=ids[-1] if ids else head, attempt=0, model=first_call.model,
-                        streamed=int(first_call.streamed), status="pending",
-                        started_at=first_call.started_at,
-                    )
+                    _INSERT_CALL,
+                    {
+                        "id": first_call.id, "conversation_id": conv_id, "branch": branch,
+                        "turn_id": ids[-1] if ids else head, "attempt": 0, "model": first_call.model,
+                        "streamed": int(first_call.streamed), "status": "pending",
+                        "started_at": first_call.started_at,
+                    },
                 )
         return ids
 
     def _lock_branch(
         self, conn: Connection, conv_id: str, branch: str, owner: str | None
     ) -> str | None:
-        q = select(B.c.head_id, B.c.lease_owner, B.c.lease_expires).where(
-            B.c.conversation_id == conv_id, B.c.name == branch
-        )
-        if self.dialect == "postgresql":
-            q = q.with_for_update()
-        row = conn.execute(q).first()
+        q = _LOCK_BRANCH_FOR_UPDATE if self.dialect == "postgresql" else _LOCK_BRANCH
+        row = conn.execute(q, {"conv_id": conv_id, "branch": branch}).first()
         if row is None:
             raise NotFound(f"no branch {branch!r} in conversation {conv_id}")
         head, holder, expires = row
@@ -679,9 +683,8 @@ class Storage:
         rows = self._write_turns(conn, conv_id, parent_id, turns, parent_depth, ts)
         if rows:
             conn.execute(
-                update(B)
-                .where(B.c.conversation_id == conv_id, B.c.name == branch)
-                .values(head_id=rows[-1]["id"], **(branch_values or {}))
+                _MOVE_HEAD,
+                {"w_conv": conv_id, "w_branch": branch, "head_id": rows[-1]["id"], **(branch_values or {})},
             )
             conn.execute(_COUNT_TURNS, {"conv_id": conv_id, "n": len(rows), "ts": ts})
         return [str(r["id"]) for r in rows]
@@ -696,6 +699,8 @@ class Storage:
         ts: datetime,
     ) -> list[dict[str, Any]]:
         """Insert turns (and their blobs) as a chain under `parent_id`; the rows written."""
+        if not turns:
+            return []
         depth = -1
         if parent_id is not None:
             depth = (
@@ -883,15 +888,8 @@ class Storage:
         if started is None:
             started = conn.execute(select(K.c.started_at).where(K.c.id == call_id)).scalar_one()
         end = now()
-        conn.execute(
-            update(K)
-            .where(K.c.id == call_id)
-            .values(
-                finished_at=end,
-                duration_ms=(end - _utc(started)).total_seconds() * 1000,  # type: ignore[operator]
-                **fields,
-            )
-        )
+        duration = (end - _utc(started)).total_seconds() * 1000  # type: ignore[operator]
+        conn.execute(_UPDATE_CALL, {"w_id": call_id, "finished_at": end, "duration_ms": duration, **fields})
 
     def finish_with_reply(
         self,

@@ -1,0 +1,106 @@
+"""How many SQL statements convo's hot paths run, on both engines.
+
+The benchmark (benchmarks/) measures time; these tests pin the design the time rests on: a resume
+reads a thread in a fixed handful of statements, fork and edit write a fixed handful whatever the
+depth, and a send's statements do not grow with the thread. A change that adds a query per turn,
+or one more round trip to every resume, fails here before it shows up as a slower benchmark.
+Statements are counted as SQLAlchemy sends them; transaction control (BEGIN, COMMIT) and the
+connection's own PRAGMAs are not statements about data and are left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, event
+
+from convo import Store
+
+DATA = ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")
+
+
+@contextmanager
+def counted() -> Iterator[list[str]]:
+    """Every data statement any engine runs inside the block (engines made inside included)."""
+    seen: list[str] = []
+
+    def hook(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith(DATA):
+            seen.append(" ".join(statement.split()))
+
+    event.listen(Engine, "before_cursor_execute", hook)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", hook)
+
+
+def thread(store: Store, exchanges: int) -> Any:
+    conv = store.create(model="claude-sonnet-4-5", max_tokens=64)
+    for i in range(exchanges):
+        conv.add_user(f"question {i}")
+        conv.add_assistant(f"answer {i}")
+    return conv
+
+
+def schema_check_statements(db_url: str) -> int:
+    # SQLite: read alembic_version; PostgreSQL: ask the catalog first, then read it.
+    return 1 if db_url.startswith("sqlite") else 2
+
+
+def test_a_resume_is_five_statements_or_fewer_whatever_the_length(db_url: str) -> None:
+    setup = Store(db_url)
+    try:
+        short, long = thread(setup, 3), thread(setup, 60)
+    finally:
+        setup.close()
+    counts = []
+    for conv_id in (short.id, long.id):
+        with counted() as seen:
+            store = Store(db_url)
+            try:
+                body = store.get(conv_id[:10]).request("next")
+            finally:
+                store.close()
+        assert body["messages"][-1] == {"role": "user", "content": [{"type": "text", "text": "next"}]}
+        counts.append(len(seen))
+    # schema check, the id prefix, the conversation with its branch head, the path
+    assert counts == [schema_check_statements(db_url) + 3] * 2, counts
+
+
+def test_fork_and_edit_run_the_same_statements_at_depth_3_and_60(db_url: str) -> None:
+    store = Store(db_url)
+    try:
+        forks, edits = [], []
+        for exchanges in (3, 60):
+            conv = thread(store, exchanges)
+            path = store.storage.path(conv.id).turns
+            last_user, last_reply = path[-2].id, path[-1].id
+            with counted() as seen:
+                conv.fork(last_reply[:12], name=f"f{exchanges}")
+            forks.append(seen)
+            with counted() as seen:
+                conv.edit(last_user, "question, edited", name=f"e{exchanges}")
+            edits.append(seen)
+        # Identical statement texts, not just counts: nothing walks or reads the path.
+        assert forks[0] == forks[1]
+        assert edits[0] == edits[1]
+        # fork at a reply: the turn, the name check, the branch row, the checkout
+        assert len(forks[0]) == 4, forks[0]
+        # edit of a user turn: + its parent (the tool-pairing check) and the new turn
+        assert len(edits[0]) == 6, edits[0]
+    finally:
+        store.close()
+
+
+def test_a_send_runs_the_same_statements_at_every_length(store: Store) -> None:
+    counts = []
+    for exchanges in (2, 40):
+        conv = thread(store, exchanges)
+        with counted() as seen:
+            reply = conv.send("one more")
+        assert reply.text
+        counts.append(sorted(seen))
+    assert counts[0] == counts[1]
