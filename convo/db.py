@@ -79,12 +79,17 @@ def create_engine_for(url: str) -> Engine:
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
+        # No hstore: convo never uses it, and looking its type up costs every new engine a
+        # query (a third of a CLI command's connect time). Only the psycopg dialects take it.
+        hstore = {"use_native_hstore": False} if parsed.get_driver_name() in ("psycopg", "psycopg2") else {}
         try:
-            # No hstore: convo never uses it, and looking its type up costs every new engine
-            # a query (a third of a CLI command's connect time).
-            return create_engine(parsed, pool_pre_ping=True, use_native_hstore=False)
+            return create_engine(parsed, pool_pre_ping=True, **hstore)
         except sa_exc.ArgumentError as e:  # an unknown driver (NoSuchModuleError)
             raise ConfigError(f"{_redact(str(parsed))}: {_first_line(e)}") from None
+        except ImportError as e:  # a dialect SQLAlchemy knows whose driver is not installed
+            raise ConfigError(
+                f"{_redact(str(parsed))}: its driver is not installed ({_first_line(e)})"
+            ) from None
     raise ConfigError(f"unsupported database {backend!r}: use sqlite or postgresql")
 
 

@@ -478,6 +478,7 @@ def test_unreachable_postgresql_is_database_unavailable_without_the_password() -
         ("mysql://user:pw@localhost/db", ConfigError),
         ("postgresql://user:pw@localhost:notaport/db", ConfigError),
         ("postgresql+nosuchdriver://user:pw@localhost/db", ConfigError),
+        ("postgresql+pg8000://user:pw@localhost/db", ConfigError),  # known, not installed
         ("sqlite:////proc/no/such/dir/convo.db", DatabaseUnavailable),
     ],
 )
