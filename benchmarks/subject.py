@@ -36,7 +36,7 @@ CALL_BATCH = 5000
 class Populated:
     conversation_ids: list[str]
     # (user turn id, reply id) per exchange, per thread.
-    turn_ids: list[list[tuple[str, str]]]
+    turn_ids: list[list[tuple[int, int]]]
 
 
 @contextmanager
@@ -65,8 +65,9 @@ def _populate(url: str, ds: Dataset) -> Populated:
     try:
         storage = store.storage
         conv_ids = [store.create(MODEL, max_tokens=MAX_TOKENS).id for _ in ds.threads]
-        heads: list[str | None] = [None] * len(ds.threads)
-        turn_ids: list[list[tuple[str, str]]] = [[] for _ in ds.threads]
+        keys = [storage.conversation(cid).key for cid in conv_ids]
+        heads: list[int | None] = [None] * len(ds.threads)
+        turn_ids: list[list[tuple[int, int]]] = [[] for _ in ds.threads]
         calls: list[dict[str, Any]] = []
         for t, a, b in ds.chunks:
             exchanges = ds.threads[t][a:b]
@@ -80,7 +81,7 @@ def _populate(url: str, ds: Dataset) -> Populated:
             for k, ex in enumerate(exchanges):
                 user_id, reply_id = ids[2 * k], ids[2 * k + 1]
                 turn_ids[t].append((user_id, reply_id))
-                calls.append(call_row(conv_ids[t], user_id, reply_id, ex.input_tokens, ex.output_tokens, ex.cost, ts))
+                calls.append(call_row(keys[t], user_id, reply_id, ex.input_tokens, ex.output_tokens, ex.cost, ts))
         insert_calls(store, calls)
         return Populated(conv_ids, turn_ids)
     finally:
@@ -88,12 +89,11 @@ def _populate(url: str, ds: Dataset) -> Populated:
 
 
 def call_row(
-    conv_id: str, turn_id: str, reply_id: str, inp: int, out: int, cost: float, ts: datetime
+    conv_key: int, turn_id: int, reply_id: int, inp: int, out: int, cost: float, ts: datetime
 ) -> dict[str, Any]:
     """A calls row as a successful, non-streamed send leaves it."""
     return {
-        "id": new_id(),
-        "conversation_id": conv_id,
+        "conversation_key": conv_key,
         "branch": "main",
         "turn_id": turn_id,
         "reply_id": reply_id,
@@ -146,8 +146,8 @@ def mock_client(reply_bytes: bytes) -> tuple[Client, dict[str, bytes]]:
 
 
 def send_writes(
-    store: Store, conv_id: str, head: str | None, user_text: str, reply: dict[str, Any], cost: float
-) -> tuple[str, str, str]:
+    store: Store, conv_id: str, head: int | None, user_text: str, reply: dict[str, Any], cost: float
+) -> tuple[int, int, int]:
     """The writes of one send, in its order, through convo's storage layer (internal API):
     the user turn with the branch lease, the pending call row, then reply + usage + lease release.
     Returns (call id, user turn id, reply id)."""
@@ -181,10 +181,14 @@ def row_counts(store: Store) -> dict[str, int]:
         }
 
 
-def head_state(store: Store, conv_id: str) -> tuple[str | None, int, Any, str]:
+def _key(conv_id: str) -> Any:
+    return select(C.c.key).where(C.c.id == conv_id).scalar_subquery()
+
+
+def head_state(store: Store, conv_id: str) -> tuple[int | None, int, Any, str]:
     with db.read(store.storage.engine) as conn:
         head = conn.execute(
-            select(B.c.head_id).where(B.c.conversation_id == conv_id, B.c.name == "main")
+            select(B.c.head_id).where(B.c.conversation_key == _key(conv_id), B.c.name == "main")
         ).scalar_one()
         count, updated, current = conn.execute(
             select(C.c.turn_count, C.c.updated_at, C.c.current_branch).where(C.c.id == conv_id)
@@ -192,13 +196,13 @@ def head_state(store: Store, conv_id: str) -> tuple[str | None, int, Any, str]:
     return head, count, updated, current
 
 
-def undo_send(store: Store, conv_id: str, state: tuple[Any, ...], call_ids: list[str], turn_ids: list[str]) -> None:
+def undo_send(store: Store, conv_id: str, state: tuple[Any, ...], call_ids: list[int], turn_ids: list[int]) -> None:
     """Put the thread back as it was before a measured send (not measured)."""
     head, count, updated, _ = state
     with db.write(store.storage.engine) as conn:
         conn.execute(
             update(B)
-            .where(B.c.conversation_id == conv_id, B.c.name == "main")
+            .where(B.c.conversation_key == _key(conv_id), B.c.name == "main")
             .values(head_id=head, lease_owner=None, lease_expires=None)
         )
         conn.execute(delete(K).where(K.c.id.in_(call_ids)))
@@ -207,11 +211,11 @@ def undo_send(store: Store, conv_id: str, state: tuple[Any, ...], call_ids: list
         conn.execute(update(C).where(C.c.id == conv_id).values(turn_count=count, updated_at=updated))
 
 
-def drop_branch(store: Store, conv_id: str, name: str, turn_ids: Sequence[str] = ()) -> None:
+def drop_branch(store: Store, conv_id: str, name: str, turn_ids: Sequence[int] = ()) -> None:
     """Remove a measured fork's or edit's branch (and an edit's new turn); check out main."""
     with db.write(store.storage.engine) as conn:
         conn.execute(update(C).where(C.c.id == conv_id).values(current_branch="main"))
-        conn.execute(delete(B).where(B.c.conversation_id == conv_id, B.c.name == name))
+        conn.execute(delete(B).where(B.c.conversation_key == _key(conv_id), B.c.name == name))
         for tid in turn_ids:
             conn.execute(delete(T).where(T.c.id == tid))
         if turn_ids:

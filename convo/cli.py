@@ -420,7 +420,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             if args.image:
                 raise InvalidInput("--image applies to user turns only")
             turn_id = conv.add_assistant(text)
-        _out(turn_id)
+        _out(str(turn_id))
     return 0
 
 
@@ -443,13 +443,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         info = conv.info
         branch = args.branch or info.current_branch
         turns = conv.turns(branch)
-        replies = [t.id for t in turns if t.kind == "reply"]
-        calls = store.storage.reply_calls(replies)
+        replies = [int(t.id) for t in turns if t.kind == "reply"]
+        calls = store.storage.reply_calls(conv.id, replies)
         if args.json:
             _out(render.to_json(render.transcript_json(info, branch, turns, calls)))
         else:
-            width = render.id_width(store.storage.turn_ids(conv.id))
-            _out(render.transcript(info, branch, turns, calls, width=width))
+            _out(render.transcript(info, branch, turns, calls))
     return 0
 
 
@@ -535,7 +534,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
             text = _text(args.text)
         assert text is not None
         new_id = conv.edit(args.turn, text, name=_utf8(args.name, "--name"))
-        _out(new_id)
+        _out(str(new_id))
         _err(f"[on new branch {conv.branch}]")
     return 0
 
@@ -550,8 +549,7 @@ def cmd_branches(args: argparse.Namespace) -> int:
 def _branches_table(conv: Any) -> str:
     branches = conv.branches()
     depths = {b.head_id: b.head_depth for b in branches if b.head_id}
-    width = render.id_width(conv.store.storage.turn_ids(conv.id))
-    return render.branches_table(branches, conv.branch, depths, width=width)
+    return render.branches_table(branches, conv.branch, depths)
 
 
 def cmd_branch(args: argparse.Namespace) -> int:
@@ -585,7 +583,7 @@ def cmd_tool_result(args: argparse.Namespace) -> int:
         conv = _conversation(store, args.conversation)
         text = _text(args.text)
         assert text is not None
-        _out(conv.add_tool_result(args.tool_use_id, text, is_error=args.error))
+        _out(str(conv.add_tool_result(args.tool_use_id, text, is_error=args.error)))
     return 0
 
 

@@ -27,8 +27,8 @@ from sqlalchemy.engine import make_url
 from convo.errors import ConfigError, DatabaseUnavailable, SchemaTooNew, StoreError
 
 # The newest revision this convo knows; a database at another unknown revision is newer.
-HEAD = "0002"
-KNOWN_REVISIONS = ("0001", "0002")
+HEAD = "0003"
+KNOWN_REVISIONS = ("0001", "0002", "0003")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _WRITE = "convo_write"
 

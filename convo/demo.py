@@ -141,14 +141,13 @@ class _Tour:
         self.heading("Fork, edit and the tree")
         turns = conv.turns()
         first_reply, second_question = turns[1].id, turns[2].id
-        width = render.id_width(t.id for t in turns)
         name = conv.fork(first_reply, "tea")
-        self.say(f"fork --at {first_reply[:width]} --name tea  -> branch {name}")
+        self.say(f"fork --at {first_reply} --name tea  -> branch {name}")
         self.send(conv, "Let's change the subject: tea or coffee?")
         conv.checkout("main")
         new_id = conv.edit(second_question, "Actually, explain prompt caching instead.")
         self.say(
-            f"edit {second_question[:width]} 'Actually, ...'  -> new turn {new_id} "
+            f"edit {second_question} 'Actually, ...'  -> new turn {new_id} "
             f"on branch {conv.branch}"
         )
         self.send(conv, None)

@@ -67,7 +67,7 @@ class ContentError(InvalidInput):
 
 
 class HistoryError(InvalidInput):
-    def __init__(self, message: str, turn_id: str | None = None) -> None:
+    def __init__(self, message: str, turn_id: int | str | None = None) -> None:
         self.turn_id = turn_id
         super().__init__(message)
 

@@ -48,12 +48,16 @@ MAX_REQUEST_BYTES = 32 * 1024 * 1024
 MAX_CACHE_BREAKPOINTS = 4
 
 
+# A stored turn's integer id, or a label for one not yet written ("(edited turn)").
+TurnId = int | str
+
+
 @dataclass(slots=True)
 class TurnRecord:
     """One stored turn as the builder sees it. Not frozen: a frozen dataclass's __init__
     costs three times as much, and a resume builds 20,000 of them. Treat it as read-only."""
 
-    id: str
+    id: TurnId
     role: str
     kind: str
     content: list[Block]
@@ -73,7 +77,7 @@ def merge_settings(settings: Mapping[str, Any], overrides: Mapping[str, Any] | N
     return merged
 
 
-def build_messages(path: Sequence[TurnRecord]) -> tuple[list[dict[str, Any]], list[str]]:
+def build_messages(path: Sequence[TurnRecord]) -> tuple[list[dict[str, Any]], list[TurnId]]:
     """Messages for a path, and for each message the id of its last turn (for error messages)."""
     messages, owners, _ = _build_messages(path)
     return messages, owners
@@ -81,12 +85,12 @@ def build_messages(path: Sequence[TurnRecord]) -> tuple[list[dict[str, Any]], li
 
 def _build_messages(
     path: Sequence[TurnRecord], *, with_block_owners: bool = True
-) -> tuple[list[dict[str, Any]], list[str], list[list[str]] | None]:
+) -> tuple[list[dict[str, Any]], list[TurnId], list[list[TurnId]] | None]:
     """build_messages, plus (when asked) the id of the turn each block came from, to name the
     turn at fault in an error; the hot path skips that and recomputes it only on an error."""
     messages: list[dict[str, Any]] = []
-    owners: list[str] = []
-    block_owners: list[list[str]] | None = [] if with_block_owners else None
+    owners: list[TurnId] = []
+    block_owners: list[list[TurnId]] | None = [] if with_block_owners else None
     prev_role = None
     for turn in path:
         if turn.role == prev_role:
@@ -132,10 +136,10 @@ def check_structure(path: Sequence[TurnRecord], *, final_pending_ok: bool) -> No
 
 def check_messages(
     messages: list[dict[str, Any]],
-    owners: list[str],
+    owners: list[TurnId],
     *,
     final_pending_ok: bool = False,
-    block_owners: list[list[str]] | None = None,
+    block_owners: list[list[TurnId]] | None = None,
 ) -> None:
     """Refuse a message list the API would refuse, naming the turn at fault.
 
@@ -147,7 +151,7 @@ def check_messages(
     if not messages:
         raise HistoryError("the branch has no turns to send")
 
-    def owner(i: int, j: int) -> str:
+    def owner(i: int, j: int) -> TurnId:
         """The turn a block came from (computed only to name it in an error)."""
         if block_owners is not None and j < len(block_owners[i]):
             return block_owners[i][j]
@@ -157,7 +161,7 @@ def check_messages(
         first = owner(0, 0)
         raise HistoryError("the first turn must be from the user", turn_id=first)
     pending: list[str] = []  # tool_use ids the next user message must answer first
-    pending_owner = ""
+    pending_owner: TurnId = ""
     last = len(messages) - 1
     for i, message in enumerate(messages):
         blocks = message["content"]

@@ -20,7 +20,6 @@ from typing import Any
 from convo.types import ToolUse
 
 __all__ = [
-    "SHORT_ID",
     "block_text",
     "branches_table",
     "cache_savings_line",
@@ -48,7 +47,6 @@ __all__ = [
     "usage_table",
 ]
 
-SHORT_ID = 8
 PREVIEW_CHARS = 40
 USAGE_FIELDS = (
     "input_tokens",
@@ -61,28 +59,14 @@ USAGE_FIELDS = (
 # -- small formats -----------------------------------------------------------------------------
 
 
-def short(turn_id: str | None, width: int = SHORT_ID) -> str:
-    """The first `width` characters of an id (any unique prefix resolves to it)."""
-    return (turn_id or "-")[:width]
+def short(turn_id: int | str | None, width: int = 0) -> str:
+    """A turn id as shown (and typed back): its number, padded to `width` to keep columns."""
+    return ("-" if turn_id is None else str(turn_id)).ljust(width)
 
 
-def id_width(ids: Iterable[str | None], minimum: int = SHORT_ID) -> int:
-    """The shortest prefix length, at least `minimum`, that tells all of `ids` apart.
-
-    convo's ids start with their creation time, so turns made within the same fraction of a
-    second share their first 8 characters: the width grows until the shown ids differ.
-    """
-    distinct = sorted({i for i in ids if i})
-    width = minimum
-    for a, b in zip(distinct, distinct[1:], strict=False):
-        common = 0
-        for x, y in zip(a, b, strict=False):
-            if x != y:
-                break
-            common += 1
-        width = max(width, common + 1)
-    longest = max((len(i) for i in distinct), default=minimum)
-    return min(width, max(longest, minimum))
+def id_width(ids: Iterable[int | str | None], minimum: int = 1) -> int:
+    """The width of the widest id shown, so ids line up in a column."""
+    return max((len(str(i)) for i in ids if i is not None), default=minimum)
 
 
 def fmt_int(n: int | None) -> str:
@@ -300,12 +284,10 @@ def conversations_json(
 def branches_table(
     branches: Sequence[Any],
     current: str,
-    depths: Mapping[str, int] | None = None,
+    depths: Mapping[int, int] | None = None,
     width: int | None = None,
 ) -> str:
-    """`convo branches`: `*` marks the checked-out branch; `turns` is the head's path length.
-
-    `width` is the short-id length that is unique across the whole conversation."""
+    """`convo branches`: `*` marks the checked-out branch; `turns` is the head's path length."""
     depths = depths or {}
     width = width or id_width(b.head_id for b in branches)
     rows = [

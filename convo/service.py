@@ -45,7 +45,6 @@ from convo.history import (
     check_structure,
     count_cache_markers,
 )
-from convo.ids import new_id
 from convo.pricing import PriceTable, load_prices
 from convo.retry import RetryPolicy
 from convo.store import (
@@ -83,8 +82,8 @@ class Reply(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    turn_id: str | None
-    call_id: str
+    turn_id: int | None
+    call_id: int
     model: str
     content: list[Block]
     text: str
@@ -106,7 +105,7 @@ class _Target:
     `owner`; `prefill_text` leads the reply's text."""
 
     branch: str
-    last_id: str
+    last_id: int
     last_depth: int
     owner: str
     prefill_text: str
@@ -349,7 +348,7 @@ class Conversation:
         """The branch's path from the root, as the history builder sees it."""
         return self.store.storage.path(self.id, branch).turns
 
-    def turn(self, ref: str) -> TurnRow:
+    def turn(self, ref: int | str) -> TurnRow:
         """A turn of this conversation by id or unique prefix."""
         return self.store.storage.resolve_turn(self.id, ref)
 
@@ -408,18 +407,18 @@ class Conversation:
 
     def add_user(
         self, content: str | list[Block], *, images: Sequence[str | FilePath] = ()
-    ) -> str:
+    ) -> int:
         """Append a user turn without sending it; returns its id."""
         return self._append(self._new_turns(content, None, images))[0]
 
-    def add_assistant(self, content: str | list[Block]) -> str:
+    def add_assistant(self, content: str | list[Block]) -> int:
         """Append an assistant turn a person wrote (synthetic); at the end it acts as a prefill."""
         blocks = normalize(content, "assistant", where="assistant turn")
         return self._append([NewTurn("assistant", "synthetic", blocks)])[0]
 
     def add_tool_result(
         self, tool_use_id: str, content: str | list[Block], *, is_error: bool = False
-    ) -> str:
+    ) -> int:
         """Answer a tool_use of the branch's last reply; parallel results share one user message."""
         path = self.store.storage.path(self.id)
         pending = self._pending_tool_uses(path)
@@ -462,7 +461,7 @@ class Conversation:
                 return [u for u in tool_uses_of(t.content) if u.id in pending]
         return []
 
-    def _append(self, new: list[NewTurn]) -> list[str]:
+    def _append(self, new: list[NewTurn]) -> list[int]:
         """Append turns without a request, refusing any that would make the branch unsendable
         (turns are never rewritten, so a bad one could not be repaired later)."""
         path = self.store.storage.path(self.id)
@@ -557,8 +556,8 @@ class Conversation:
             self.store.client.require_key()
             self._check_budget(info, body)
             try:
-                first_call = FirstCall(new_id(), now(), body["model"], streaming)
-                ids = storage.append(
+                first_call = FirstCall(now(), body["model"], streaming)
+                ids, first_call_id = storage.begin_send(
                     self.id, path.branch, path.head_id, new, owner=owner, hold=LEASE,
                     head_depth=path.head_depth if path.head_id else None,
                     first_call=first_call,
@@ -579,7 +578,7 @@ class Conversation:
         target = _Target(path.branch, last_id, last_depth, owner, prefill_text)
         stored = False
         try:
-            reply = yield from self._call(target, body, streaming, first_call)
+            reply = yield from self._call(target, body, streaming, first_call, first_call_id)
             stored = True
             return reply
         finally:
@@ -643,7 +642,8 @@ class Conversation:
             return estimate_input_tokens(body)
 
     def _call(
-        self, target: _Target, body: dict[str, Any], streaming: bool, first_call: FirstCall
+        self, target: _Target, body: dict[str, Any], streaming: bool, first_call: FirstCall,
+        first_call_id: int,
     ) -> Generator[str | RetryNotice, None, Reply]:
         """Attempts under the retry policy, each a ledger row (the first one was written with
         the user turn, in the same transaction)."""
@@ -655,7 +655,7 @@ class Conversation:
         attempt = 0
         while True:
             if attempt == 0:
-                call_id, started = first_call.id, first_call.started_at
+                call_id, started = first_call_id, first_call.started_at
             else:
                 started = now()
                 call_id = storage.start_call(
@@ -703,7 +703,7 @@ class Conversation:
 
     def _record_failure(
         self,
-        call_id: str,
+        call_id: int,
         started_at: datetime,
         model: str,
         acc: MessageAccumulator,
@@ -752,7 +752,7 @@ class Conversation:
     def _store_reply(
         self,
         target: _Target,
-        call_id: str,
+        call_id: int,
         started_at: datetime,
         model: str,
         message: dict[str, Any],
@@ -771,7 +771,7 @@ class Conversation:
             **self._usage_fields(model, usage),
         }
         storage = self.store.storage
-        reply_id: str | None = None
+        reply_id: int | None = None
         if content:
             reply = NewTurn("assistant", "reply", content, stop_reason=message.get("stop_reason"))
             try:
@@ -814,7 +814,7 @@ class Conversation:
 
     # -- branching -------------------------------------------------------------------------
 
-    def fork(self, at: str, name: str | None = None, *, checkout: bool = True) -> str:
+    def fork(self, at: int | str, name: str | None = None, *, checkout: bool = True) -> str:
         """A new branch whose head is turn `at` (id or prefix): one row, whatever the depth."""
         with self.store.storage.branching(self.id) as tx:
             turn = tx.turn(at)
@@ -823,7 +823,7 @@ class Conversation:
             tx.create(name, turn.id, checkout=checkout)
         return name
 
-    def edit(self, turn: str, content: str | list[Block], *, name: str | None = None) -> str:
+    def edit(self, turn: int | str, content: str | list[Block], *, name: str | None = None) -> int:
         """A sibling of `turn` with new content, as the head of a new checked-out branch.
 
         Editing a reply or synthetic turn gives a synthetic assistant turn: replay sends the
@@ -857,19 +857,19 @@ class Conversation:
 
     @overload
     def regenerate(
-        self, turn: str | None = None, *, name: str | None = None,
+        self, turn: int | str | None = None, *, name: str | None = None,
         stream: Literal[False] = False, **overrides: Any,
     ) -> Reply: ...
 
     @overload
     def regenerate(
-        self, turn: str | None = None, *, name: str | None = None, stream: Literal[True],
+        self, turn: int | str | None = None, *, name: str | None = None, stream: Literal[True],
         on_retry: Callable[[RetryNotice], None] | None = None, **overrides: Any,
     ) -> ReplyStream: ...
 
     def regenerate(
         self,
-        turn: str | None = None,
+        turn: int | str | None = None,
         *,
         name: str | None = None,
         stream: bool = False,
@@ -893,7 +893,7 @@ class Conversation:
             replies = [t for t in path.turns if t.role == "assistant" and t.kind == "reply"]
             if not replies:
                 raise InvalidInput("nothing to regenerate: the branch has no reply yet")
-            target = storage.turn(replies[-1].id)
+            target = storage.turn(int(replies[-1].id))
         else:
             target = storage.resolve_turn(self.id, turn)
         at = target.parent_id if target.kind == "reply" else target.id
@@ -973,7 +973,7 @@ class Conversation:
 
 
 def _check_local(
-    tx: Branching, parent: str | TurnRow | None, new: list[TurnRecord], *, final_pending_ok: bool
+    tx: Branching, parent: int | TurnRow | None, new: list[TurnRecord], *, final_pending_ok: bool
 ) -> None:
     """check_structure on just the turns that decide it (back to the nearest assistant turn),
     so a fork or an edit costs the same at depth 10,000 as at depth 10. Stored paths were

@@ -21,7 +21,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
-    Executable,
+    Integer,
     String,
     Table,
     and_,
@@ -34,6 +34,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    type_coerce,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -62,12 +63,13 @@ STORE_BUDGET_KEY = "budget_usd"
 # SQLite and PostgreSQL, run by every resume test on both.
 _SNAPSHOT = (
     text(
-        "SELECT c.id, c.title, c.model, c.system, c.params, c.current_branch, c.turn_count, "
-        "c.created_at, c.updated_at, b.name AS branch_name, b.head_id, t.depth AS head_depth, "
+        "SELECT c.key, c.id, c.title, c.model, c.system, c.params, c.current_branch, "
+        "c.turn_count, c.created_at, c.updated_at, b.name AS branch_name, b.head_id, "
+        "t.depth AS head_depth, "
         "(SELECT s.value FROM settings s WHERE s.key = :budget_key) AS store_budget "
         "FROM conversations c "
         "LEFT OUTER JOIN branches b "
-        "ON b.conversation_id = c.id AND b.name = COALESCE(:branch, c.current_branch) "
+        "ON b.conversation_key = c.key AND b.name = COALESCE(:branch, c.current_branch) "
         "LEFT OUTER JOIN turns t ON t.id = b.head_id "
         "WHERE c.id = :conv_id"
     )
@@ -75,57 +77,64 @@ _SNAPSHOT = (
     .columns(created_at=C.c.created_at.type, updated_at=C.c.updated_at.type)
 )
 _PATH_COLUMNS = "id, parent_id, role, kind, content, stop_reason"
-# A never-branched thread needs no parent ids: NULL spares the driver 20,000 strings at n=10,000.
+# A never-branched thread needs no parent ids: NULL spares the driver 20,000 values at n=10,000.
 _LINEAR_PATH = text(
     "SELECT id, NULL, role, kind, content, stop_reason FROM turns "
-    "WHERE conversation_id = :conv_id ORDER BY depth"
+    "WHERE conversation_key = :conv_key ORDER BY depth"
 )
 _NEAR_LINEAR_PATH = text(
-    f"SELECT {_PATH_COLUMNS} FROM turns WHERE conversation_id = :conv_id AND depth <= :depth"
+    f"SELECT {_PATH_COLUMNS} FROM turns WHERE conversation_key = :conv_key AND depth <= :depth"
 )
 # Statements a fork, an edit or a send runs every time, built once: building a select() in
 # Python costs about as much as running it on SQLite.
 _INSERT_TURNS = insert(T)
+_INSERT_TURN = insert(T).returning(T.c.id)
 _INSERT_BRANCH = insert(B)
 _COUNT_TURNS = (
     update(C)
-    .where(C.c.id == bindparam("conv_id"))
+    .where(C.c.key == bindparam("conv_key"))
     .values(updated_at=bindparam("ts"), turn_count=C.c.turn_count + bindparam("n"))
 )
 # Where-clause parameters are named w_*: any other key given with _MOVE_HEAD or _UPDATE_CALL
 # is a column to SET, so one statement serves every combination of fields.
-_MOVE_HEAD = update(B).where(B.c.conversation_id == bindparam("w_conv"), B.c.name == bindparam("w_branch"))
+_MOVE_HEAD = update(B).where(B.c.conversation_key == bindparam("w_conv"), B.c.name == bindparam("w_branch"))
 _UPDATE_CALL = update(K).where(K.c.id == bindparam("w_id"))
-_INSERT_CALL = insert(K)
-_LOCK_BRANCH = select(B.c.head_id, B.c.lease_owner, B.c.lease_expires).where(
-    B.c.conversation_id == bindparam("conv_id"), B.c.name == bindparam("branch")
+_INSERT_CALL = insert(K).returning(K.c.id)
+# The branch row to write at, with the conversation's key: one lookup by public id and name.
+_LOCK_BRANCH = (
+    select(B.c.head_id, B.c.lease_owner, B.c.lease_expires, B.c.conversation_key)
+    .join(C, C.c.key == B.c.conversation_key)
+    .where(C.c.id == bindparam("conv_id"), B.c.name == bindparam("branch"))
 )
-_LOCK_BRANCH_FOR_UPDATE = _LOCK_BRANCH.with_for_update()
-_TURN_BY_PREFIX = (
-    select(*T.c)
-    .where(T.c.id >= bindparam("low"), T.c.id < bindparam("high"))
-    # Wrapped so SQLite's planner walks the primary key range (a handful of rows) rather than
-    # every turn of the conversation through its index.
-    .where(func.coalesce(T.c.conversation_id, "") == bindparam("conv_id"))
-    .order_by(T.c.id)
-    .limit(11)
+_LOCK_BRANCH_FOR_UPDATE = _LOCK_BRANCH.with_for_update(of=B)
+# A turn by id, with the public id of its conversation (to tell "not here" from "not at all").
+_TURN_BY_ID = (
+    select(*T.c, C.c.id.label("conversation_id"))
+    .join(C, C.c.key == T.c.conversation_key)
+    .where(T.c.id == bindparam("id"))
 )
 _BRANCH_NAME_TAKEN = select(
     or_(
         select(B.c.id)
-        .where(B.c.conversation_id == bindparam("conv_id"), B.c.name == bindparam("name"))
+        .where(B.c.conversation_key == bindparam("conv_key"), B.c.name == bindparam("name"))
         .exists(),
         select(K.c.id)
-        .where(K.c.conversation_id == bindparam("conv_id"), K.c.branch == bindparam("name"))
+        .where(K.c.conversation_key == bindparam("conv_key"), K.c.branch == bindparam("name"))
         .exists(),
     )
 )
+_CONVERSATION_KEY = select(C.c.key).where(C.c.id == bindparam("conv_id"))
 _TAIL_TURN = select(T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason).where(
     T.c.id == bindparam("id")
 )
 _CONVERSATIONS_BY_PREFIX = text(
     "SELECT id FROM conversations WHERE id >= :low AND id < :high ORDER BY id LIMIT 11"
 )
+# Allocating several turn ids at once, for a chain or tree written in one statement.
+_NEXT_TURN_IDS = {
+    "sqlite": text("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'turns'), 0)"),
+    "postgresql": text("SELECT nextval(pg_get_serial_sequence('turns', 'id')) FROM generate_series(1, :n)"),
+}
 SCAN_RATIO = 2
 SCAN_SLACK = 100
 
@@ -156,28 +165,29 @@ def _fetchall(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[Any]:
         result.close()
 
 
+def _key_of(conv_id: str) -> Any:
+    """The conversation's key as a subquery, for statements off the hot paths."""
+    return select(C.c.key).where(C.c.id == conv_id).scalar_subquery()
+
+
+def parse_turn_id(ref: int | str) -> int:
+    """A turn id from an int or its digits (a leading '#' allowed, as the CLI shows them)."""
+    if isinstance(ref, bool):
+        raise NotFound(f"no turn with id {ref!r}")
+    if isinstance(ref, int):
+        return ref
+    text_ref = ref.strip().removeprefix("#")
+    if not text_ref.isascii() or not text_ref.isdigit() or len(text_ref) > 18:
+        raise NotFound(f"no turn with id {ref!r}")
+    return int(text_ref)
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
 
 def dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every datetime convo stores is UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-def _as_utc(value: datetime | None) -> datetime | None:
-    """A bound datetime in UTC: SQLite keeps wall-clock time and drops the offset."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -193,18 +203,21 @@ class ConversationRow:
     updated_at: datetime
     # The store-wide budget in force (read with the conversation by `snapshot`).
     store_budget_usd: float | None = None
+    # The integer the tables refer to the conversation by (the id is its public name).
+    key: int = -1
 
 
 @dataclass(frozen=True)
 class TurnRow:
-    id: str
+    id: int
     conversation_id: str
-    parent_id: str | None
+    conversation_key: int
+    parent_id: int | None
     role: str
     kind: str
     content: list[dict[str, Any]]
     depth: int
-    source_id: str | None
+    source_id: int | None
     stop_reason: str | None
     created_at: datetime
 
@@ -212,7 +225,7 @@ class TurnRow:
 @dataclass(frozen=True)
 class BranchRow:
     name: str
-    head_id: str | None
+    head_id: int | None
     created_at: datetime
     lease_owner: str | None = None
     lease_expires: datetime | None = None
@@ -224,7 +237,7 @@ class NewTurn:
     role: str
     kind: str
     content: list[dict[str, Any]]
-    source_id: str | None = None
+    source_id: int | None = None
     stop_reason: str | None = None
 
 
@@ -232,7 +245,6 @@ class NewTurn:
 class FirstCall:
     """The ledger row of a send's first attempt, written with its user turn."""
 
-    id: str
     started_at: datetime
     model: str
     streamed: bool
@@ -243,7 +255,7 @@ class Path:
     """A branch's path from root to head, ready for the history builder."""
 
     branch: str
-    head_id: str | None
+    head_id: int | None
     turns: list[TurnRecord]
     # None when the path holds no image or document (the builder then skips media checks).
     blobs: dict[str, bytes] | None = None
@@ -331,8 +343,9 @@ class Storage:
         cid = new_id()
         ts = now()
         with db.write(self.engine) as conn:
-            conn.execute(
-                insert(C).values(
+            key = conn.execute(
+                insert(C)
+                .values(
                     id=cid,
                     title=title,
                     model=model,
@@ -343,9 +356,10 @@ class Storage:
                     created_at=ts,
                     updated_at=ts,
                 )
-            )
+                .returning(C.c.key)
+            ).scalar_one()
             conn.execute(
-                insert(B).values(conversation_id=cid, name=branch, head_id=None, created_at=ts)
+                insert(B).values(conversation_key=key, name=branch, head_id=None, created_at=ts)
             )
         return self.conversation(cid)
 
@@ -387,25 +401,25 @@ class Storage:
     def list_conversations(self, limit: int | None = None) -> list[ConversationSummary]:
         spend = (
             select(
-                K.c.conversation_id,
+                K.c.conversation_key,
                 func.count().label("calls"),
                 func.sum(K.c.input_tokens + K.c.cache_creation_input_tokens + K.c.cache_read_input_tokens).label("inp"),
                 func.sum(K.c.output_tokens).label("out"),
                 func.sum(K.c.cost_usd).label("cost"),
             )
-            .group_by(K.c.conversation_id)
+            .group_by(K.c.conversation_key)
             .subquery()
         )
         first = (
             select(T.c.content)
-            .where(T.c.conversation_id == C.c.id, T.c.depth == 0, T.c.role == "user")
+            .where(T.c.conversation_key == C.c.key, T.c.depth == 0, T.c.role == "user")
             .order_by(T.c.id)
             .limit(1)
             .scalar_subquery()
         )
         q = (
             select(C, spend.c.calls, spend.c.inp, spend.c.out, spend.c.cost, first.label("first"))
-            .outerjoin(spend, spend.c.conversation_id == C.c.id)
+            .outerjoin(spend, spend.c.conversation_key == C.c.key)
             .order_by(C.c.updated_at.desc(), C.c.id.desc())
         )
         if limit:
@@ -419,8 +433,8 @@ class Storage:
                 model=r.model,
                 current_branch=r.current_branch,
                 turn_count=r.turn_count,
-                created_at=_utc(r.created_at),  # type: ignore[arg-type]
-                updated_at=_utc(r.updated_at),  # type: ignore[arg-type]
+                created_at=r.created_at,
+                updated_at=r.updated_at,
                 calls=r.calls or 0,
                 input_tokens=int(r.inp or 0),
                 output_tokens=int(r.out or 0),
@@ -432,64 +446,54 @@ class Storage:
 
     def delete_conversation(self, conv_id: str) -> None:
         with db.write(self.engine) as conn:
-            conn.execute(update(B).where(B.c.conversation_id == conv_id).values(head_id=None))
-            conn.execute(delete(K).where(K.c.conversation_id == conv_id))
-            self._delete_turns(conn, conv_id)
-            conn.execute(delete(B).where(B.c.conversation_id == conv_id))
-            conn.execute(delete(C).where(C.c.id == conv_id))
+            key = self._key(conn, conv_id)
+            conn.execute(update(B).where(B.c.conversation_key == key).values(head_id=None))
+            conn.execute(delete(K).where(K.c.conversation_key == key))
+            # Unlink parents first, so the self-referencing foreign key holds at every statement.
+            conn.execute(update(T).where(T.c.conversation_key == key).values(parent_id=None))
+            conn.execute(delete(T).where(T.c.conversation_key == key))
+            conn.execute(delete(B).where(B.c.conversation_key == key))
+            conn.execute(delete(C).where(C.c.key == key))
 
-    def _delete_turns(self, conn: Connection, conv_id: str) -> None:
-        # Unlink parents first, so the self-referencing foreign key holds at every statement.
-        conn.execute(
-            update(T).where(T.c.conversation_id == conv_id).values(parent_id=None)
-        )
-        conn.execute(delete(T).where(T.c.conversation_id == conv_id))
+    def _key(self, conn: Connection, conv_id: str) -> int:
+        """The integer key of a conversation given by its full public id."""
+        key = conn.execute(_CONVERSATION_KEY, {"conv_id": conv_id}).scalar()
+        if key is None:
+            raise NotFound(f"no conversation with id {conv_id!r}")
+        return int(key)
 
     # -- ids -------------------------------------------------------------------------------
 
-    def _resolve(
-        self,
-        conn: Connection,
-        table: Any,
-        ref: str,
-        what: str,
-        conv_id: str | None = None,
-        *,
-        whole_rows: bool = False,
-    ) -> Any:
-        """The id matching `ref` (or with `whole_rows`, the matching row in a list)."""
+    def _resolve(self, conn: Connection, table: Any, ref: str, what: str) -> str:
+        """The id of the one conversation whose id starts with `ref`."""
         prefix = normalize_prefix(ref)
         if prefix is None:
             raise NotFound(f"no {what} with id {ref!r}")
         low, high = prefix_range(prefix)
-        stmt: Executable = _CONVERSATIONS_BY_PREFIX if table is C else _TURN_BY_PREFIX
-        params: dict[str, Any] = {"low": low, "high": high, "conv_id": conv_id}
-        rows = list(conn.execute(stmt, params))
-        ids = [r.id for r in rows]
+        ids = [r.id for r in conn.execute(_CONVERSATIONS_BY_PREFIX, {"low": low, "high": high})]
         if not ids:
-            if conv_id is not None:
-                elsewhere = conn.execute(
-                    select(table.c.id).where(table.c.id >= low, table.c.id < high).limit(1)
-                ).first()
-                if elsewhere:
-                    raise NotFound(f"{what} {ref!r} belongs to another conversation")
             raise NotFound(f"no {what} with id {ref!r}")
         if len(ids) > 1:
             raise AmbiguousId(ref, ids, what)
-        return rows if whole_rows else ids[0]
+        return ids[0]
 
-    def resolve_turn(self, conv_id: str, ref: str) -> TurnRow:
+    def resolve_turn(self, conv_id: str, ref: int | str) -> TurnRow:
         with db.read(self.engine) as conn:
             return self._resolve_turn(conn, conv_id, ref)
 
-    def _resolve_turn(self, conn: Connection, conv_id: str, ref: str) -> TurnRow:
-        """A turn by id or unique prefix, read with the lookup itself: one round trip."""
-        rows = self._resolve(conn, T, ref, "turn", conv_id, whole_rows=True)
-        return _turn_row(rows[0])
+    def _resolve_turn(self, conn: Connection, conv_id: str, ref: int | str) -> TurnRow:
+        """A turn of this conversation by id (an integer, or its digits as text)."""
+        turn_id = parse_turn_id(ref)
+        row = conn.execute(_TURN_BY_ID, {"id": turn_id}).first()
+        if row is None:
+            raise NotFound(f"no turn with id {ref!r}")
+        if row.conversation_id != conv_id:
+            raise NotFound(f"turn {turn_id} belongs to another conversation")
+        return _turn_row(row)
 
-    def turn(self, turn_id: str) -> TurnRow:
+    def turn(self, turn_id: int) -> TurnRow:
         with db.read(self.engine) as conn:
-            row = conn.execute(select(T).where(T.c.id == turn_id)).first()
+            row = conn.execute(_TURN_BY_ID, {"id": turn_id}).first()
         if row is None:
             raise NotFound(f"no turn with id {turn_id!r}")
         return _turn_row(row)
@@ -497,32 +501,28 @@ class Storage:
     def turns(self, conv_id: str) -> list[TurnRow]:
         """Every turn of a conversation, parents before children (for the tree view)."""
         with db.read(self.engine) as conn:
+            key = self._key(conn, conv_id)
             rows = conn.execute(
-                select(T).where(T.c.conversation_id == conv_id).order_by(T.c.depth, T.c.id)
+                select(T).where(T.c.conversation_key == key).order_by(T.c.depth, T.c.id)
             ).all()
-        return [_turn_row(r) for r in rows]
-
-    def turn_ids(self, conv_id: str) -> list[str]:
-        """Every turn id of a conversation (to shorten ids so each stays unique)."""
-        with db.read(self.engine) as conn:
-            return list(conn.execute(select(T.c.id).where(T.c.conversation_id == conv_id)).scalars())
+        return [_turn_row(r, conv_id) for r in rows]
 
     # -- paths -----------------------------------------------------------------------------
 
-    def path(self, conv_id: str, branch: str | None = None, head_id: str | None = None) -> Path:
+    def path(self, conv_id: str, branch: str | None = None, head_id: int | None = None) -> Path:
         """A branch's (or any turn's) path from its root."""
         if head_id is None:
             return self.snapshot(conv_id, branch)[1]
         with db.read(self.engine) as conn:
             q = (
-                select(T.c.depth, C.c.turn_count)
-                .select_from(T.join(C, C.c.id == T.c.conversation_id))
-                .where(T.c.id == head_id, T.c.conversation_id == conv_id)
+                select(T.c.depth, C.c.turn_count, C.c.key)
+                .select_from(T.join(C, C.c.key == T.c.conversation_key))
+                .where(T.c.id == head_id, C.c.id == conv_id)
             )
             row = conn.execute(q).first()
             if row is None:
                 raise NotFound(f"no turn {head_id} in conversation {conv_id}")
-            return self._read_path(conn, conv_id, branch or "", head_id, row[0], row[1])
+            return self._read_path(conn, row[2], branch or "", head_id, row[0], row[1])
 
     def snapshot(self, conv_id: str, branch: str | None = None) -> tuple[ConversationRow, Path]:
         """A conversation and a branch's path (default: the current one) in two queries, one
@@ -540,21 +540,21 @@ class Storage:
             if row.head_id is None:
                 return info, Path(row.branch_name, None, [], None, -1)
             path = self._read_path(
-                conn, conv_id, row.branch_name, row.head_id, row.head_depth, info.turn_count
+                conn, info.key, row.branch_name, row.head_id, row.head_depth, info.turn_count
             )
         return info, path
 
     def _read_path(
-        self, conn: Connection, conv_id: str, branch: str, head_id: str, depth: int, count: int
+        self, conn: Connection, conv_key: int, branch: str, head_id: int, depth: int, count: int
     ) -> Path:
         if count == depth + 1:
             # A thread that never branched: its turns are the path, in depth order.
-            chain = _fetchall(conn, _LINEAR_PATH, {"conv_id": conv_id})
+            chain = _fetchall(conn, _LINEAR_PATH, {"conv_key": conv_key})
         elif count <= (depth + 1) * SCAN_RATIO + SCAN_SLACK:
-            rows = _fetchall(conn, _NEAR_LINEAR_PATH, {"conv_id": conv_id, "depth": depth})
+            rows = _fetchall(conn, _NEAR_LINEAR_PATH, {"conv_key": conv_key, "depth": depth})
             by_id = {r[0]: r for r in rows}
             chain = []
-            cur: str | None = head_id
+            cur: int | None = head_id
             while cur is not None:
                 r = by_id[cur]
                 chain.append(r)
@@ -572,7 +572,7 @@ class Storage:
             blobs = self._blobs_for(conn, turns)
         return Path(branch, head_id, turns, blobs, depth)
 
-    def _walk_cte(self, conn: Connection, head_id: str) -> list[Any]:
+    def _walk_cte(self, conn: Connection, head_id: int) -> list[Any]:
         cols = (T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason, T.c.depth)
         walk = select(*cols).where(T.c.id == head_id).cte("walk", recursive=True)
         parent = T.alias("parent")
@@ -601,58 +601,91 @@ class Storage:
         self,
         conv_id: str,
         branch: str,
-        expected_head: str | None,
+        expected_head: int | None,
         turns: Sequence[NewTurn],
         *,
         owner: str | None = None,
         hold: timedelta | None = None,
         head_depth: int | None = None,
-        first_call: FirstCall | None = None,
-    ) -> list[str]:
+    ) -> list[int]:
         """Append turns at a branch head in one transaction; optionally take the branch lease.
 
         Raises Conflict when the head is no longer `expected_head` or another live writer holds
         the branch. With `hold`, the branch stays leased to `owner` until `release`.
         `head_depth`, when the caller knows it, saves a lookup.
         """
+        return self._append(conv_id, branch, expected_head, turns, owner, hold, head_depth, None)[0]
+
+    def begin_send(
+        self,
+        conv_id: str,
+        branch: str,
+        expected_head: int | None,
+        turns: Sequence[NewTurn],
+        *,
+        owner: str,
+        hold: timedelta,
+        head_depth: int | None,
+        first_call: FirstCall,
+    ) -> tuple[list[int], int]:
+        """`append` with the lease, plus the ledger row of the call about to be made, in one
+        commit: the turn ids and the call id."""
+        ids, call_id = self._append(
+            conv_id, branch, expected_head, turns, owner, hold, head_depth, first_call
+        )
+        assert call_id is not None
+        return ids, call_id
+
+    def _append(
+        self,
+        conv_id: str,
+        branch: str,
+        expected_head: int | None,
+        turns: Sequence[NewTurn],
+        owner: str | None,
+        hold: timedelta | None,
+        head_depth: int | None,
+        first_call: FirstCall | None,
+    ) -> tuple[list[int], int | None]:
         lease = (
             {"lease_owner": owner, "lease_expires": now() + hold}
             if owner is not None and hold is not None
             else {}
         )
+        call_id = None
         with db.write(self.engine) as conn:
-            head = self._lock_branch(conn, conv_id, branch, owner)
+            head, key = self._lock_branch(conn, conv_id, branch, owner)
             if head != expected_head:
                 raise Conflict(
                     f"branch {branch!r} moved (head is now {head}, expected {expected_head}): "
                     "another writer got there first; reload and try again"
                 )
-            ids = self._insert_turns(conn, conv_id, branch, head, turns, head_depth, lease)
+            ids = self._insert_turns(conn, key, branch, head, turns, head_depth, lease)
             if lease and not ids:
-                conn.execute(_MOVE_HEAD, {"w_conv": conv_id, "w_branch": branch, **lease})
+                conn.execute(_MOVE_HEAD, {"w_conv": key, "w_branch": branch, **lease})
             if first_call is not None:
-                # One commit for the user turn and the call it is about to make.
-                conn.execute(
+                call_id = conn.execute(
                     _INSERT_CALL,
                     {
-                        "id": first_call.id, "conversation_id": conv_id, "branch": branch,
+                        "conversation_key": key, "branch": branch,
                         "turn_id": ids[-1] if ids else head, "attempt": 0, "model": first_call.model,
                         "streamed": int(first_call.streamed), "status": "pending",
                         "started_at": first_call.started_at,
                     },
-                )
-        return ids
+                ).scalar_one()
+        return ids, call_id
 
     def _lock_branch(
         self, conn: Connection, conv_id: str, branch: str, owner: str | None
-    ) -> str | None:
+    ) -> tuple[int | None, int]:
+        """The branch's head and the conversation's key, the branch row locked for writing."""
         q = _LOCK_BRANCH_FOR_UPDATE if self.dialect == "postgresql" else _LOCK_BRANCH
         row = conn.execute(q, {"conv_id": conv_id, "branch": branch}).first()
         if row is None:
+            self._key(conn, conv_id)  # NotFound for the conversation itself, if that is it
             raise NotFound(f"no branch {branch!r} in conversation {conv_id}")
-        head, holder, expires = row
+        head, holder, expires, key = row
         if holder and holder != owner:
-            expires = _utc(expires)
             if expires is not None and expires > now() and not _holder_is_dead(holder):
                 raise Conflict(
                     f"branch {branch!r} is busy: another send on it has not finished"
@@ -661,44 +694,44 @@ class Storage:
             # finish. Say so in the ledger rather than leave them pending forever.
             conn.execute(
                 update(K)
-                .where(K.c.conversation_id == conv_id, K.c.branch == branch, K.c.status == "pending")
+                .where(K.c.conversation_key == key, K.c.branch == branch, K.c.status == "pending")
                 .values(status="abandoned", error_type="abandoned",
                         error_message="the sending process died before the call finished")
             )
-        return head
+        return head, key
 
     def _insert_turns(
         self,
         conn: Connection,
-        conv_id: str,
+        conv_key: int,
         branch: str,
-        parent_id: str | None,
+        parent_id: int | None,
         turns: Sequence[NewTurn],
         parent_depth: int | None = None,
         branch_values: dict[str, Any] | None = None,
-    ) -> list[str]:
+    ) -> list[int]:
         """Insert turns under `parent_id` and move the branch head (with `branch_values`, such
         as a lease change, in the same UPDATE)."""
         ts = now()
-        rows = self._write_turns(conn, conv_id, parent_id, turns, parent_depth, ts)
-        if rows:
+        ids = self._write_turns(conn, conv_key, parent_id, turns, parent_depth, ts)
+        if ids:
             conn.execute(
                 _MOVE_HEAD,
-                {"w_conv": conv_id, "w_branch": branch, "head_id": rows[-1]["id"], **(branch_values or {})},
+                {"w_conv": conv_key, "w_branch": branch, "head_id": ids[-1], **(branch_values or {})},
             )
-            conn.execute(_COUNT_TURNS, {"conv_id": conv_id, "n": len(rows), "ts": ts})
-        return [str(r["id"]) for r in rows]
+            conn.execute(_COUNT_TURNS, {"conv_key": conv_key, "n": len(ids), "ts": ts})
+        return ids
 
     def _write_turns(
         self,
         conn: Connection,
-        conv_id: str,
-        parent_id: str | None,
+        conv_key: int,
+        parent_id: int | None,
         turns: Sequence[NewTurn],
         parent_depth: int | None,
         ts: datetime,
-    ) -> list[dict[str, Any]]:
-        """Insert turns (and their blobs) as a chain under `parent_id`; the rows written."""
+    ) -> list[int]:
+        """Insert turns (and their blobs) as a chain under `parent_id`; their ids."""
         if not turns:
             return []
         depth = -1
@@ -715,11 +748,9 @@ class Storage:
             for b in found:
                 blobs[b.sha256] = b
             depth += 1
-            tid = new_id()
             rows.append(
                 {
-                    "id": tid,
-                    "conversation_id": conv_id,
+                    "conversation_key": conv_key,
                     "parent_id": parent_id,
                     "role": t.role,
                     "kind": t.kind,
@@ -730,12 +761,24 @@ class Storage:
                     "created_at": ts,
                 }
             )
-            parent_id = tid
         if blobs:
             self._insert_blobs(conn, blobs.values(), ts)
-        if rows:
-            conn.execute(_INSERT_TURNS, rows)
-        return rows
+        if len(rows) == 1:  # a send's turn: the database numbers it
+            return [int(conn.execute(_INSERT_TURN, rows[0]).scalar_one())]
+        ids = self._next_turn_ids(conn, len(rows))
+        for row, tid in zip(rows, ids, strict=True):
+            row["id"], row["parent_id"] = tid, parent_id
+            parent_id = tid
+        conn.execute(_INSERT_TURNS, rows)
+        return ids
+
+    def _next_turn_ids(self, conn: Connection, n: int) -> list[int]:
+        """`n` fresh turn ids, in order, for rows that must name their parents before they are
+        written. On SQLite the write transaction holds the database's only write lock."""
+        if self.dialect == "sqlite":
+            last = int(conn.execute(_NEXT_TURN_IDS["sqlite"]).scalar_one())
+            return list(range(last + 1, last + n + 1))
+        return [int(v) for v in conn.execute(_NEXT_TURN_IDS["postgresql"], {"n": n}).scalars()]
 
     def _insert_blobs(self, conn: Connection, blobs: Iterable[BlobData], ts: datetime) -> None:
         values = [
@@ -750,7 +793,7 @@ class Storage:
         with db.write(self.engine) as conn:
             conn.execute(
                 update(B)
-                .where(B.c.conversation_id == conv_id, B.c.name == branch, B.c.lease_owner == owner)
+                .where(B.c.conversation_key == _key_of(conv_id), B.c.name == branch, B.c.lease_owner == owner)
                 .values(lease_expires=now() + hold)
             )
 
@@ -758,7 +801,7 @@ class Storage:
         with db.write(self.engine) as conn:
             conn.execute(
                 update(B)
-                .where(B.c.conversation_id == conv_id, B.c.name == branch, B.c.lease_owner == owner)
+                .where(B.c.conversation_key == _key_of(conv_id), B.c.name == branch, B.c.lease_owner == owner)
                 .values(lease_owner=None, lease_expires=None)
             )
 
@@ -772,10 +815,10 @@ class Storage:
                     T.c.depth,
                 )
                 .select_from(B.outerjoin(T, T.c.id == B.c.head_id))
-                .where(B.c.conversation_id == conv_id)
+                .where(B.c.conversation_key == _key_of(conv_id))
                 .order_by(B.c.created_at, B.c.id)
             ).all()
-        return [BranchRow(r[0], r[1], _utc(r[2]), r[3], _utc(r[4]), r[5]) for r in rows]  # type: ignore[arg-type]
+        return [BranchRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     def branch(self, conv_id: str, name: str) -> BranchRow:
         for b in self.branches(conv_id):
@@ -786,7 +829,7 @@ class Storage:
     def checkout(self, conv_id: str, name: str) -> None:
         with db.write(self.engine) as conn:
             exists = conn.execute(
-                select(B.c.id).where(B.c.conversation_id == conv_id, B.c.name == name)
+                select(B.c.id).where(B.c.conversation_key == _key_of(conv_id), B.c.name == name)
             ).first()
             if not exists:
                 raise NotFound(f"no branch {name!r} in conversation {conv_id}")
@@ -798,26 +841,26 @@ class Storage:
             current = conn.execute(select(C.c.current_branch).where(C.c.id == conv_id)).scalar_one()
             if current == name:
                 raise InvalidInput(f"branch {name!r} is checked out: check out another one first")
-            self._lock_branch(conn, conv_id, name, None)  # NotFound, or Conflict while in use
-            conn.execute(delete(B).where(B.c.conversation_id == conv_id, B.c.name == name))
+            _, key = self._lock_branch(conn, conv_id, name, None)  # NotFound, or Conflict while in use
+            conn.execute(delete(B).where(B.c.conversation_key == key, B.c.name == name))
 
-    def _free_branch_name(self, conn: Connection, conv_id: str, prefix: str) -> str:
+    def _free_branch_name(self, conn: Connection, conv_key: int, prefix: str) -> str:
         """`prefix-N` with the smallest N used by no branch, live or deleted with calls in the
         ledger (so a new branch never inherits an old one's spend in an audit by branch).
         Index lookups only: constant time whatever the thread's length."""
-        live = set(conn.execute(select(B.c.name).where(B.c.conversation_id == conv_id)).scalars())
+        live = set(conn.execute(select(B.c.name).where(B.c.conversation_key == conv_key)).scalars())
         n = 1
         while True:
             name = f"{prefix}-{n}"
-            if name not in live and not self._billed_branch(conn, conv_id, name):
+            if name not in live and not self._billed_branch(conn, conv_key, name):
                 return name
             n += 1
 
-    def _branch_name_taken(self, conn: Connection, conv_id: str, name: str) -> bool:
-        return bool(conn.execute(_BRANCH_NAME_TAKEN, {"conv_id": conv_id, "name": name}).scalar())
+    def _branch_name_taken(self, conn: Connection, conv_key: int, name: str) -> bool:
+        return bool(conn.execute(_BRANCH_NAME_TAKEN, {"conv_key": conv_key, "name": name}).scalar())
 
-    def _billed_branch(self, conn: Connection, conv_id: str, name: str) -> bool:
-        q = select(K.c.id).where(K.c.conversation_id == conv_id, K.c.branch == name).limit(1)
+    def _billed_branch(self, conn: Connection, conv_key: int, name: str) -> bool:
+        q = select(K.c.id).where(K.c.conversation_key == conv_key, K.c.branch == name).limit(1)
         return conn.execute(q).first() is not None
 
     @contextmanager
@@ -826,13 +869,13 @@ class Storage:
         with db.write(self.engine) as conn:
             yield Branching(self, conn, conv_id)
 
-    def _tail(self, conn: Connection, start: str | TurnRow) -> tuple[list[TurnRecord], bool]:
+    def _tail(self, conn: Connection, start: int | TurnRow) -> tuple[list[TurnRecord], bool]:
         """The turns from the nearest assistant ancestor of `start` (inclusive) down to it,
         and whether the walk reached the root: all that tool pairing and role order depend on
         when a turn is forked at or edited, read without loading the whole path. `start` may
         be a row already read, which saves reading it again."""
         out: list[TurnRecord] = []
-        cur: str | None
+        cur: int | None
         if isinstance(start, TurnRow):
             out.append(TurnRecord(start.id, start.role, start.kind, start.content, start.stop_reason))
             if start.role == "assistant":
@@ -855,89 +898,92 @@ class Storage:
         *,
         conv_id: str,
         branch: str,
-        turn_id: str | None,
+        turn_id: int | None,
         model: str,
         attempt: int,
         streamed: bool,
         started_at: datetime | None = None,
-    ) -> str:
-        call_id = new_id()
+    ) -> int:
         with db.write(self.engine) as conn:
-            conn.execute(
-                insert(K).values(
-                    id=call_id,
-                    conversation_id=conv_id,
-                    branch=branch,
-                    turn_id=turn_id,
-                    attempt=attempt,
-                    model=model,
-                    streamed=int(streamed),
-                    status="pending",
-                    started_at=started_at or now(),
-                )
+            return int(
+                conn.execute(
+                    _INSERT_CALL,
+                    {
+                        "conversation_key": self._key(conn, conv_id),
+                        "branch": branch,
+                        "turn_id": turn_id,
+                        "attempt": attempt,
+                        "model": model,
+                        "streamed": int(streamed),
+                        "status": "pending",
+                        "started_at": started_at or now(),
+                    },
+                ).scalar_one()
             )
-        return call_id
 
-    def finish_call(self, call_id: str, *, started_at: datetime | None = None, **fields: Any) -> None:
+    def finish_call(self, call_id: int, *, started_at: datetime | None = None, **fields: Any) -> None:
         with db.write(self.engine) as conn:
             self._finish_call(conn, call_id, fields, started_at)
 
     def _finish_call(
-        self, conn: Connection, call_id: str, fields: dict[str, Any], started: datetime | None = None
+        self, conn: Connection, call_id: int, fields: dict[str, Any], started: datetime | None = None
     ) -> None:
         if started is None:
             started = conn.execute(select(K.c.started_at).where(K.c.id == call_id)).scalar_one()
         end = now()
-        duration = (end - _utc(started)).total_seconds() * 1000  # type: ignore[operator]
+        duration = (end - started).total_seconds() * 1000
         conn.execute(_UPDATE_CALL, {"w_id": call_id, "finished_at": end, "duration_ms": duration, **fields})
 
     def finish_with_reply(
         self,
-        call_id: str,
+        call_id: int,
         conv_id: str,
         branch: str,
-        parent_id: str,
+        parent_id: int,
         reply: NewTurn,
         owner: str | None,
         fields: dict[str, Any],
         *,
         parent_depth: int | None = None,
         started_at: datetime | None = None,
-    ) -> str:
+    ) -> int:
         """Store a reply, move the head, release the lease and complete its call row: all or
         nothing."""
         with db.write(self.engine) as conn:
-            head = self._lock_branch(conn, conv_id, branch, owner)
+            head, key = self._lock_branch(conn, conv_id, branch, owner)
             if head != parent_id:
                 raise Conflict(
                     f"branch {branch!r} moved while waiting for the reply; the reply was not stored"
                 )
             release = {"lease_owner": None, "lease_expires": None} if owner is not None else {}
             (reply_id,) = self._insert_turns(
-                conn, conv_id, branch, parent_id, [reply], parent_depth, release
+                conn, key, branch, parent_id, [reply], parent_depth, release
             )
             self._finish_call(conn, call_id, {**fields, "reply_id": reply_id}, started_at)
         return reply_id
 
     def calls(self, conv_id: str) -> list[dict[str, Any]]:
+        """The conversation's ledger rows, oldest first (`conversation_id` is its public id)."""
         with db.read(self.engine) as conn:
             rows = conn.execute(
-                select(K).where(K.c.conversation_id == conv_id).order_by(K.c.started_at, K.c.id)
+                select(*(c for c in K.c if c.name != "conversation_key"), C.c.id.label("conversation_id"))
+                .join(C, C.c.key == K.c.conversation_key)
+                .where(C.c.id == conv_id)
+                .order_by(K.c.started_at, K.c.id)
             ).mappings().all()
-        return [
-            {**dict(r), "started_at": _utc(r["started_at"]), "finished_at": _utc(r["finished_at"])}
-            for r in rows
-        ]
+        return [dict(r) for r in rows]
 
-    def reply_calls(self, reply_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """The successful call behind each reply turn, for showing usage beside a transcript."""
-        if not reply_ids:
+    def reply_calls(self, conv_id: str, reply_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """The successful call behind each reply turn, for showing usage beside a transcript:
+        the conversation's calls that stored a reply, read through its index, kept if wanted."""
+        wanted = set(reply_ids)
+        if not wanted:
             return {}
         with db.read(self.engine) as conn:
             rows = conn.execute(
-                select(K).where(K.c.reply_id.in_(list(reply_ids)))
+                select(K).where(K.c.conversation_key == _key_of(conv_id), K.c.reply_id.is_not(None))
             ).mappings().all()
-        return {r["reply_id"]: dict(r) for r in rows}
+        return {r["reply_id"]: dict(r) for r in rows if r["reply_id"] in wanted}
 
     def usage(
         self,
@@ -948,26 +994,31 @@ class Storage:
         until: datetime | None = None,
         by: str = "conversation",
     ) -> UsageReport:
-        """Spend grouped by conversation, branch, model or day: one aggregate query."""
-        key: ColumnElement[Any]
+        """Spend grouped by conversation, branch, model or day: one aggregate query.
+
+        Calls are grouped by integer key first and named afterwards, so an audit reads the
+        ledger in index order and looks each conversation's public id up once."""
+        group: list[ColumnElement[Any]]
         if by == "conversation":
-            key = K.c.conversation_id
+            group = [K.c.conversation_key]
         elif by == "branch":
-            key = K.c.conversation_id + literal(":") + K.c.branch if conversation is None else K.c.branch
+            group = [K.c.conversation_key, K.c.branch] if conversation is None else [K.c.branch]
         elif by == "model":
-            key = K.c.model
+            group = [K.c.model]
         elif by == "day":
-            key = (
-                func.to_char(func.timezone("UTC", K.c.started_at), "YYYY-MM-DD")
-                if self.dialect == "postgresql"
-                else func.substr(K.c.started_at, 1, 10)
-            )
+            group = [
+                (
+                    func.to_char(func.timezone("UTC", K.c.started_at), "YYYY-MM-DD")
+                    if self.dialect == "postgresql"
+                    # integer microseconds on SQLite (see models.Timestamp)
+                    else func.strftime("%Y-%m-%d", type_coerce(K.c.started_at, Integer) / 1_000_000, "unixepoch")
+                ).label("day")
+            ]
         else:
             raise InvalidInput(f"usage can be grouped by conversation, branch, model or day, not {by!r}")
-        since, until = _as_utc(since), _as_utc(until)
         conds = []
         if conversation is not None:
-            conds.append(K.c.conversation_id == conversation)
+            conds.append(K.c.conversation_key == _key_of(conversation))
         if branch is not None:
             conds.append(K.c.branch == branch)
         if since is not None:
@@ -976,22 +1027,29 @@ class Storage:
             conds.append(K.c.started_at < until)
         billed = or_(K.c.input_tokens > 0, K.c.output_tokens > 0)
         unpriced = func.sum(case((and_(K.c.cost_usd.is_(None), billed), 1), else_=0))
-        q = (
-            select(
-                key.label("key"),
-                func.count().label("calls"),
-                func.coalesce(func.sum(K.c.input_tokens), 0),
-                func.coalesce(func.sum(K.c.output_tokens), 0),
-                func.coalesce(func.sum(K.c.cache_creation_input_tokens), 0),
-                func.coalesce(func.sum(K.c.cache_read_input_tokens), 0),
-                func.coalesce(func.sum(K.c.cost_usd), 0.0),
-                func.coalesce(func.sum(K.c.uncached_cost_usd), 0.0),
-                unpriced.label("unpriced"),
-            )
-            .where(*conds)
-            .group_by(key)
-            .order_by(key)
-        )
+        sums = select(
+            *group,
+            func.count().label("calls"),
+            func.coalesce(func.sum(K.c.input_tokens), 0).label("inp"),
+            func.coalesce(func.sum(K.c.output_tokens), 0).label("out"),
+            func.coalesce(func.sum(K.c.cache_creation_input_tokens), 0).label("cw"),
+            func.coalesce(func.sum(K.c.cache_read_input_tokens), 0).label("cr"),
+            func.coalesce(func.sum(K.c.cost_usd), 0.0).label("cost"),
+            func.coalesce(func.sum(K.c.uncached_cost_usd), 0.0).label("uncached"),
+            unpriced.label("unpriced"),
+        ).where(*conds).group_by(*group).subquery()
+        key: ColumnElement[Any]
+        if by == "conversation":
+            key = C.c.id
+        elif by == "branch" and conversation is None:
+            key = C.c.id + literal(":") + sums.c.branch
+        else:
+            key = sums.c[group[0].name]
+        totals = [sums.c[n] for n in ("calls", "inp", "out", "cw", "cr", "cost", "uncached", "unpriced")]
+        q = select(key.label("key"), *totals)
+        if "conversation_key" in sums.c:
+            q = q.join(C, C.c.key == sums.c.conversation_key)
+        q = q.order_by(key)
         with db.read(self.engine) as conn:
             result = conn.execute(q).all()
             missing = []
@@ -1027,8 +1085,7 @@ class Storage:
         calls: list[dict[str, Any]],
     ) -> str:
         """A whole conversation under new ids, in one transaction (validated by the caller)."""
-        ids = {t["id"]: new_id() for t in turns}
-        children: dict[str | None, list[dict[str, Any]]] = {}
+        children: dict[Any, list[dict[str, Any]]] = {}
         for t in turns:
             children.setdefault(t["parent_id"], []).append(t)
         cid = new_id()
@@ -1041,22 +1098,22 @@ class Storage:
             blobs.update({b.sha256: b for b in found})
             rows.append(
                 {
-                    "id": ids[t["id"]],
-                    "conversation_id": cid,
-                    "parent_id": ids.get(t["parent_id"]) if t["parent_id"] else None,
+                    "old": t["id"],
+                    "old_parent": t["parent_id"],
+                    "old_source": t.get("source_id"),
                     "role": t["role"],
                     "kind": t["kind"],
                     "content": dumps(content),
                     "depth": depth,
-                    "source_id": ids.get(t["source_id"]) if t.get("source_id") else None,
                     "stop_reason": t.get("stop_reason"),
                     "created_at": t["created_at"],
                 }
             )
             stack.extend((c, depth + 1) for c in children.get(t["id"], []))
         with db.write(self.engine) as conn:
-            conn.execute(
-                insert(C).values(
+            key = conn.execute(
+                insert(C)
+                .values(
                     id=cid,
                     title=conversation["title"],
                     model=conversation["model"],
@@ -1067,20 +1124,29 @@ class Storage:
                     created_at=conversation["created_at"],
                     updated_at=ts,
                 )
-            )
+                .returning(C.c.key)
+            ).scalar_one()
             if blobs:
                 self._insert_blobs(conn, blobs.values(), ts)
+            ids = dict(zip((r["old"] for r in rows), self._next_turn_ids(conn, len(rows)), strict=True))
             if rows:
-                conn.execute(insert(T), rows)
+                conn.execute(
+                    _INSERT_TURNS,
+                    [
+                        {
+                            "id": ids[r.pop("old")],
+                            "conversation_key": key,
+                            "parent_id": ids.get(r.pop("old_parent")),
+                            "source_id": ids.get(r.pop("old_source")),
+                            **r,
+                        }
+                        for r in rows
+                    ],
+                )
             conn.execute(
                 insert(B),
                 [
-                    {
-                        "conversation_id": cid,
-                        "name": b["name"],
-                        "head_id": ids.get(b["head_id"]) if b["head_id"] else None,
-                        "created_at": ts,
-                    }
+                    {"conversation_key": key, "name": b["name"], "head_id": ids.get(b["head_id"]), "created_at": ts}
                     for b in branches
                 ],
             )
@@ -1089,11 +1155,10 @@ class Storage:
                     insert(K),
                     [
                         {
-                            **c,
-                            "id": new_id(),
-                            "conversation_id": cid,
-                            "turn_id": ids.get(c["turn_id"]) if c.get("turn_id") else None,
-                            "reply_id": ids.get(c["reply_id"]) if c.get("reply_id") else None,
+                            **{k: v for k, v in c.items() if k != "id"},
+                            "conversation_key": key,
+                            "turn_id": ids.get(c.get("turn_id")),
+                            "reply_id": ids.get(c.get("reply_id")),
                         }
                         for c in calls
                     ],
@@ -1153,44 +1218,55 @@ class Branching:
 
     def __init__(self, storage: Storage, conn: Connection, conv_id: str) -> None:
         self._s, self._conn, self.conv_id = storage, conn, conv_id
+        self._key: int | None = None
 
-    def turn(self, ref: str) -> TurnRow:
-        return self._s._resolve_turn(self._conn, self.conv_id, ref)
+    @property
+    def key(self) -> int:
+        """The conversation's key: read once, and free when a turn was looked up first."""
+        if self._key is None:
+            self._key = self._s._key(self._conn, self.conv_id)
+        return self._key
 
-    def tail(self, start: str | TurnRow) -> tuple[list[TurnRecord], bool]:
+    def turn(self, ref: int | str) -> TurnRow:
+        row = self._s._resolve_turn(self._conn, self.conv_id, ref)
+        self._key = row.conversation_key
+        return row
+
+    def tail(self, start: int | TurnRow) -> tuple[list[TurnRecord], bool]:
         return self._s._tail(self._conn, start)
 
     def free_name(self, prefix: str) -> str:
-        return self._s._free_branch_name(self._conn, self.conv_id, prefix)
+        return self._s._free_branch_name(self._conn, self.key, prefix)
 
     def name_taken(self, name: str) -> bool:
-        return self._s._branch_name_taken(self._conn, self.conv_id, name)
+        return self._s._branch_name_taken(self._conn, self.key, name)
 
     def create(
         self,
         name: str,
-        parent_id: str | None,
+        parent_id: int | None,
         turns: Sequence[NewTurn] = (),
         *,
         parent_depth: int | None = None,
         checkout: bool = True,
-    ) -> list[str]:
+    ) -> list[int]:
         """A branch at `parent_id`, extended by `turns`: the turns, one branch row at their
         head, and one update of the conversation (count, checkout)."""
         ts = now()
-        rows = self._s._write_turns(self._conn, self.conv_id, parent_id, turns, parent_depth, ts)
-        head = rows[-1]["id"] if rows else parent_id
+        key = self.key
+        ids = self._s._write_turns(self._conn, key, parent_id, turns, parent_depth, ts)
+        head = ids[-1] if ids else parent_id
         self._conn.execute(
-            _INSERT_BRANCH, {"conversation_id": self.conv_id, "name": name, "head_id": head, "created_at": ts}
+            _INSERT_BRANCH, {"conversation_key": key, "name": name, "head_id": head, "created_at": ts}
         )
         values: dict[str, Any] = {}
-        if rows:
-            values["turn_count"] = C.c.turn_count + len(rows)
+        if ids:
+            values["turn_count"] = C.c.turn_count + len(ids)
         if checkout:
             values["current_branch"] = name
         if values:
-            self._conn.execute(update(C).where(C.c.id == self.conv_id).values(updated_at=ts, **values))
-        return [str(r["id"]) for r in rows]
+            self._conn.execute(update(C).where(C.c.key == key).values(updated_at=ts, **values))
+        return ids
 
 
 def _preview(content: str | None, width: int = 60) -> str | None:
@@ -1205,6 +1281,7 @@ def _preview(content: str | None, width: int = 60) -> str | None:
 
 def _conversation_row(row: Any) -> ConversationRow:
     return ConversationRow(
+        key=row.key,
         id=row.id,
         title=row.title,
         model=row.model,
@@ -1212,15 +1289,16 @@ def _conversation_row(row: Any) -> ConversationRow:
         params=orjson.loads(row.params or "{}"),
         current_branch=row.current_branch,
         turn_count=row.turn_count,
-        created_at=_utc(row.created_at),  # type: ignore[arg-type]
-        updated_at=_utc(row.updated_at),  # type: ignore[arg-type]
+        created_at=row.created_at,
+        updated_at=row.updated_at,
     )
 
 
-def _turn_row(row: Any) -> TurnRow:
+def _turn_row(row: Any, conv_id: str | None = None) -> TurnRow:
     return TurnRow(
         id=row.id,
-        conversation_id=row.conversation_id,
+        conversation_id=conv_id if conv_id is not None else row.conversation_id,
+        conversation_key=row.conversation_key,
         parent_id=row.parent_id,
         role=row.role,
         kind=row.kind,
@@ -1228,5 +1306,5 @@ def _turn_row(row: Any) -> TurnRow:
         depth=row.depth,
         source_id=row.source_id,
         stop_reason=row.stop_reason,
-        created_at=_utc(row.created_at),  # type: ignore[arg-type]
+        created_at=row.created_at,
     )

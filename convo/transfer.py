@@ -26,22 +26,25 @@ class _Strict(BaseModel):
 
 
 Int32 = Annotated[int, Field(ge=0, le=2**31 - 1)]
+# Turn ids only name turns within the file (an import numbers them afresh): convo writes its
+# integer ids; text ids, as exports before integer keys had, are read too.
+TurnRef = Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class TurnExport(_Strict):
-    id: str = Field(min_length=1, max_length=200)
-    parent_id: str | None
+    id: TurnRef
+    parent_id: TurnRef | None
     role: Literal["user", "assistant"]
     kind: Literal["user", "reply", "synthetic", "prefill", "tool_result"]
     content: list[dict[str, Any]] = Field(min_length=1)
-    source_id: str | None = None
+    source_id: TurnRef | None = None
     stop_reason: str | None = Field(default=None, max_length=40)
     created_at: datetime
 
 
 class BranchExport(_Strict):
     name: str = Field(min_length=1, max_length=200)
-    head_id: str | None
+    head_id: TurnRef | None
 
 
 class ConversationExport(_Strict):
@@ -58,10 +61,10 @@ class ConversationExport(_Strict):
 class CallExport(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    id: str
+    id: int | str
     branch: str = Field(max_length=200)
-    turn_id: str | None = None
-    reply_id: str | None = None
+    turn_id: TurnRef | None = None
+    reply_id: TurnRef | None = None
     attempt: Int32 = 0
     model: str = Field(max_length=200)
     streamed: Int32 = 0
@@ -152,8 +155,8 @@ def parse_export(data: Any) -> Export:
     for b in export.branches:
         if b.head_id is not None and b.head_id not in ids:
             raise InvalidInput(f"not a convo export: branch {b.name!r} has an unknown head")
-    reached: set[str] = set()
-    children: dict[str | None, list[str]] = {}
+    reached: set[int | str] = set()
+    children: dict[int | str | None, list[int | str]] = {}
     for t in export.turns:
         children.setdefault(t.parent_id, []).append(t.id)
     stack = list(children.get(None, []))

@@ -105,7 +105,7 @@ def branch_names(conv: Conversation) -> list[str]:
     return [b.name for b in conv.branches()]
 
 
-def exchange(conv: Conversation, n: int) -> list[str]:
+def exchange(conv: Conversation, n: int) -> list[int]:
     """n user/assistant pairs added without requests; returns the turn ids."""
     ids = []
     for i in range(n):
@@ -134,12 +134,15 @@ def test_fork_makes_a_checked_out_branch_and_leaves_the_original_alone(conv: Con
     assert [t.id for t in conv.turns()] == ids
 
 
-def test_fork_accepts_an_id_prefix(conv: Conversation) -> None:
+def test_fork_accepts_an_id_as_typed(conv: Conversation) -> None:
     ids = exchange(conv, 2)
-    conv.fork(ids[2][:20], "by-prefix")
+    conv.fork(str(ids[2]), "by-text")
     assert conv.turns()[-1].id == ids[2]
     with pytest.raises(NotFound):
         conv.fork("zzzzzzzzzzzzzzzzzzzz", "nowhere")
+    with pytest.raises(NotFound):
+        conv.fork(max(ids) + 1000, "nowhere")
+    assert [b.name for b in conv.branches()] == ["main", "by-text"]
 
 
 def test_generated_names_are_readable_and_unique(conv: Conversation) -> None:
@@ -485,16 +488,16 @@ class Model:
     """What convo should hold: turns with parents, branch heads, the checked-out branch."""
 
     def __init__(self) -> None:
-        self.turns: dict[str, tuple[str | None, str, str, list[dict[str, Any]]]] = {}
-        self.order: list[str] = []
-        self.branches: dict[str, str | None] = {"main": None}
+        self.turns: dict[int, tuple[int | None, str, str, list[dict[str, Any]]]] = {}
+        self.order: list[int] = []
+        self.branches: dict[str, int | None] = {"main": None}
         self.current = "main"
 
-    def add(self, tid: str, parent: str | None, role: str, kind: str, content: list[dict[str, Any]]) -> None:
+    def add(self, tid: int, parent: int | None, role: str, kind: str, content: list[dict[str, Any]]) -> None:
         self.turns[tid] = (parent, role, kind, content)
         self.order.append(tid)
 
-    def path(self, branch: str) -> list[str]:
+    def path(self, branch: str) -> list[int]:
         out = []
         cur = self.branches[branch]
         while cur is not None:
@@ -562,11 +565,11 @@ def apply(conv: Conversation, model: Model, op: tuple[Any, ...]) -> None:
     if kind in ("fork", "edit"):
         if not model.order:
             with pytest.raises(NotFound):
-                conv.fork("0" * 26) if kind == "fork" else conv.edit("0" * 26, "x")
+                conv.fork(1) if kind == "fork" else conv.edit(1, "x")
             return
         target = model.order[op[1] % len(model.order)]
         if kind == "fork":
-            ref = target[:22] if op[1] % 3 == 0 else target
+            ref: int | str = str(target) if op[1] % 3 == 0 else target
             name, checkout = op[2], op[3]
             if name is not None and (name in model.branches or name != name.strip()):
                 with pytest.raises(InvalidInput):

@@ -48,11 +48,12 @@ T0 = datetime(2026, 5, 1, 12, 30, 45, tzinfo=UTC)
 
 
 def turn(
-    id: str, parent: str | None, role: str, kind: str, text: str, depth: int = 0
+    id: int, parent: int | None, role: str, kind: str, text: str, depth: int = 0
 ) -> TurnRow:
     return TurnRow(
         id,
         "c1",
+        1,
         parent,
         role,
         kind,
@@ -79,11 +80,12 @@ def test_formats() -> None:
     assert render.turn_label("assistant", "reply") == "assistant/reply"
 
 
-def test_id_width_grows_until_ids_differ() -> None:
-    assert render.id_width(["01abcdefgh000", "01zzzzzzzz000"]) == 8
-    assert render.id_width(["01abcdefghij1", "01abcdefghij2"]) == 13
-    assert render.id_width([]) == 8
-    assert render.short("0123456789abc", 10) == "0123456789"
+def test_ids_are_shown_whole_and_padded_to_a_column() -> None:
+    assert render.id_width([7, 12345, None, 88]) == 5
+    assert render.id_width([]) == 1
+    assert render.short(42, 5) == "42   "
+    assert render.short(None, 3) == "-  "
+    assert render.short(123456, 2) == "123456"  # never cut: the whole id is what resolves
 
 
 def test_block_text_renders_every_kind() -> None:
@@ -240,24 +242,24 @@ def test_transcript_json_shape() -> None:
 
 def test_tree_draws_branches_and_marks_heads() -> None:
     turns = [
-        turn("01a0000000u1", None, "user", "user", "Hello there", 0),
-        turn("01a0000000r1", "01a0000000u1", "assistant", "reply", "Hi! " * 30, 1),
-        turn("01a0000000u2", "01a0000000r1", "user", "user", "main question", 2),
-        turn("01a0000000u3", "01a0000000r1", "user", "user", "edited question", 2),
-        turn("01a0000000r3", "01a0000000u3", "assistant", "reply", "edited answer", 3),
+        turn(7, None, "user", "user", "Hello there", 0),
+        turn(8, 7, "assistant", "reply", "Hi! " * 30, 1),
+        turn(9, 8, "user", "user", "main question", 2),
+        turn(12, 8, "user", "user", "edited question", 2),
+        turn(13, 12, "assistant", "reply", "edited answer", 3),
     ]
     branches = [
-        BranchRow("main", "01a0000000u2", T0),
-        BranchRow("edit-1", "01a0000000r3", T0),
+        BranchRow("main", 9, T0),
+        BranchRow("edit-1", 13, T0),
         BranchRow("empty", None, T0),
     ]
     lines = render.tree(turns, branches, "edit-1").splitlines()
-    assert lines[0].startswith("01a0000000u1 user ")
-    assert lines[1].startswith("01a0000000r1 assistant/reply  Hi! Hi!")
+    assert lines[0].startswith("7  user ")
+    assert lines[1].startswith("8  assistant/reply  Hi! Hi!")
     assert lines[1].endswith("…")
-    assert lines[2].startswith("├─ 01a0000000u2 user ") and lines[2].endswith("[main]")
-    assert lines[3].startswith("└─ 01a0000000u3 user ")
-    assert lines[4].startswith("   01a0000000r3 assistant/reply") and lines[4].endswith(
+    assert lines[2].startswith("├─ 9  user ") and lines[2].endswith("[main]")
+    assert lines[3].startswith("└─ 12 user ")
+    assert lines[4].startswith("   13 assistant/reply") and lines[4].endswith(
         "[*edit-1]"
     )
     assert len(lines) == 5
@@ -267,8 +269,8 @@ def test_tree_of_a_deep_thread_needs_no_recursion() -> None:
     n = 5000
     turns = [
         turn(
-            f"t{i:08d}",
-            f"t{i - 1:08d}" if i else None,
+            i + 1,
+            i if i else None,
             "user" if i % 2 == 0 else "assistant",
             "user" if i % 2 == 0 else "reply",
             f"turn {i}",
@@ -276,7 +278,7 @@ def test_tree_of_a_deep_thread_needs_no_recursion() -> None:
         )
         for i in range(n)
     ]
-    out = render.tree(turns, [BranchRow("main", f"t{n - 1:08d}", T0)], "main")
+    out = render.tree(turns, [BranchRow("main", n, T0)], "main")
     assert len(out.splitlines()) == n
     assert out.splitlines()[-1].endswith("[*main]")
 
@@ -287,16 +289,14 @@ def test_tree_of_nothing() -> None:
 
 def test_branches_table() -> None:
     branches = [
-        BranchRow("main", "01aaaaaaaaaa", T0),
-        BranchRow("edit-1", "01bbbbbbbbbb", T0),
+        BranchRow("main", 4, T0),
+        BranchRow("edit-1", 1077, T0),
     ]
-    out = render.branches_table(
-        branches, "edit-1", {"01aaaaaaaaaa": 3, "01bbbbbbbbbb": 1}
-    )
+    out = render.branches_table(branches, "edit-1", {4: 3, 1077: 1})
     assert out.splitlines() == [
-        "   branch  head      turns",
-        "   main    01aaaaaa      4",
-        "*  edit-1  01bbbbbb      2",
+        "   branch  head  turns",
+        "   main    4         4",
+        "*  edit-1  1077      2",
     ]
 
 
@@ -585,9 +585,9 @@ def test_new_send_show_list_request_add(
     assert body["messages"][-1]["content"] == [{"type": "text", "text": "Sure"}]
 
     (turn,) = other.turns()
-    assert turn.id == ok(added).out.strip()
+    assert str(turn.id) == ok(added).out.strip()
     assert turn.content == [{"type": "text", "text": "From stdin ✓"}]
-    assert prefilled.turns()[-1].id == ok(synthetic).out.strip()
+    assert str(prefilled.turns()[-1].id) == ok(synthetic).out.strip()
     assert len(api.requests) == 1  # request and add send nothing
 
     # No TEXT continues the branch: the synthetic assistant turn is a prefill to continue.
@@ -638,13 +638,13 @@ def test_branching_commands(db_url: str, api: StandIn, store_for: Any) -> None:
     conv.send("Second question")
     u1, r1, u2, r2 = (t.id for t in conv.turns())
 
-    fork = ok(convo(db_url, "fork", "--at", r1, "--name", "alt", standin=api))
+    fork = ok(convo(db_url, "fork", "--at", str(r1), "--name", "alt", standin=api))
     assert fork.out.strip() == "alt" and conv.branch == "alt"
     edit = ok(
         convo(
             db_url,
             "edit",
-            u2,
+            str(u2),
             "-",
             "--name",
             "edited",
@@ -652,7 +652,7 @@ def test_branching_commands(db_url: str, api: StandIn, store_for: Any) -> None:
             input=b"Better question",
         )
     )
-    new_turn = edit.out.strip()
+    new_turn = int(edit.out.strip())
     assert conv.branch == "edited" and conv.turns()[-1].id == new_turn
     assert conv.turn(new_turn).content == [{"type": "text", "text": "Better question"}]
     assert "You said: Better question" in conv.send().text  # answer the edited turn
@@ -914,11 +914,11 @@ def test_edit_in_the_editor(tmp_path: Path, api: StandIn, store_for: Any) -> Non
     with ThreadPoolExecutor(max_workers=2) as pool:
         edited, aborted = pool.map(
             lambda editor: convo(
-                url, "edit", first, "--editor", env={**child_env(api), "EDITOR": editor}
+                url, "edit", str(first), "--editor", env={**child_env(api), "EDITOR": editor}
             ),
             [rewrite, blank],
         )
-    new_id = ok(edited).out.strip()
+    new_id = int(ok(edited).out.strip())
     assert conv.turn(new_id).content == [
         {"type": "text", "text": "Original question (edited)"}
     ]
@@ -926,10 +926,10 @@ def test_edit_in_the_editor(tmp_path: Path, api: StandIn, store_for: Any) -> Non
     assert len(conv.branches()) == 2
 
 
-def test_short_ids_in_show_and_branches_are_unique_across_the_conversation(
+def test_ids_printed_by_show_and_branches_are_the_turns_own_and_resolve(
     tmp_path: Path,
 ) -> None:
-    """Ids printed for one branch must still be unique prefixes among every branch's turns."""
+    """What `show` and `branches` print as a turn's id is what `fork --at` takes back."""
     import subprocess
 
     from convo import Store
@@ -939,17 +939,23 @@ def test_short_ids_in_show_and_branches_are_unique_across_the_conversation(
     conv = store.create(model="claude-sonnet-4-5")
     first = conv.add_user("one")
     conv.add_assistant("two")
-    for i in range(6):  # siblings made within the same millisecond share long prefixes
+    for i in range(6):
         conv.edit(first, f"edit {i}")
-    all_ids = store.storage.turn_ids(conv.id)
+    path_ids = [t.id for t in conv.turns()]
+    heads = {b.head_id for b in conv.branches()}
     store.close()
-    for args in (["show"], ["branches"]):
-        out = subprocess.run(
-            [sys.executable, "-m", "convo", "--db", url, *args],
-            capture_output=True, text=True, timeout=60,
-        )
-        assert out.returncode == 0, out.stderr
-        printed = [w for w in out.stdout.split() if w[:2] == all_ids[0][:2] and len(w) < 26]
-        assert printed
-        for short_id in printed:
-            assert sum(i.startswith(short_id) for i in all_ids) == 1, short_id
+    shown = subprocess.run(
+        [sys.executable, "-m", "convo", "--db", url, "show"], capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert [int(line.split()[0]) for line in shown.stdout.splitlines() if line[:1].isdigit()] == path_ids
+    table = subprocess.run(
+        [sys.executable, "-m", "convo", "--db", url, "branches"], capture_output=True, text=True, timeout=60
+    )
+    assert table.returncode == 0, table.stderr
+    assert {int(row.split()[-2]) for row in table.stdout.splitlines()[1:]} == heads
+    forked = subprocess.run(
+        [sys.executable, "-m", "convo", "--db", url, "fork", "--at", str(max(heads)), "--name", "x"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert forked.returncode == 0 and forked.stdout.strip() == "x", forked.stderr

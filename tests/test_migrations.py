@@ -8,10 +8,12 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -110,9 +112,9 @@ def test_models_and_migrations_differ_is_detected(engine: Engine) -> None:
     """compare_metadata is not blind: drop an index and it is reported."""
     db.upgrade_schema(engine)
     with engine.begin() as conn:
-        conn.execute(text("DROP INDEX ix_calls_reply_id"))
+        conn.execute(text("DROP INDEX ix_calls_started_at"))
     diff = model_diff(engine)
-    assert any(d[0] == "add_index" and d[1].name == "ix_calls_reply_id" for d in diff)
+    assert any(d[0] == "add_index" and d[1].name == "ix_calls_started_at" for d in diff)
 
 
 def test_every_revision_down_to_base_and_up_again(engine: Engine) -> None:
@@ -309,3 +311,137 @@ def test_alembic_command_line_uses_convo_database_url(tmp_path: Path) -> None:
         assert db.schema_revision(e) == db.HEAD
     finally:
         e.dispose()
+
+
+# -- data carried across 0003 (integer keys) -------------------------------------------------------
+
+T0 = datetime(2026, 11, 20, 9, 30, 0, 123456, tzinfo=UTC)
+CONV_A, CONV_B = "01aaaaaaaaaaaaaaaaaaaaaaaa", "01bbbbbbbbbbbbbbbbbbbbbbbb"
+# 0002-era rows: text ids, a fork/edit (two children of one reply), a leased branch, a billed
+# call, a failed call, a pending call in another conversation, a blob.
+OLD_TURNS = [  # id, conversation, parent, role, kind, text, depth, source, seconds after T0
+    ("01t0000000000000000000000u", CONV_A, None, "user", "user", "first", 0, None, 0),
+    ("01t000000000000000000000r1", CONV_A, "01t0000000000000000000000u", "assistant", "reply", "answer", 1, None, 1),
+    ("01t000000000000000000000u2", CONV_A, "01t000000000000000000000r1", "user", "user", "second", 2, None, 2),
+    ("01t000000000000000000000e2", CONV_A, "01t000000000000000000000r1", "user", "user", "second, edited", 2,
+     "01t000000000000000000000u2", 3),
+    ("01t000000000000000000000b1", CONV_B, None, "user", "user", "other", 0, None, 4),
+]
+
+
+def _seed_0002(e: Engine) -> None:
+    ts = sa.bindparam("ts", type_=sa.DateTime(timezone=True))
+    exp = sa.bindparam("exp", type_=sa.DateTime(timezone=True))
+    with e.begin() as conn:
+        for cid, count in ((CONV_A, 4), (CONV_B, 1)):
+            conn.execute(
+                text(
+                    "INSERT INTO conversations (id, title, model, system, params, current_branch, "
+                    "turn_count, created_at, updated_at) VALUES (:id, :title, 'claude-sonnet-4-5', NULL, "
+                    "'{\"max_tokens\": 64}', 'main', :n, :ts, :ts)"
+                ).bindparams(ts),
+                {"id": cid, "title": cid[:3], "n": count, "ts": T0},
+            )
+        for tid, cid, parent, role, kind, body, depth, source, sec in OLD_TURNS:
+            conn.execute(
+                text(
+                    "INSERT INTO turns (id, conversation_id, parent_id, role, kind, content, depth, "
+                    "source_id, stop_reason, created_at) VALUES (:id, :cid, :parent, :role, :kind, "
+                    ":content, :depth, :source, NULL, :ts)"
+                ).bindparams(ts),
+                {"id": tid, "cid": cid, "parent": parent, "role": role, "kind": kind, "depth": depth,
+                 "content": f'[{{"type": "text", "text": "{body}"}}]', "source": source,
+                 "ts": T0 + timedelta(seconds=sec)},
+            )
+        for cid, name, head, owner in (
+            (CONV_A, "main", "01t000000000000000000000u2", None),
+            (CONV_A, "edit-1", "01t000000000000000000000e2", "host:1:abc"),
+            (CONV_B, "main", "01t000000000000000000000b1", None),
+        ):
+            conn.execute(
+                text(
+                    "INSERT INTO branches (conversation_id, name, head_id, lease_owner, lease_expires, "
+                    "created_at) VALUES (:cid, :name, :head, :owner, :exp, :ts)"
+                ).bindparams(ts, exp),
+                {"cid": cid, "name": name, "head": head, "owner": owner,
+                 "exp": T0 + timedelta(minutes=15) if owner else None, "ts": T0},
+            )
+        for call_id, cid, turn, reply, status, inp, out, cost in (
+            ("01k0000000000000000000000a", CONV_A, "01t0000000000000000000000u", "01t000000000000000000000r1", "ok", 10, 5, 0.01),
+            ("01k0000000000000000000000b", CONV_A, "01t000000000000000000000u2", None, "error", 0, 0, None),
+            ("01k0000000000000000000000c", CONV_B, "01t000000000000000000000b1", None, "pending", 0, 0, None),
+        ):
+            conn.execute(
+                text(
+                    "INSERT INTO calls (id, conversation_id, branch, turn_id, reply_id, attempt, model, "
+                    "streamed, status, input_tokens, output_tokens, cache_creation_input_tokens, "
+                    "cache_read_input_tokens, cost_usd, started_at, finished_at) VALUES (:id, :cid, 'main', "
+                    ":turn, :reply, 0, 'claude-sonnet-4-5', 0, :status, :inp, :out, 0, 0, :cost, :ts, :ts)"
+                ).bindparams(ts),
+                {"id": call_id, "cid": cid, "turn": turn, "reply": reply, "status": status, "inp": inp,
+                 "out": out, "cost": cost, "ts": T0 + timedelta(seconds=1)},
+            )
+        conn.execute(
+            text(
+                "INSERT INTO blobs (sha256, media_type, size, data, created_at) "
+                "VALUES (:sha, 'image/png', 3, :data, :ts)"
+            ).bindparams(ts, sa.bindparam("data", type_=sa.LargeBinary)),
+            {"sha": "f" * 64, "data": b"png", "ts": T0},
+        )
+
+
+def _check_carried_over(url: str) -> dict[str, int]:
+    """Everything seeded at 0002, read through convo at head; the new id of each old turn."""
+    with Store(url) as s:
+        a, b = s.get(CONV_A), s.get(CONV_B)
+        texts = {t.content[0]["text"]: t for t in s.storage.turns(CONV_A) + s.storage.turns(CONV_B)}
+        new = {old[0]: texts[old[5]].id for old in OLD_TURNS}
+        assert sorted(new.values()) == [new[o[0]] for o in OLD_TURNS]  # creation order kept
+        for _tid, _cid, parent, _role, _kind, body, depth, source, sec in OLD_TURNS:
+            t = texts[body]
+            assert (t.parent_id, t.source_id, t.depth) == (
+                new.get(parent), new.get(source), depth
+            )
+            assert t.created_at == T0 + timedelta(seconds=sec)
+        assert [t.content[0]["text"] for t in a.turns("main")] == ["first", "answer", "second"]
+        assert [t.content[0]["text"] for t in a.turns("edit-1")] == ["first", "answer", "second, edited"]
+        heads = {br.name: br for br in a.branches()}
+        assert heads["edit-1"].lease_owner == "host:1:abc"
+        assert heads["edit-1"].lease_expires == T0 + timedelta(minutes=15)
+        assert [br.head_id for br in b.branches()] == [new[OLD_TURNS[4][0]]]
+        calls = a.calls()
+        assert [(c["turn_id"], c["reply_id"], c["status"]) for c in calls] == [
+            (new[OLD_TURNS[0][0]], new[OLD_TURNS[1][0]], "ok"),
+            (new[OLD_TURNS[2][0]], None, "error"),
+        ]
+        assert all(c["started_at"] == T0 + timedelta(seconds=1) for c in calls)
+        report = s.usage(by="conversation")
+        assert {r.key: (r.calls, r.input_tokens, r.cost_usd) for r in report.rows} == {
+            CONV_A: (2, 10, 0.01), CONV_B: (1, 0, 0.0)
+        }
+        assert s.storage.blobs_of([]) == {} and s.storage.integrity_problems() == []
+        return new
+
+
+def test_0003_carries_every_row_over_and_back(empty_url: str, engine: Engine) -> None:
+    db.upgrade_schema(engine, "0002")
+    _seed_0002(engine)
+    db.upgrade_schema(engine)
+    new = _check_carried_over(empty_url)
+    # Fresh ids continue after the carried-over ones (the sequences were moved on).
+    with Store(empty_url) as s:
+        fresh = s.create("claude-sonnet-4-5")
+        assert fresh.add_user("new") > max(new.values())
+        assert fresh.id not in (CONV_A, CONV_B) and s.storage.conversation(fresh.id).key == 3
+    # Down again: the integer ids come back as 26-character ids in the same order.
+    db.downgrade_schema(engine, "0002")
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT t.id, t.parent_id, t.depth, t.conversation_id FROM turns t ORDER BY t.id")
+        ).all()
+        assert all(len(r[0]) == 26 for r in rows) and len(rows) == len(OLD_TURNS) + 1
+        by_id = {r[0]: r for r in rows}
+        assert all(r[1] is None or by_id[r[1]][2] == r[2] - 1 for r in rows)
+        assert conn.execute(text("SELECT COUNT(*) FROM calls")).scalar() == 3
+    db.upgrade_schema(engine)
+    assert _check_carried_over(empty_url) == new

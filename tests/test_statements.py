@@ -79,7 +79,7 @@ def test_fork_and_edit_run_the_same_statements_at_depth_3_and_60(db_url: str) ->
             path = store.storage.path(conv.id).turns
             last_user, last_reply = path[-2].id, path[-1].id
             with counted() as seen:
-                conv.fork(last_reply[:12], name=f"f{exchanges}")
+                conv.fork(str(last_reply), name=f"f{exchanges}")
             forks.append(seen)
             with counted() as seen:
                 conv.edit(last_user, "question, edited", name=f"e{exchanges}")

@@ -109,13 +109,35 @@ def test_request_with_new_content_writes_nothing(store: Store) -> None:
 # -- ids -----------------------------------------------------------------------------------------
 
 
-def test_ids_are_26_char_crockford_base32(store: Store) -> None:
+def test_conversation_ids_are_26_char_crockford_base32(store: Store) -> None:
     c = store.create(MODEL)
-    tid = c.add_user("Hi")
-    for value in (c.id, tid):
-        assert len(value) == LENGTH == 26
-        assert set(value) <= set(ALPHABET)
-        assert not set(value) & set("ilou")
+    assert len(c.id) == LENGTH == 26
+    assert set(c.id) <= set(ALPHABET)
+    assert not set(c.id) & set("ilou")
+
+
+def test_turn_ids_are_integers_that_grow_and_are_never_reused(store: Store) -> None:
+    """A deleted conversation's turn ids are not handed out again (AUTOINCREMENT / a sequence),
+    so an id someone noted down never comes to name a different turn."""
+    a = store.create(MODEL)
+    first = a.add_user("Hi")
+    second = a.add_assistant("Hello")
+    assert isinstance(first, int) and isinstance(second, int) and second > first
+    assert a.turn(second).parent_id == first
+    b = store.create(MODEL)
+    later = b.add_user("Hi")
+    assert later > second
+    store.storage.delete_conversation(b.id)
+    again = store.create(MODEL).add_user("Hi")
+    assert again > later
+
+
+@pytest.mark.parametrize("ref", ["abc", "-1", "1.5", "", "   ", "١٢", "9" * 19, "#"])
+def test_a_turn_ref_that_is_not_a_number_is_not_found(store: Store, ref: str) -> None:
+    c = store.create(MODEL)
+    c.add_user("Hi")
+    with pytest.raises(NotFound):
+        c.turn(ref)
 
 
 def test_get_by_full_id_and_unique_prefix(store: Store) -> None:
@@ -170,11 +192,13 @@ def test_turn_lookup_is_scoped_to_its_conversation(store: Store) -> None:
     ta = a.add_user("in a")
     b.add_user("in b")
     assert a.turn(ta).id == ta
-    assert a.turn(ta[:20]).content == [text_block("in a")]
-    with pytest.raises(NotFound):
+    # As typed on a command line: the digits, with or without the '#' shown beside them.
+    assert a.turn(str(ta)).content == [text_block("in a")]
+    assert a.turn(f" #{ta} ").id == ta
+    with pytest.raises(NotFound, match="another conversation"):
         b.turn(ta)
     with pytest.raises(NotFound):
-        b.turn(ta[:20])
+        b.turn(str(ta))
     with pytest.raises(NotFound):
         b.fork(ta, "stolen")
     with pytest.raises(NotFound):

@@ -76,6 +76,34 @@ def test_round_trip_replays_every_branch_identically(db_url: str, tmp_path: Path
     store.close()
 
 
+def test_an_export_with_text_turn_ids_still_imports(db_url: str, tmp_path: Path) -> None:
+    """Exports written before turn ids were integers name turns by 26-character strings: an
+    import numbers them afresh either way, and the copy replays the same."""
+    store = Store(db_url, upgrade=True)
+    conv = _branched(store, tmp_path)
+    data = json.loads(json.dumps(store.export(conv.id)))
+    assert all(isinstance(t["id"], int) for t in data["turns"])
+    as_text = {t["id"]: f"01old{t['id']:021d}" for t in data["turns"]}
+
+    def old(ref: int | None) -> str | None:
+        return None if ref is None else as_text[ref]
+
+    for t in data["turns"]:
+        t["id"], t["parent_id"], t["source_id"] = old(t["id"]), old(t["parent_id"]), old(t["source_id"])
+    for b in data["branches"]:
+        b["head_id"] = old(b["head_id"])
+    for c in data["calls"]:
+        c["turn_id"], c["reply_id"] = old(c["turn_id"]), old(c["reply_id"])
+    copy = store.import_(data)
+    for b in conv.branches():
+        copy.checkout(b.name)
+        conv.checkout(b.name)
+        assert copy.request() == conv.request()
+        assert all(isinstance(t.id, int) for t in copy.turns())
+    assert store.storage.integrity_problems() == []
+    store.close()
+
+
 def test_export_inlines_images_and_import_stores_them_once(db_url: str, tmp_path: Path) -> None:
     store = Store(db_url, upgrade=True)
     conv = _branched(store, tmp_path)
