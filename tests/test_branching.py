@@ -492,6 +492,12 @@ class Model:
         self.order: list[int] = []
         self.branches: dict[str, int | None] = {"main": None}
         self.current = "main"
+        # Names with calls in the ledger: never given to a new branch, even once deleted, so
+        # an audit by branch never merges two branches' spend.
+        self.billed: set[str] = set()
+
+    def taken(self, name: str) -> bool:
+        return name in self.branches or name in self.billed
 
     def add(self, tid: int, parent: int | None, role: str, kind: str, content: list[dict[str, Any]]) -> None:
         self.turns[tid] = (parent, role, kind, content)
@@ -517,7 +523,7 @@ class Model:
 
     def generated(self, prefix: str) -> str:
         n = 1
-        while f"{prefix}-{n}" in self.branches:
+        while self.taken(f"{prefix}-{n}"):
             n += 1
         return f"{prefix}-{n}"
 
@@ -557,6 +563,7 @@ def apply(conv: Conversation, model: Model, op: tuple[Any, ...]) -> None:
             model.add(user, head, "user", "user", content)
             model.add(reply.turn_id, user, "assistant", "reply", reply.content)
             model.branches[cur] = reply.turn_id
+            model.billed.add(cur)
             return
         tid = getattr(conv, kind)(op[1])
         model.add(tid, head, role, "user" if role == "user" else "synthetic", content)
@@ -571,7 +578,7 @@ def apply(conv: Conversation, model: Model, op: tuple[Any, ...]) -> None:
         if kind == "fork":
             ref: int | str = str(target) if op[1] % 3 == 0 else target
             name, checkout = op[2], op[3]
-            if name is not None and (name in model.branches or name != name.strip()):
+            if name is not None and (model.taken(name) or name != name.strip()):
                 with pytest.raises(InvalidInput):
                     conv.fork(ref, name, checkout=checkout)
                 return
@@ -583,7 +590,7 @@ def apply(conv: Conversation, model: Model, op: tuple[Any, ...]) -> None:
             return
         parent, role, _, _ = model.turns[target]
         name = op[3]
-        if not op[2] or (name is not None and name in model.branches):
+        if not op[2] or (name is not None and model.taken(name)):
             with pytest.raises(InvalidInput):
                 conv.edit(target, op[2], name=name)
             return
