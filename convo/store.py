@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -108,9 +108,22 @@ _LOCK_BRANCH = (
 )
 _LOCK_BRANCH_FOR_UPDATE = _LOCK_BRANCH.with_for_update(of=B)
 # A turn by id, with the public id of its conversation (to tell "not here" from "not at all").
+_PARENT = T.alias("parent")
+# A turn by id, with the public id of its conversation (to tell "not here" from "not at all")
+# and its parent's columns: an edit or fork checks the turns back to the nearest assistant
+# turn, which is usually the parent, so one round trip serves both.
 _TURN_BY_ID = (
-    select(*T.c, C.c.id.label("conversation_id"))
+    select(
+        *T.c,
+        C.c.id.label("conversation_id"),
+        _PARENT.c.parent_id.label("p_parent_id"),
+        _PARENT.c.role.label("p_role"),
+        _PARENT.c.kind.label("p_kind"),
+        _PARENT.c.content.label("p_content"),
+        _PARENT.c.stop_reason.label("p_stop_reason"),
+    )
     .join(C, C.c.key == T.c.conversation_key)
+    .outerjoin(_PARENT, _PARENT.c.id == T.c.parent_id)
     .where(T.c.id == bindparam("id"))
 )
 _BRANCH_NAME_TAKEN = select(
@@ -124,6 +137,15 @@ _BRANCH_NAME_TAKEN = select(
     )
 )
 _CONVERSATION_KEY = select(C.c.key).where(C.c.id == bindparam("conv_id"))
+# Check out a branch only if it exists: one statement, no read first.
+_CHECKOUT = (
+    update(C)
+    .where(
+        C.c.id == bindparam("conv_id"),
+        select(B.c.id).where(B.c.conversation_key == C.c.key, B.c.name == bindparam("name")).exists(),
+    )
+    .values(current_branch=bindparam("name"), updated_at=bindparam("ts"))
+)
 _TAIL_TURN = select(T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason).where(
     T.c.id == bindparam("id")
 )
@@ -482,14 +504,18 @@ class Storage:
             return self._resolve_turn(conn, conv_id, ref)
 
     def _resolve_turn(self, conn: Connection, conv_id: str, ref: int | str) -> TurnRow:
-        """A turn of this conversation by id (an integer, or its digits as text)."""
+        return _turn_row(self._turn_with_parent(conn, conv_id, ref))
+
+    def _turn_with_parent(self, conn: Connection, conv_id: str, ref: int | str) -> Any:
+        """A turn of this conversation by id (an integer, or its digits as text), as the row
+        of _TURN_BY_ID."""
         turn_id = parse_turn_id(ref)
         row = conn.execute(_TURN_BY_ID, {"id": turn_id}).first()
         if row is None:
             raise NotFound(f"no turn with id {ref!r}")
         if row.conversation_id != conv_id:
             raise NotFound(f"turn {turn_id} belongs to another conversation")
-        return _turn_row(row)
+        return row
 
     def turn(self, turn_id: int) -> TurnRow:
         with db.read(self.engine) as conn:
@@ -828,12 +854,10 @@ class Storage:
 
     def checkout(self, conv_id: str, name: str) -> None:
         with db.write(self.engine) as conn:
-            exists = conn.execute(
-                select(B.c.id).where(B.c.conversation_key == _key_of(conv_id), B.c.name == name)
-            ).first()
-            if not exists:
+            done = conn.execute(_CHECKOUT, {"conv_id": conv_id, "name": name, "ts": now()}).rowcount
+            if not done:
+                self._key(conn, conv_id)  # NotFound for the conversation, if that is it
                 raise NotFound(f"no branch {name!r} in conversation {conv_id}")
-            conn.execute(update(C).where(C.c.id == conv_id).values(current_branch=name, updated_at=now()))
 
     def delete_branch(self, conv_id: str, name: str) -> None:
         """Drop a branch name. Its turns and its spend stay: other branches and audits use them."""
@@ -869,11 +893,13 @@ class Storage:
         with db.write(self.engine) as conn:
             yield Branching(self, conn, conv_id)
 
-    def _tail(self, conn: Connection, start: int | TurnRow) -> tuple[list[TurnRecord], bool]:
+    def _tail(
+        self, conn: Connection, start: int | TurnRow, known: Mapping[int, tuple[Any, ...]] | None = None
+    ) -> tuple[list[TurnRecord], bool]:
         """The turns from the nearest assistant ancestor of `start` (inclusive) down to it,
         and whether the walk reached the root: all that tool pairing and role order depend on
         when a turn is forked at or edited, read without loading the whole path. `start` may
-        be a row already read, which saves reading it again."""
+        be a row already read, and `known` rows (in _TAIL_TURN's shape) are not read again."""
         out: list[TurnRecord] = []
         cur: int | None
         if isinstance(start, TurnRow):
@@ -884,7 +910,7 @@ class Storage:
         else:
             cur = start
         while cur is not None:
-            r = conn.execute(_TAIL_TURN, {"id": cur}).one()
+            r = known[cur] if known and cur in known else conn.execute(_TAIL_TURN, {"id": cur}).one()
             out.append(TurnRecord(r[0], r[2], r[3], orjson.loads(r[4]), r[5]))
             if r[2] == "assistant":
                 return out[::-1], False
@@ -1219,6 +1245,7 @@ class Branching:
     def __init__(self, storage: Storage, conn: Connection, conv_id: str) -> None:
         self._s, self._conn, self.conv_id = storage, conn, conv_id
         self._key: int | None = None
+        self._known: dict[int, tuple[Any, ...]] = {}
 
     @property
     def key(self) -> int:
@@ -1228,12 +1255,17 @@ class Branching:
         return self._key
 
     def turn(self, ref: int | str) -> TurnRow:
-        row = self._s._resolve_turn(self._conn, self.conv_id, ref)
-        self._key = row.conversation_key
-        return row
+        row = self._s._turn_with_parent(self._conn, self.conv_id, ref)
+        if row.parent_id is not None:  # read with the turn: `tail` will not read it again
+            self._known[row.parent_id] = (
+                row.parent_id, row.p_parent_id, row.p_role, row.p_kind, row.p_content, row.p_stop_reason
+            )
+        turn = _turn_row(row)
+        self._key = turn.conversation_key
+        return turn
 
     def tail(self, start: int | TurnRow) -> tuple[list[TurnRecord], bool]:
-        return self._s._tail(self._conn, start)
+        return self._s._tail(self._conn, start, self._known)
 
     def free_name(self, prefix: str) -> str:
         return self._s._free_branch_name(self._conn, self.key, prefix)

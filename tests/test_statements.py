@@ -14,9 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, event
 
 from convo import Store
+from convo.errors import NotFound
 
 DATA = ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")
 
@@ -89,8 +91,9 @@ def test_fork_and_edit_run_the_same_statements_at_depth_3_and_60(db_url: str) ->
         assert edits[0] == edits[1]
         # fork at a reply: the turn, the name check, the branch row, the checkout
         assert len(forks[0]) == 4, forks[0]
-        # edit of a user turn: + its parent (the tool-pairing check) and the new turn
-        assert len(edits[0]) == 6, edits[0]
+        # edit of a user turn: the turn read with its parent (the tool-pairing check needs
+        # it), the name check, the new turn, the branch row, the conversation
+        assert len(edits[0]) == 5, edits[0]
     finally:
         store.close()
 
@@ -104,3 +107,16 @@ def test_a_send_runs_the_same_statements_at_every_length(store: Store) -> None:
         assert reply.text
         counts.append(sorted(seen))
     assert counts[0] == counts[1]
+
+
+def test_a_checkout_is_one_statement_and_an_unknown_branch_writes_nothing(store: Store) -> None:
+    conv = thread(store, 3)
+    conv.fork(conv.turns()[-1].id, "side", checkout=False)
+    with counted() as seen:
+        conv.checkout("side")
+    assert len(seen) == 1 and seen[0].startswith("UPDATE conversations"), seen
+    assert conv.branch == "side"
+    before = conv.info.updated_at
+    with pytest.raises(NotFound):
+        conv.checkout("nowhere")
+    assert conv.branch == "side" and conv.info.updated_at == before
