@@ -133,6 +133,35 @@ class Floor:
             conn.close()
         return build_body(rows, [{"type": "text", "text": next_text}], self.model, self.max_tokens)
 
+    def resume_on(self, conn: Any, conversation_id: int, next_text: str) -> dict[str, Any]:
+        """`resume` on a connection kept open (what a long-running service does)."""
+        rows = self._rows(conn, conversation_id)
+        conn.rollback()  # end the read transaction, as a fresh connection's close would
+        return build_body(rows, [{"type": "text", "text": next_text}], self.model, self.max_tokens)
+
+    def resume_sqlalchemy(self, conversation_id: int, next_text: str) -> dict[str, Any]:
+        """`resume` through a fresh SQLAlchemy engine instead of the bare driver: the same SQL
+        and rows, plus what building an engine, checking a connection out and disposing of it
+        costs. This is the least any SQLAlchemy-based store pays per fresh store."""
+        from sqlalchemy import create_engine
+
+        if self.kind == "sqlite":
+            engine = create_engine(f"sqlite:///{self.target}")
+        else:
+            import psycopg
+
+            target = self.target
+            engine = create_engine(
+                "postgresql+psycopg://", creator=lambda: psycopg.connect(target), use_native_hstore=False
+            )
+        try:
+            with engine.connect() as conn:
+                sql = "SELECT role, content FROM turns WHERE conversation_id = ? ORDER BY id"
+                rows = conn.exec_driver_sql(self.sql(sql), (conversation_id,)).fetchall()
+        finally:
+            engine.dispose()
+        return build_body(rows, [{"type": "text", "text": next_text}], self.model, self.max_tokens)
+
     def append(
         self, conn: Any, conversation_id: int, user_text: str, reply_bytes: bytes, price: tuple[float, float]
     ) -> tuple[bytes, list[int]]:

@@ -366,6 +366,31 @@ def resume(engine: str, case: Case, cid: str, ds: Dataset, n: int, runs: int, wa
     ratio = median(ct) / median(ft)
     rec.add(Result(engine, "resume", f"n={n:,}", median(ct), median(ft), "s", f"<= {RESUME_MAX_RATIO}x",
                    ratio <= RESUME_MAX_RATIO, ratio, ct, ft))
+    resume_diagnostics(engine, case, cid, n, runs, warmup, rec, check)
+
+
+def resume_diagnostics(engine: str, case: Case, cid: str, n: int, runs: int, warmup: int, rec: Recorder,
+                       check: Callable[[str], Callable[[Any, int], None]]) -> None:
+    """Where a fresh-store resume's time goes, in the same run (diagnostics, no targets):
+    - "Store kept open": convo's own per-resume work, a Store (and so its engine and pool)
+      reused, against the floor on a connection kept open;
+    - "bare SQLAlchemy": the floor's very query through a fresh SQLAlchemy engine against the
+      bare driver, the toll any SQLAlchemy-based store pays before doing anything of its own."""
+    store = Store(case.convo_url)
+    fconn = case.floor.connect()
+    try:
+        ct, ft = interleave(runs, warmup, lambda _i: store.get(cid).request(NEXT_TEXT),
+                            lambda _i: case.floor.resume_on(fconn, 1, NEXT_TEXT),
+                            check("convo"), check("floor"), engine=engine)
+    finally:
+        fconn.close()
+        store.close()
+    rec.add(Result(engine, "resume, Store kept open", f"n={n:,}", median(ct), median(ft), "s", "diagnostic",
+                   None, median(ct) / median(ft), ct, ft))
+    ct, ft = interleave(runs, warmup, lambda _i: case.floor.resume_sqlalchemy(1, NEXT_TEXT),
+                        lambda _i: case.floor.resume(1, NEXT_TEXT), check("floor"), check("floor"), engine=engine)
+    rec.add(Result(engine, "resume, bare SQLAlchemy", f"n={n:,}", median(ct), median(ft), "s", "diagnostic",
+                   None, median(ct) / median(ft), ct, ft))
 
 
 def append(engine: str, case: Case, cid: str, ds: Dataset, n: int, runs: int, warmup: int, rec: Recorder) -> None:
@@ -759,7 +784,7 @@ def table(results: list[Result]) -> str:
 
 
 def ordered(results: list[Result]) -> list[Result]:
-    order = ["resume", "append", "append growth", "append writes", "append writes growth", "fork", "edit", "checkout", "audit", "size", "resume (20 images)"]
+    order = ["resume", "resume, Store kept open", "resume, bare SQLAlchemy", "append", "append growth", "append writes", "append writes growth", "fork", "edit", "checkout", "audit", "size", "resume (20 images)"]
     engines = list(dict.fromkeys(r.engine for r in results))
     return sorted(results, key=lambda r: (engines.index(r.engine), order.index(r.measure)))
 
