@@ -26,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Float,
@@ -112,6 +113,9 @@ class Conversation(Base):
     params: Mapped[str] = mapped_column(Text, default="{}")
     current_branch: Mapped[str] = mapped_column(String(200), default="main")
     turn_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Set once any turn holds an image or document: paths of other conversations skip looking
+    # for blob references.
+    has_media: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(Timestamp())
     updated_at: Mapped[datetime] = mapped_column(Timestamp(), index=True)
 

@@ -64,7 +64,7 @@ STORE_BUDGET_KEY = "budget_usd"
 _SNAPSHOT = (
     text(
         "SELECT c.key, c.id, c.title, c.model, c.system, c.params, c.current_branch, "
-        "c.turn_count, c.created_at, c.updated_at, b.name AS branch_name, b.head_id, "
+        "c.turn_count, c.has_media, c.created_at, c.updated_at, b.name AS branch_name, b.head_id, "
         "t.depth AS head_depth, "
         "(SELECT s.value FROM settings s WHERE s.key = :budget_key) AS store_budget "
         "FROM conversations c "
@@ -94,6 +94,12 @@ _COUNT_TURNS = (
     update(C)
     .where(C.c.key == bindparam("conv_key"))
     .values(updated_at=bindparam("ts"), turn_count=C.c.turn_count + bindparam("n"))
+)
+# The same, for turns that carry images or documents.
+_COUNT_MEDIA_TURNS = (
+    update(C)
+    .where(C.c.key == bindparam("conv_key"))
+    .values(updated_at=bindparam("ts"), turn_count=C.c.turn_count + bindparam("n"), has_media=True)
 )
 # Where-clause parameters are named w_*: any other key given with _MOVE_HEAD or _UPDATE_CALL
 # is a column to SET, so one statement serves every combination of fields.
@@ -227,6 +233,8 @@ class ConversationRow:
     store_budget_usd: float | None = None
     # The integer the tables refer to the conversation by (the id is its public name).
     key: int = -1
+    # Whether any turn ever held an image or document (a path without any needs no blob read).
+    has_media: bool = False
 
 
 @dataclass(frozen=True)
@@ -375,6 +383,7 @@ class Storage:
                     params=dumps(params or {}),
                     current_branch=branch,
                     turn_count=0,
+                    has_media=False,
                     created_at=ts,
                     updated_at=ts,
                 )
@@ -541,14 +550,14 @@ class Storage:
             return self.snapshot(conv_id, branch)[1]
         with db.read(self.engine) as conn:
             q = (
-                select(T.c.depth, C.c.turn_count, C.c.key)
+                select(T.c.depth, C.c.turn_count, C.c.key, C.c.has_media)
                 .select_from(T.join(C, C.c.key == T.c.conversation_key))
                 .where(T.c.id == head_id, C.c.id == conv_id)
             )
             row = conn.execute(q).first()
             if row is None:
                 raise NotFound(f"no turn {head_id} in conversation {conv_id}")
-            return self._read_path(conn, row[2], branch or "", head_id, row[0], row[1])
+            return self._read_path(conn, row[2], branch or "", head_id, row[0], row[1], bool(row[3]))
 
     def snapshot(self, conv_id: str, branch: str | None = None) -> tuple[ConversationRow, Path]:
         """A conversation and a branch's path (default: the current one) in two queries, one
@@ -566,12 +575,20 @@ class Storage:
             if row.head_id is None:
                 return info, Path(row.branch_name, None, [], None, -1)
             path = self._read_path(
-                conn, info.key, row.branch_name, row.head_id, row.head_depth, info.turn_count
+                conn, info.key, row.branch_name, row.head_id, row.head_depth, info.turn_count,
+                info.has_media,
             )
         return info, path
 
     def _read_path(
-        self, conn: Connection, conv_key: int, branch: str, head_id: int, depth: int, count: int
+        self,
+        conn: Connection,
+        conv_key: int,
+        branch: str,
+        head_id: int,
+        depth: int,
+        count: int,
+        media: bool,
     ) -> Path:
         if count == depth + 1:
             # A thread that never branched: its turns are the path, in depth order.
@@ -593,8 +610,10 @@ class Storage:
         with gc_paused():
             turns = [TurnRecord(r[0], r[2], r[3], loads(r[4]), r[5]) for r in chain]
         blobs = None
-        # Blob references are the only "source" objects convo stores (URL media needs no bytes).
-        if any('"source"' in r[4] for r in chain):
+        # Blob references are the only "source" objects convo stores (URL media needs no bytes),
+        # and only a conversation that ever held media can have one: the others skip the scan
+        # (a substring search of every turn costs 40 us per 100 turns).
+        if media and any('"source"' in r[4] for r in chain):
             blobs = self._blobs_for(conn, turns)
         return Path(branch, head_id, turns, blobs, depth)
 
@@ -739,13 +758,15 @@ class Storage:
         """Insert turns under `parent_id` and move the branch head (with `branch_values`, such
         as a lease change, in the same UPDATE)."""
         ts = now()
-        ids = self._write_turns(conn, conv_key, parent_id, turns, parent_depth, ts)
+        ids, media = self._write_turns(conn, conv_key, parent_id, turns, parent_depth, ts)
         if ids:
             conn.execute(
                 _MOVE_HEAD,
                 {"w_conv": conv_key, "w_branch": branch, "head_id": ids[-1], **(branch_values or {})},
             )
-            conn.execute(_COUNT_TURNS, {"conv_key": conv_key, "n": len(ids), "ts": ts})
+            conn.execute(
+                _COUNT_MEDIA_TURNS if media else _COUNT_TURNS, {"conv_key": conv_key, "n": len(ids), "ts": ts}
+            )
         return ids
 
     def _write_turns(
@@ -756,10 +777,11 @@ class Storage:
         turns: Sequence[NewTurn],
         parent_depth: int | None,
         ts: datetime,
-    ) -> list[int]:
-        """Insert turns (and their blobs) as a chain under `parent_id`; their ids."""
+    ) -> tuple[list[int], bool]:
+        """Insert turns (and their blobs) as a chain under `parent_id`; their ids, and whether
+        any of them holds an image or document."""
         if not turns:
-            return []
+            return [], False
         depth = -1
         if parent_id is not None:
             depth = (
@@ -790,13 +812,13 @@ class Storage:
         if blobs:
             self._insert_blobs(conn, blobs.values(), ts)
         if len(rows) == 1:  # a send's turn: the database numbers it
-            return [int(conn.execute(_INSERT_TURN, rows[0]).scalar_one())]
+            return [int(conn.execute(_INSERT_TURN, rows[0]).scalar_one())], bool(blobs)
         ids = self._next_turn_ids(conn, len(rows))
         for row, tid in zip(rows, ids, strict=True):
             row["id"], row["parent_id"] = tid, parent_id
             parent_id = tid
         conn.execute(_INSERT_TURNS, rows)
-        return ids
+        return ids, bool(blobs)
 
     def _next_turn_ids(self, conn: Connection, n: int) -> list[int]:
         """`n` fresh turn ids, in order, for rows that must name their parents before they are
@@ -1147,6 +1169,7 @@ class Storage:
                     params=dumps(conversation["params"]),
                     current_branch=conversation["current_branch"],
                     turn_count=len(rows),
+                    has_media=bool(blobs),
                     created_at=conversation["created_at"],
                     updated_at=ts,
                 )
@@ -1286,7 +1309,7 @@ class Branching:
         head, and one update of the conversation (count, checkout)."""
         ts = now()
         key = self.key
-        ids = self._s._write_turns(self._conn, key, parent_id, turns, parent_depth, ts)
+        ids, media = self._s._write_turns(self._conn, key, parent_id, turns, parent_depth, ts)
         head = ids[-1] if ids else parent_id
         self._conn.execute(
             _INSERT_BRANCH, {"conversation_key": key, "name": name, "head_id": head, "created_at": ts}
@@ -1294,6 +1317,8 @@ class Branching:
         values: dict[str, Any] = {}
         if ids:
             values["turn_count"] = C.c.turn_count + len(ids)
+        if media:
+            values["has_media"] = True
         if checkout:
             values["current_branch"] = name
         if values:
@@ -1321,6 +1346,7 @@ def _conversation_row(row: Any) -> ConversationRow:
         params=orjson.loads(row.params or "{}"),
         current_branch=row.current_branch,
         turn_count=row.turn_count,
+        has_media=bool(row.has_media),
         created_at=row.created_at,
         updated_at=row.updated_at,
     )

@@ -3,6 +3,7 @@ database (`fresh_pg_url`), never the shared, already migrated test databases."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -329,6 +330,9 @@ OLD_TURNS = [  # id, conversation, parent, role, kind, text, depth, source, seco
 ]
 
 
+IMAGE_REF = {"type": "image", "source": {"type": "convo_blob", "media_type": "image/png", "sha256": "f" * 64, "size": 3}}
+
+
 def _seed_0002(e: Engine) -> None:
     ts = sa.bindparam("ts", type_=sa.DateTime(timezone=True))
     exp = sa.bindparam("exp", type_=sa.DateTime(timezone=True))
@@ -350,8 +354,8 @@ def _seed_0002(e: Engine) -> None:
                     ":content, :depth, :source, NULL, :ts)"
                 ).bindparams(ts),
                 {"id": tid, "cid": cid, "parent": parent, "role": role, "kind": kind, "depth": depth,
-                 "content": f'[{{"type": "text", "text": "{body}"}}]', "source": source,
-                 "ts": T0 + timedelta(seconds=sec)},
+                 "content": json.dumps([{"type": "text", "text": body}, *([IMAGE_REF] if cid == CONV_B else [])]),
+                 "source": source, "ts": T0 + timedelta(seconds=sec)},
             )
         for cid, name, head, owner in (
             (CONV_A, "main", "01t000000000000000000000u2", None),
@@ -419,7 +423,11 @@ def _check_carried_over(url: str) -> dict[str, int]:
         assert {r.key: (r.calls, r.input_tokens, r.cost_usd) for r in report.rows} == {
             CONV_A: (2, 10, 0.01), CONV_B: (1, 0, 0.0)
         }
-        assert s.storage.blobs_of([]) == {} and s.storage.integrity_problems() == []
+        assert s.storage.integrity_problems() == []
+        # Only the conversation whose turn holds an image is marked as holding media.
+        assert s.storage.conversation(CONV_B).has_media and not s.storage.conversation(CONV_A).has_media
+        assert s.storage.path(CONV_B).blobs == {"f" * 64: b"png"}
+        assert s.storage.path(CONV_A).blobs is None
         return new
 
 

@@ -25,7 +25,7 @@ from convo.history import TurnRecord
 from convo.ids import ALPHABET, LENGTH
 from convo.models import Blob, Turn
 from convo.service import Conversation
-from convo.store import Storage
+from convo.store import NewTurn, Storage
 
 MODEL = "claude-sonnet-4-5"
 
@@ -224,6 +224,48 @@ def test_empty_text_refused_and_nothing_written(store: Store, content: Any) -> N
 
 
 # -- blobs -----------------------------------------------------------------------------------------
+
+
+def test_a_conversation_is_marked_as_holding_media_by_every_way_a_turn_can_carry_one(
+    store: Store, tmp_path: Path
+) -> None:
+    """`has_media` lets a path skip looking for blob references; every write that stores an
+    image must set it (append, edit, a tool result, import), or its image would be lost."""
+    png = tmp_path / "p.png"
+    png.write_bytes(make_png(3, 3, seed=1))
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": base64.b64encode(png.read_bytes()).decode()}}
+
+    def media(c: Any) -> bool:
+        return store.storage.conversation(c.id).has_media
+
+    plain = store.create(MODEL)
+    plain.add_user("words only")
+    plain.add_assistant("still words")
+    assert not media(plain) and store.storage.path(plain.id).blobs is None
+
+    appended = store.create(MODEL)
+    appended.add_user("look", images=[png])
+    assert media(appended) and store.storage.path(appended.id).blobs
+
+    edited = store.create(MODEL)
+    first = edited.add_user("no picture yet")
+    edited.edit(first, [text_block("now with one"), block])
+    assert media(edited) and store.storage.path(edited.id).blobs
+    edited.checkout("main")
+    assert store.storage.path(edited.id).blobs is None  # this branch's path has none
+
+    tool = store.create(MODEL)
+    tool.add_user("use the tool")
+    store.storage.append(tool.id, "main", store.storage.path(tool.id).head_id, [
+        NewTurn("assistant", "reply", [{"type": "tool_use", "id": "toolu_1", "name": "shot", "input": {}}]),
+    ])
+    tool.add_tool_result("toolu_1", [block])
+    assert media(tool) and store.storage.path(tool.id).blobs
+
+    copy = store.import_(store.export(appended.id))
+    assert media(copy) and copy.request()["messages"][0]["content"][0]["type"] == "image"
+    assert not media(store.import_(store.export(plain.id)))
 
 
 def test_twenty_turns_with_the_same_image_store_one_blob(store: Store, tmp_path: Path) -> None:

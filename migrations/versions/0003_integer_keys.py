@@ -10,7 +10,9 @@ timestamps. Now:
   an integer `key`;
 - SQLite timestamps are integer microseconds since the epoch (PostgreSQL keeps timestamptz);
 - fixed-width columns come first, so PostgreSQL pads no row for alignment;
-- calls lose their reply_id index: a transcript's calls are found by conversation.
+- calls lose their reply_id index: a transcript's calls are found by conversation;
+- conversations note whether any turn ever held media (`has_media`), so the path of one that
+  never did is not searched for blob references (0.8 ms of a 1,000-exchange resume).
 Measured on the benchmark's n=10,000 database: SQLite 20.4 MB -> 14.2 MB (the floor 11.6 MB).
 
 Data is carried over: new turn ids follow creation order (created_at, depth, old id), so a
@@ -130,6 +132,7 @@ def upgrade() -> None:
         sa.Column("params", sa.Text(), nullable=False),
         sa.Column("current_branch", sa.String(length=200), nullable=False),
         sa.Column("turn_count", sa.Integer(), nullable=False),
+        sa.Column("has_media", sa.Boolean(), nullable=False),
         sa.Column("created_at", ts(), nullable=False),
         sa.Column("updated_at", ts(), nullable=False),
         sa.PrimaryKeyConstraint("key", name="pk_conversations"),
@@ -237,10 +240,14 @@ def upgrade() -> None:
     )
     op.execute(
         "INSERT INTO conversations (key, id, title, model, system, params, current_branch, "
-        "turn_count, created_at, updated_at) "
-        "SELECT ROW_NUMBER() OVER (ORDER BY created_at, id), id, title, model, system, params, "
-        f"current_branch, turn_count, {to_ts('created_at')}, {to_ts('updated_at')} "
-        "FROM conversations_old"
+        "turn_count, has_media, created_at, updated_at) "
+        "SELECT ROW_NUMBER() OVER (ORDER BY c.created_at, c.id), c.id, c.title, c.model, c.system, "
+        "c.params, c.current_branch, c.turn_count, "
+        # A blob reference is the only JSON object with a "source" key convo stores.
+        "EXISTS (SELECT 1 FROM turns_old t WHERE t.conversation_id = c.id "
+        "AND t.content LIKE '%\"source\"%'), "
+        f"{to_ts('c.created_at')}, {to_ts('c.updated_at')} "
+        "FROM conversations_old c"
     )
     op.execute(
         "INSERT INTO turns (id, conversation_key, parent_id, role, kind, content, depth, "
