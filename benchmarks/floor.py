@@ -157,7 +157,9 @@ class Floor:
         try:
             with engine.connect() as conn:
                 sql = "SELECT role, content FROM turns WHERE conversation_id = ? ORDER BY id"
-                rows = conn.exec_driver_sql(self.sql(sql), (conversation_id,)).fetchall()
+                result = conn.exec_driver_sql(self.sql(sql), (conversation_id,))
+                rows = result.cursor.fetchall()  # the driver's tuples, as convo reads a path
+                result.close()
         finally:
             engine.dispose()
         return build_body(rows, [{"type": "text", "text": next_text}], self.model, self.max_tokens)

@@ -95,6 +95,16 @@ def to_micros(value: datetime) -> int:
     return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
 
 
+# What a turn is, and so which side of the conversation it speaks for.
+ROLE_OF_KIND = {
+    "user": "user",
+    "tool_result": "user",
+    "reply": "assistant",
+    "synthetic": "assistant",
+    "prefill": "assistant",
+}
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -139,7 +149,7 @@ class Turn(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp())
     depth: Mapped[int] = mapped_column(Integer)
     role: Mapped[str] = mapped_column(String(9))
-    # user | reply | synthetic | prefill | tool_result
+    # user | reply | synthetic | prefill | tool_result (the role follows: ROLE_OF_KIND)
     kind: Mapped[str] = mapped_column(String(16))
     stop_reason: Mapped[str | None] = mapped_column(String(40))
     content: Mapped[str] = mapped_column(Text)

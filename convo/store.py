@@ -44,7 +44,7 @@ from convo.content import BlobData, blob_refs, extract_blobs
 from convo.errors import AmbiguousId, Conflict, InvalidInput, NotFound
 from convo.history import TurnRecord
 from convo.ids import new_id, normalize_prefix, prefix_range
-from convo.models import Blob, Branch, Call, Conversation, Setting, Turn
+from convo.models import ROLE_OF_KIND, Blob, Branch, Call, Conversation, Setting, Turn
 
 C = cast(Table, Conversation.__table__)
 T = cast(Table, Turn.__table__)
@@ -76,14 +76,16 @@ _SNAPSHOT = (
     .bindparams(bindparam("branch", type_=String))
     .columns(created_at=C.c.created_at.type, updated_at=C.c.updated_at.type)
 )
-_PATH_COLUMNS = "id, parent_id, role, kind, content, stop_reason"
-# A never-branched thread needs no parent ids: NULL spares the driver 20,000 values at n=10,000.
+# Path rows are (id, kind, content, stop_reason[, parent_id]): the role follows from the kind
+# (ROLE_OF_KIND), and every column not read is a value per turn the driver need not build,
+# a tenth of reading a path. A never-branched thread needs no parent ids either.
 _LINEAR_PATH = text(
-    "SELECT id, NULL, role, kind, content, stop_reason FROM turns "
+    "SELECT id, kind, content, stop_reason FROM turns "
     "WHERE conversation_key = :conv_key ORDER BY depth"
 )
 _NEAR_LINEAR_PATH = text(
-    f"SELECT {_PATH_COLUMNS} FROM turns WHERE conversation_key = :conv_key AND depth <= :depth"
+    "SELECT id, kind, content, stop_reason, parent_id FROM turns "
+    "WHERE conversation_key = :conv_key AND depth <= :depth"
 )
 # Statements a fork, an edit or a send runs every time, built once: building a select() in
 # Python costs about as much as running it on SQLite.
@@ -601,24 +603,24 @@ class Storage:
             while cur is not None:
                 r = by_id[cur]
                 chain.append(r)
-                cur = r[1]
+                cur = r[4]
             chain.reverse()
         else:
             chain = self._walk_cte(conn, head_id)
 
-        loads = orjson.loads
+        loads, role_of = orjson.loads, ROLE_OF_KIND
         with gc_paused():
-            turns = [TurnRecord(r[0], r[2], r[3], loads(r[4]), r[5]) for r in chain]
+            turns = [TurnRecord(r[0], role_of[r[1]], r[1], loads(r[2]), r[3]) for r in chain]
         blobs = None
         # Blob references are the only "source" objects convo stores (URL media needs no bytes),
         # and only a conversation that ever held media can have one: the others skip the scan
         # (a substring search of every turn costs 40 us per 100 turns).
-        if media and any('"source"' in r[4] for r in chain):
+        if media and any('"source"' in r[2] for r in chain):
             blobs = self._blobs_for(conn, turns)
         return Path(branch, head_id, turns, blobs, depth)
 
     def _walk_cte(self, conn: Connection, head_id: int) -> list[Any]:
-        cols = (T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason, T.c.depth)
+        cols = (T.c.id, T.c.kind, T.c.content, T.c.stop_reason, T.c.parent_id, T.c.depth)
         walk = select(*cols).where(T.c.id == head_id).cte("walk", recursive=True)
         parent = T.alias("parent")
         walk = walk.union_all(

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from convo.content import check_json, inline_blobs, normalize
 from convo.errors import InvalidInput
 from convo.history import TurnRecord, check_structure
+from convo.models import ROLE_OF_KIND
 from convo.store import Storage
 
 FORMAT: Literal["convo.conversation/1"] = "convo.conversation/1"
@@ -171,10 +172,7 @@ def parse_export(data: Any) -> Export:
     return export
 
 
-TURN_KINDS = frozenset(
-    {("user", "user"), ("user", "tool_result"), ("assistant", "reply"),
-     ("assistant", "synthetic"), ("assistant", "prefill")}
-)
+TURN_KINDS = frozenset((role, kind) for kind, role in ROLE_OF_KIND.items())
 
 
 def _check_conversation(conv: ConversationExport) -> None:
