@@ -868,7 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true")
 
     p = command("fork", cmd_fork, "start a branch at a turn; prints the branch name")
-    p.add_argument("--at", required=True, metavar="TURN", help="turn id or prefix")
+    p.add_argument("--at", required=True, metavar="TURN", help="turn id, as `show` prints it")
     p.add_argument("--name", metavar="N")
     p.add_argument(
         "--no-checkout", action="store_true", help="create the branch but stay where you are"

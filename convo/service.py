@@ -349,7 +349,7 @@ class Conversation:
         return self.store.storage.path(self.id, branch).turns
 
     def turn(self, ref: int | str) -> TurnRow:
-        """A turn of this conversation by id or unique prefix."""
+        """A turn of this conversation by id (an int, or its digits as text)."""
         return self.store.storage.resolve_turn(self.id, ref)
 
     def request(
@@ -815,7 +815,7 @@ class Conversation:
     # -- branching -------------------------------------------------------------------------
 
     def fork(self, at: int | str, name: str | None = None, *, checkout: bool = True) -> str:
-        """A new branch whose head is turn `at` (id or prefix): one row, whatever the depth."""
+        """A new branch whose head is turn `at` (its id): one row, whatever the depth."""
         with self.store.storage.branching(self.id) as tx:
             turn = tx.turn(at)
             _check_local(tx, turn, [], final_pending_ok=False)

@@ -1061,7 +1061,8 @@ class Storage:
                     func.to_char(func.timezone("UTC", K.c.started_at), "YYYY-MM-DD")
                     if self.dialect == "postgresql"
                     # integer microseconds on SQLite (see models.Timestamp)
-                    else func.strftime("%Y-%m-%d", type_coerce(K.c.started_at, Integer) / 1_000_000, "unixepoch")
+                    # whole seconds: a fraction would be rounded, moving 23:59:59.9995 to the next day
+                    else func.strftime("%Y-%m-%d", type_coerce(K.c.started_at, Integer) // 1_000_000, "unixepoch")
                 ).label("day")
             ]
         else:
@@ -1141,8 +1142,8 @@ class Storage:
         cid = new_id()
         ts = now()
         rows, blobs = [], {}
-        stack = [(t, 0) for t in children.get(None, [])]
-        while stack:  # parents before children, depth from the root
+        stack = [(t, 0) for t in reversed(children.get(None, []))]
+        while stack:  # parents before children, siblings in the file's order, depth from the root
             t, depth = stack.pop()
             content, found = extract_blobs(t["content"])
             blobs.update({b.sha256: b for b in found})
@@ -1159,7 +1160,7 @@ class Storage:
                     "created_at": t["created_at"],
                 }
             )
-            stack.extend((c, depth + 1) for c in children.get(t["id"], []))
+            stack.extend((c, depth + 1) for c in reversed(children.get(t["id"], [])))
         with db.write(self.engine) as conn:
             key = conn.execute(
                 insert(C)

@@ -316,7 +316,8 @@ def test_alembic_command_line_uses_convo_database_url(tmp_path: Path) -> None:
 
 # -- data carried across 0003 (integer keys) -------------------------------------------------------
 
-T0 = datetime(2026, 11, 20, 9, 30, 0, 123456, tzinfo=UTC)
+# A fraction of .9998 s: a conversion that rounds would carry it into the next second (and day).
+T0 = datetime(2026, 11, 20, 23, 59, 59, 999800, tzinfo=UTC)
 CONV_A, CONV_B = "01aaaaaaaaaaaaaaaaaaaaaaaa", "01bbbbbbbbbbbbbbbbbbbbbbbb"
 # 0002-era rows: text ids, a fork/edit (two children of one reply), a leased branch, a billed
 # call, a failed call, a pending call in another conversation, a blob.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import UTC, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -637,3 +637,24 @@ def test_thirty_turn_thread_caching_pays(db_url: str, sleeps: list[float]) -> No
         saved = sum(c["uncached_cost_usd"] - c["cost_usd"] for c in cached)
         assert saved > 0
         assert sleeps == []
+
+
+def test_a_call_in_the_last_microsecond_of_a_day_is_counted_in_that_day(store: Store) -> None:
+    """Grouping by day, and `until`, agree on where a day ends, on both engines (SQLite keeps
+    integer microseconds; a rounded conversion would put 23:59:59.9995 in the next day)."""
+    conv = store.create("claude-sonnet-4-5")
+    turn = conv.add_user("timed")
+    edge = datetime(2024, 5, 1, 23, 59, 59, 999_999, tzinfo=UTC)
+    for started in (edge, edge + timedelta(microseconds=1), edge - timedelta(hours=1)):
+        call = store.storage.start_call(
+            conv_id=conv.id, branch="main", turn_id=turn, model="claude-sonnet-4-5", attempt=0,
+            streamed=False, started_at=started,
+        )
+        store.storage.finish_call(call, started_at=started, status="ok", input_tokens=1)
+    assert {r.key: r.calls for r in store.usage(conversation=conv.id, by="day").rows} == {
+        "2024-05-01": 2, "2024-05-02": 1
+    }
+    assert store.usage(conversation=conv.id, until=datetime(2024, 5, 2, tzinfo=UTC)).total.calls == 2
+    assert [c["started_at"] for c in conv.calls()] == [
+        edge - timedelta(hours=1), edge, edge + timedelta(microseconds=1)
+    ]

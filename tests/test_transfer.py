@@ -7,6 +7,7 @@ import json
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -101,6 +102,26 @@ def test_an_export_with_text_turn_ids_still_imports(db_url: str, tmp_path: Path)
         assert copy.request() == conv.request()
         assert all(isinstance(t.id, int) for t in copy.turns())
     assert store.storage.integrity_problems() == []
+    store.close()
+
+
+def test_an_import_numbers_turns_in_the_order_they_were_made(db_url: str, tmp_path: Path) -> None:
+    """Turn ids follow creation order in a copy too: siblings (an original and its edits)
+    keep their order, and every turn's id is above its parent's."""
+    store = Store(db_url, upgrade=True)
+    conv = store.create(model="claude-sonnet-4-5")
+    first = conv.add_user("first")
+    for text in ("edit one", "edit two", "edit three"):
+        conv.checkout("main")
+        conv.edit(first, text)
+    copy = store.import_(json.loads(json.dumps(store.export(conv.id))))
+
+    def roots(c: Any) -> list[str]:
+        return [t.content[0]["text"] for t in store.storage.turns(c.id) if t.parent_id is None]
+
+    assert roots(copy) == roots(conv) == ["first", "edit one", "edit two", "edit three"]
+    ids = {t.id: t for t in store.storage.turns(copy.id)}
+    assert all(t.parent_id is None or t.parent_id < t.id for t in ids.values())
     store.close()
 
 

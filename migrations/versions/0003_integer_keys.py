@@ -15,8 +15,8 @@ timestamps. Now:
   never did is not searched for blob references (0.8 ms of a 1,000-exchange resume).
 Measured on the benchmark's n=10,000 database: SQLite 20.4 MB -> 14.2 MB (the floor 11.6 MB).
 
-Data is carried over: new turn ids follow creation order (created_at, depth, old id), so a
-parent's id is always below its children's; calls likewise by started_at. Downgrading writes
+Data is carried over: new turn ids follow creation order (created_at, depth, old id); calls
+likewise by started_at. SQLite timestamps convert exactly, to the microsecond. Downgrading writes
 the integer ids back as 26-character, zero-padded strings (valid ids, in the same order).
 
 Revision ID: 0003
@@ -116,8 +116,10 @@ def upgrade() -> None:
         if not sqlite:
             return col
         # 'YYYY-MM-DD HH:MM:SS.ffffff', as SQLAlchemy writes it, to integer microseconds.
+        # Whole seconds from the first 19 characters only: strftime would round the fraction to
+        # milliseconds, and .9995 s or more would carry into the next second.
         return (
-            f"(CAST(strftime('%s', {col}) AS INTEGER) * 1000000 "
+            f"(CAST(strftime('%s', substr({col}, 1, 19)) AS INTEGER) * 1000000 "
             f"+ CAST(substr({col}, 21, 6) AS INTEGER))"
         )
 
