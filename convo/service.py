@@ -362,6 +362,12 @@ class Conversation:
     ) -> dict[str, Any]:
         """The exact body the next send would POST, with `content` as a new user turn. Writes nothing."""
         new = self._new_turns(content, prefill, images)
+        # One pause of the cyclic collector for reading and building, not one each: the path's
+        # turns are freed before it resumes, so its next collection walks only the body.
+        with gc_paused():
+            return self._request_body(new, overrides)
+
+    def _request_body(self, new: Sequence[NewTurn], overrides: Mapping[str, Any]) -> dict[str, Any]:
         info, path = self.store.storage.snapshot(self.id)
         return self._build(info, path, new, overrides)
 
