@@ -823,7 +823,7 @@ class Conversation:
     def fork(self, at: int | str, name: str | None = None, *, checkout: bool = True) -> str:
         """A new branch whose head is turn `at` (its id): one row, whatever the depth."""
         with self.store.storage.branching(self.id) as tx:
-            turn = tx.turn(at)
+            turn = tx.turn(at, name=name)
             _check_local(tx, turn, [], final_pending_ok=False)
             name = _branch_name(tx, name, "fork")
             tx.create(name, turn.id, checkout=checkout)
@@ -837,7 +837,7 @@ class Conversation:
         Constant time and two rows, whatever the depth.
         """
         with self.store.storage.branching(self.id) as tx:
-            old = tx.turn(turn)
+            old = tx.turn(turn, name=name)
             if old.role == "user":
                 if old.kind == "tool_result" and isinstance(content, str):
                     ids = [b["tool_use_id"] for b in old.content if b.get("type") == "tool_result"]

@@ -134,16 +134,20 @@ _TURN_BY_ID = (
     .outerjoin(_PARENT, _PARENT.c.id == T.c.parent_id)
     .where(T.c.id == bindparam("id"))
 )
-_BRANCH_NAME_TAKEN = select(
-    or_(
-        select(B.c.id)
-        .where(B.c.conversation_key == bindparam("conv_key"), B.c.name == bindparam("name"))
-        .exists(),
-        select(K.c.id)
-        .where(K.c.conversation_key == bindparam("conv_key"), K.c.branch == bindparam("name"))
-        .exists(),
+
+
+def _name_taken(conv_key: Any) -> Any:
+    """Whether branch name :name is used by a live branch, or by a deleted one with calls in
+    the ledger (a new branch must not inherit an old one's spend in an audit by branch)."""
+    return or_(
+        select(B.c.id).where(B.c.conversation_key == conv_key, B.c.name == bindparam("name")).exists(),
+        select(K.c.id).where(K.c.conversation_key == conv_key, K.c.branch == bindparam("name")).exists(),
     )
-)
+
+
+_BRANCH_NAME_TAKEN = select(_name_taken(bindparam("conv_key")))
+# A fork or edit given a branch name reads its turn and checks the name in one round trip.
+_TURN_BY_ID_AND_NAME = _TURN_BY_ID.add_columns(_name_taken(T.c.conversation_key).label("name_taken"))
 _CONVERSATION_KEY = select(C.c.key).where(C.c.id == bindparam("conv_id"))
 # Check out a branch only if it exists: one statement, no read first.
 _CHECKOUT = (
@@ -517,11 +521,16 @@ class Storage:
     def _resolve_turn(self, conn: Connection, conv_id: str, ref: int | str) -> TurnRow:
         return _turn_row(self._turn_with_parent(conn, conv_id, ref))
 
-    def _turn_with_parent(self, conn: Connection, conv_id: str, ref: int | str) -> Any:
+    def _turn_with_parent(
+        self, conn: Connection, conv_id: str, ref: int | str, name: str | None = None
+    ) -> Any:
         """A turn of this conversation by id (an integer, or its digits as text), as the row
-        of _TURN_BY_ID."""
+        of _TURN_BY_ID; with `name`, also whether that branch name is taken (`name_taken`)."""
         turn_id = parse_turn_id(ref)
-        row = conn.execute(_TURN_BY_ID, {"id": turn_id}).first()
+        if name is None:
+            row = conn.execute(_TURN_BY_ID, {"id": turn_id}).first()
+        else:
+            row = conn.execute(_TURN_BY_ID_AND_NAME, {"id": turn_id, "name": name}).first()
         if row is None:
             raise NotFound(f"no turn with id {ref!r}")
         if row.conversation_id != conv_id:
@@ -1272,6 +1281,7 @@ class Branching:
         self._s, self._conn, self.conv_id = storage, conn, conv_id
         self._key: int | None = None
         self._known: dict[int, tuple[Any, ...]] = {}
+        self._taken: dict[str, bool] = {}
 
     @property
     def key(self) -> int:
@@ -1280,8 +1290,12 @@ class Branching:
             self._key = self._s._key(self._conn, self.conv_id)
         return self._key
 
-    def turn(self, ref: int | str) -> TurnRow:
-        row = self._s._turn_with_parent(self._conn, self.conv_id, ref)
+    def turn(self, ref: int | str, *, name: str | None = None) -> TurnRow:
+        """The turn; with `name`, whether that branch name is taken is read with it (see
+        `name_taken`)."""
+        row = self._s._turn_with_parent(self._conn, self.conv_id, ref, name)
+        if name is not None:
+            self._taken[name] = bool(row.name_taken)
         if row.parent_id is not None:  # read with the turn: `tail` will not read it again
             self._known[row.parent_id] = (
                 row.parent_id, row.p_parent_id, row.p_role, row.p_kind, row.p_content, row.p_stop_reason
@@ -1297,6 +1311,8 @@ class Branching:
         return self._s._free_branch_name(self._conn, self.key, prefix)
 
     def name_taken(self, name: str) -> bool:
+        if name in self._taken:
+            return self._taken[name]
         return self._s._branch_name_taken(self._conn, self.key, name)
 
     def create(

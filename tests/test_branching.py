@@ -176,6 +176,29 @@ def test_duplicate_branch_name_is_refused_and_nothing_written(store: Store, conv
     assert conv.branch == "idea"
 
 
+def test_a_name_is_taken_per_conversation_and_by_deleted_branches_with_spend(
+    store: Store, conv: Conversation
+) -> None:
+    """The name check read with the turn looks at this conversation's branches and at its
+    ledger: another conversation's branch of that name does not block it, a deleted branch
+    that was billed does."""
+    other = store.create()
+    other_ids = exchange(other, 1)
+    other.fork(other_ids[0], "shared-name")
+    ids = exchange(conv, 1)
+    assert conv.fork(ids[1], "shared-name") == "shared-name"
+    conv.send("billed on this branch")
+    conv.checkout("main")
+    conv.delete_branch("shared-name")
+    before = row_counts(store)
+    with pytest.raises(InvalidInput, match="already exists"):
+        conv.fork(ids[1], "shared-name")
+    with pytest.raises(InvalidInput, match="already exists"):
+        conv.edit(ids[0], "again", name="shared-name")
+    assert row_counts(store) == before
+    assert other.fork(other_ids[1], "fresh") == "fresh"
+
+
 def test_fork_at_a_tool_use_without_its_result_is_refused(store: Store, conv: Conversation) -> None:
     conv.add_user("What's the weather in Paris?")
     asked = conv.add_assistant([TOOL_USE])
