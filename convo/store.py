@@ -53,8 +53,6 @@ K = cast(Table, Call.__table__)
 BL = cast(Table, Blob.__table__)
 S = cast(Table, Setting.__table__)
 
-# A thread is read with one range scan when it has at most this many turns per turn on the
-# path (plus slack); a bushier tree is walked with a recursive CTE instead.
 STORE_BUDGET_KEY = "budget_usd"
 
 # The statements every resume runs, as SQL text. A select() is compiled once per engine, at
@@ -115,7 +113,6 @@ _LOCK_BRANCH = (
     .where(C.c.id == bindparam("conv_id"), B.c.name == bindparam("branch"))
 )
 _LOCK_BRANCH_FOR_UPDATE = _LOCK_BRANCH.with_for_update(of=B)
-# A turn by id, with the public id of its conversation (to tell "not here" from "not at all").
 _PARENT = T.alias("parent")
 # A turn by id, with the public id of its conversation (to tell "not here" from "not at all")
 # and its parent's columns: an edit or fork checks the turns back to the nearest assistant
@@ -169,6 +166,8 @@ _NEXT_TURN_IDS = {
     "sqlite": text("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'turns'), 0)"),
     "postgresql": text("SELECT nextval(pg_get_serial_sequence('turns', 'id')) FROM generate_series(1, :n)"),
 }
+# A thread is read with one range scan when it has at most this many turns per turn on the
+# path (plus slack); a bushier tree is walked with a recursive CTE instead.
 SCAN_RATIO = 2
 SCAN_SLACK = 100
 
@@ -405,14 +404,14 @@ class Storage:
         with db.read(self.engine) as conn:
             row = conn.execute(select(C).where(C.c.id == ref)).first()
             if row is None:
-                cid = self._resolve(conn, C, ref, "conversation")
+                cid = self._resolve(conn, ref)
                 row = conn.execute(select(C).where(C.c.id == cid)).one()
         return _conversation_row(row)
 
     def resolve_conversation(self, ref: str) -> str:
         """The full id of a conversation given by id or unique prefix."""
         with db.read(self.engine) as conn:
-            return self._resolve(conn, C, ref, "conversation")
+            return self._resolve(conn, ref)
 
     def most_recent(self) -> ConversationRow | None:
         with db.read(self.engine) as conn:
@@ -501,17 +500,17 @@ class Storage:
 
     # -- ids -------------------------------------------------------------------------------
 
-    def _resolve(self, conn: Connection, table: Any, ref: str, what: str) -> str:
+    def _resolve(self, conn: Connection, ref: str) -> str:
         """The id of the one conversation whose id starts with `ref`."""
         prefix = normalize_prefix(ref)
         if prefix is None:
-            raise NotFound(f"no {what} with id {ref!r}")
+            raise NotFound(f"no conversation with id {ref!r}")
         low, high = prefix_range(prefix)
         ids = [r.id for r in conn.execute(_CONVERSATIONS_BY_PREFIX, {"low": low, "high": high})]
         if not ids:
-            raise NotFound(f"no {what} with id {ref!r}")
+            raise NotFound(f"no conversation with id {ref!r}")
         if len(ids) > 1:
-            raise AmbiguousId(ref, ids, what)
+            raise AmbiguousId(ref, ids, "conversation")
         return ids[0]
 
     def resolve_turn(self, conv_id: str, ref: int | str) -> TurnRow:
