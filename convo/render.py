@@ -285,11 +285,10 @@ def branches_table(
     branches: Sequence[Any],
     current: str,
     depths: Mapping[int, int] | None = None,
-    width: int | None = None,
 ) -> str:
     """`convo branches`: `*` marks the checked-out branch; `turns` is the head's path length."""
     depths = depths or {}
-    width = width or id_width(b.head_id for b in branches)
+    width = id_width(b.head_id for b in branches)
     rows = [
         (
             "*" if b.name == current else " ",
@@ -445,8 +444,7 @@ def transcript(
     info: Any,
     branch: str,
     turns: Sequence[Any],
-    calls: Mapping[str, Mapping[str, Any]] | None = None,
-    width: int | None = None,
+    calls: Mapping[int, Mapping[str, Any]] | None = None,
 ) -> str:
     """`convo show`: a header, then each turn of the branch with its usage when it is a reply.
 
@@ -461,7 +459,7 @@ def transcript(
         lines.append(f"system: {one_line(system, 100)}")
     if not turns:
         lines.append("(no turns yet)")
-    width = width or id_width(t.id for t in turns)
+    width = id_width(t.id for t in turns)
     for t in turns:
         head = f"{short(t.id, width)} {turn_label(t.role, t.kind)}"
         if t.kind == "reply" and t.stop_reason and t.stop_reason != "end_turn":

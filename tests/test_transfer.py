@@ -41,6 +41,16 @@ def _row_counts(store: Store) -> dict[str, int]:
         }
 
 
+def _assert_refused_whole(store: Store, data: Any, message: str) -> None:
+    """The import fails with one line naming the problem, and writes nothing."""
+    before = _row_counts(store)
+    with pytest.raises(InvalidInput) as err:
+        store.import_(data)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+    assert _row_counts(store) == before
+
+
 def _branched(store: Store, tmp_path: Path):  # type: ignore[no-untyped-def]
     conv = store.create(model="claude-sonnet-4-5", system="Be terse.", title="t")
     first = conv.add_user("Look at this", images=[_png(tmp_path)])
@@ -179,12 +189,7 @@ def test_malformed_import_is_refused_and_writes_nothing(
     conv.add_assistant("hello")
     data = store.export(conv.id)
     mutate(data)
-    before = _row_counts(store)
-    with pytest.raises(InvalidInput) as err:
-        store.import_(data)
-    assert message in str(err.value)
-    assert "\n" not in str(err.value)
-    assert _row_counts(store) == before
+    _assert_refused_whole(store, data, message)
     store.close()
 
 
@@ -255,9 +260,5 @@ def test_import_refuses_settings_or_turns_that_could_never_be_sent(
     conv.add_user("hi")
     data = store.export(conv.id)
     mutate(data)
-    before = _row_counts(store)
-    with pytest.raises(InvalidInput) as err:
-        store.import_(data)
-    assert message in str(err.value)
-    assert _row_counts(store) == before
+    _assert_refused_whole(store, data, message)
     store.close()
