@@ -12,10 +12,12 @@ SELECT of the version, not the import of a migration framework.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from convo.errors import ConfigError, DatabaseUnavailable, SchemaTooNew, StoreEr
 HEAD = "0003"
 KNOWN_REVISIONS = ("0001", "0002", "0003")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# A pooled PostgreSQL connection idle longer than this is pinged before use (see _install_pg_hooks).
+PING_AFTER_IDLE_SECONDS = 1.0
 _WRITE = "convo_write"
 
 
@@ -83,13 +87,15 @@ def create_engine_for(url: str) -> Engine:
         # query (a third of a CLI command's connect time). Only the psycopg dialects take it.
         hstore = {"use_native_hstore": False} if parsed.get_driver_name() in ("psycopg", "psycopg2") else {}
         try:
-            return create_engine(parsed, pool_pre_ping=True, **hstore)
+            engine = create_engine(parsed, **hstore)
         except sa_exc.ArgumentError as e:  # an unknown driver (NoSuchModuleError)
             raise ConfigError(f"{_redact(str(parsed))}: {_first_line(e)}") from None
         except ImportError as e:  # a dialect SQLAlchemy knows whose driver is not installed
             raise ConfigError(
                 f"{_redact(str(parsed))}: its driver is not installed ({_first_line(e)})"
             ) from None
+        _install_pg_hooks(engine)
+        return engine
     raise ConfigError(f"unsupported database {backend!r}: use sqlite or postgresql")
 
 
@@ -107,6 +113,30 @@ def _enable_wal(cur: Any) -> None:
             if "locked" not in str(e) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+def _install_pg_hooks(engine: Engine) -> None:
+    """Ping a pooled connection before use only if it sat idle in the pool.
+
+    A connection can die while pooled (a server restart, an idle timeout, a dropped route), and
+    SQLAlchemy's pool_pre_ping would catch that with a round trip at every checkout: a resume
+    checks a connection out three times in a row, a send four, each a round trip spent asking
+    whether a connection returned microseconds ago is still there. A failed ping makes the pool
+    replace the connection and try again (the pessimistic-disconnect recipe of its docs)."""
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since <= PING_AFTER_IDLE_SECONDS:
+            return  # new, or back in the pool a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as e:
+            raise sa_exc.DisconnectionError(_first_line(e)) from e
 
 
 def _install_sqlite_hooks(engine: Engine) -> None:
@@ -164,13 +194,78 @@ def _connect(engine: Engine) -> Iterator[Connection]:
         conn.close()
 
 
+class Reader:
+    """Single-statement reads on the pooled driver connection, in autocommit.
+
+    For the few fixed statements a resume runs (the schema check, the conversation lookup, the
+    snapshot and the path). A fresh Store would otherwise pay for a SQLAlchemy Connection, a
+    transaction begun and ended, a statement compiled into its new engine's empty cache and a
+    Result per statement: on a 10-exchange thread that cost more than reading it. Each
+    statement is its own consistent read, so callers that read twice must tolerate a writer in
+    between (the store's path reads check what they got)."""
+
+    def __init__(self, cursor: Any, dialect: str) -> None:
+        self._cur = cursor
+        self._dialect = dialect
+
+    def all(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:
+        cur = self._cur
+        cur.execute(_paramstyle(sql, self._dialect), params or {})
+        return cur.fetchall()
+
+    def first(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        cur = self._cur
+        cur.execute(_paramstyle(sql, self._dialect), params or {})
+        return cur.fetchone()
+
+
+@lru_cache(maxsize=64)
+def _paramstyle(sql: str, dialect: str) -> str:
+    """`:name` parameters (sqlite3's named style) as psycopg's `%(name)s` on PostgreSQL."""
+    if dialect == "sqlite":
+        return sql
+    return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql.replace("%", "%%"))
+
+
+@contextmanager
+def reader(engine: Engine) -> Iterator[Reader]:
+    """A `Reader` on a connection checked out of the engine's pool, returned after."""
+    try:
+        raw = engine.raw_connection()
+    except (sa_exc.DBAPIError, engine.dialect.loaded_dbapi.Error) as e:
+        # The pool passes on the driver's own error (SQLAlchemy's, if it wrapped one).
+        raise DatabaseUnavailable(
+            f"cannot open database {_redact(str(engine.url))}: {_first_line(getattr(e, 'orig', e))}"
+        ) from None
+    driver: Any = raw.driver_connection
+    dialect = engine.dialect.name
+    autocommit_was = None
+    if dialect == "postgresql":
+        # No BEGIN and ROLLBACK round trips around a single statement (a local setting).
+        autocommit_was = driver.autocommit
+        driver.autocommit = True
+    cur = raw.cursor()
+    try:
+        yield Reader(cur, dialect)
+    except engine.dialect.loaded_dbapi.Error as e:
+        # The connection may be broken (a restarted server): the pool opens a new one next time.
+        raw.invalidate()
+        raise StoreError(f"database error: {_first_line(e)}") from e
+    finally:
+        if raw.is_valid:
+            cur.close()
+            if autocommit_was is not None:
+                driver.autocommit = autocommit_was
+        raw.close()
+
+
 def _first_line(err: object) -> str:
     return (str(err).strip().splitlines() or ["unknown error"])[0]
 
 
 def current_revision(conn: Connection) -> str | None:
-    """The Alembic revision, None for a database convo never touched. Every Store opens with
-    this, so it is kept to plain statements: no savepoint, no Alembic context."""
+    """The Alembic revision, None for a database convo never touched, read inside a migration's
+    own transaction (see `schema_revision` for the one every Store opens with)."""
     if conn.dialect.name == "sqlite":
         # A statement SQLite cannot prepare leaves the transaction as it was.
         try:
@@ -194,8 +289,16 @@ def _check_known(rev: str | None, url: str) -> None:
 
 
 def schema_revision(engine: Engine) -> str | None:
-    with read(engine) as conn:
-        return current_revision(conn)
+    """The Alembic revision, in one statement on the driver (every Store opens with this)."""
+    with reader(engine) as r:
+        try:
+            row = r.first("SELECT version_num FROM alembic_version")
+        except engine.dialect.loaded_dbapi.Error as e:
+            # No such table: a database convo never touched (autocommit: nothing to undo).
+            if getattr(e, "sqlstate", None) == "42P01" or "no such table" in str(e):
+                return None
+            raise
+    return row[0] if row else None
 
 
 def ensure_schema(engine: Engine, *, upgrade: bool) -> None:

@@ -82,11 +82,15 @@ class Timestamp(TypeDecorator[datetime]):
         return value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if isinstance(value, datetime):
-            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        return EPOCH + timedelta(microseconds=int(value))
+        return None if value is None else instant(value)
+
+
+def instant(value: Any) -> datetime:
+    """A Timestamp column's value as the driver returns it (microseconds on SQLite, a datetime
+    in the session's time zone on PostgreSQL), as an aware UTC datetime."""
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return EPOCH + timedelta(microseconds=int(value))
 
 
 def to_micros(value: datetime) -> int:

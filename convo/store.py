@@ -22,7 +22,6 @@ from sqlalchemy import (
     Connection,
     Engine,
     Integer,
-    String,
     Table,
     and_,
     bindparam,
@@ -44,7 +43,7 @@ from convo.content import BlobData, blob_refs, extract_blobs
 from convo.errors import AmbiguousId, Conflict, InvalidInput, NotFound
 from convo.history import TurnRecord
 from convo.ids import new_id, normalize_prefix, prefix_range
-from convo.models import ROLE_OF_KIND, Blob, Branch, Call, Conversation, Setting, Turn
+from convo.models import ROLE_OF_KIND, Blob, Branch, Call, Conversation, Setting, Turn, instant
 
 C = cast(Table, Conversation.__table__)
 T = cast(Table, Turn.__table__)
@@ -55,35 +54,52 @@ S = cast(Table, Setting.__table__)
 
 STORE_BUDGET_KEY = "budget_usd"
 
-# The statements every resume runs, as SQL text. A select() is compiled once per engine, at
-# about 0.2 ms each, and a CLI command (or any fresh Store) starts a new engine: at n = 10 the
-# compiling cost more than the reading. Text compiles in microseconds. Portable SQL, the same on
-# SQLite and PostgreSQL, run by every resume test on both.
+# The statements every resume runs, as SQL strings run straight on the driver (`db.Reader`):
+# portable SQL, the same on SQLite and PostgreSQL, run by every resume test on both. A fresh
+# Store (every CLI command) would otherwise compile each into its new engine's empty cache.
 _SNAPSHOT = (
-    text(
-        "SELECT c.key, c.id, c.title, c.model, c.system, c.params, c.current_branch, "
-        "c.turn_count, c.has_media, c.created_at, c.updated_at, b.name AS branch_name, b.head_id, "
-        "t.depth AS head_depth, "
-        "(SELECT s.value FROM settings s WHERE s.key = :budget_key) AS store_budget "
-        "FROM conversations c "
-        "LEFT OUTER JOIN branches b "
-        "ON b.conversation_key = c.key AND b.name = COALESCE(:branch, c.current_branch) "
-        "LEFT OUTER JOIN turns t ON t.id = b.head_id "
-        "WHERE c.id = :conv_id"
-    )
-    .bindparams(bindparam("branch", type_=String))
-    .columns(created_at=C.c.created_at.type, updated_at=C.c.updated_at.type)
+    "SELECT c.key, c.id, c.title, c.model, c.system, c.params, c.current_branch, "
+    "c.turn_count, c.has_media, c.created_at, c.updated_at, "  # _CONVERSATION_COLUMNS
+    "b.name, b.head_id, t.depth, "
+    "(SELECT s.value FROM settings s WHERE s.key = :budget_key) "
+    "FROM conversations c "
+    "LEFT OUTER JOIN branches b "
+    "ON b.conversation_key = c.key AND b.name = COALESCE(:branch, c.current_branch) "
+    "LEFT OUTER JOIN turns t ON t.id = b.head_id "
+    "WHERE c.id = :conv_id"
 )
 # Path rows are (id, kind, content, stop_reason[, parent_id]): the role follows from the kind
 # (ROLE_OF_KIND), and every column not read is a value per turn the driver need not build,
 # a tenth of reading a path. A never-branched thread needs no parent ids either.
-_LINEAR_PATH = text(
+_LINEAR_PATH = (
     "SELECT id, kind, content, stop_reason FROM turns "
-    "WHERE conversation_key = :conv_key ORDER BY depth"
+    "WHERE conversation_key = :conv_key AND depth <= :depth ORDER BY depth"
 )
-_NEAR_LINEAR_PATH = text(
+_NEAR_LINEAR_PATH = (
     "SELECT id, kind, content, stop_reason, parent_id FROM turns "
     "WHERE conversation_key = :conv_key AND depth <= :depth"
+)
+# From a head back to the root, for a tree too bushy to scan.
+_WALK_PATH = (
+    "WITH RECURSIVE walk(id, kind, content, stop_reason, parent_id, depth) AS ("
+    "SELECT id, kind, content, stop_reason, parent_id, depth FROM turns WHERE id = :head_id "
+    "UNION ALL SELECT t.id, t.kind, t.content, t.stop_reason, t.parent_id, t.depth "
+    "FROM turns t JOIN walk w ON t.id = w.parent_id) "
+    "SELECT id, kind, content, stop_reason, parent_id FROM walk ORDER BY depth"
+)
+_CONVERSATION_COLUMNS = (
+    "key, id, title, model, system, params, current_branch, turn_count, has_media, "
+    "created_at, updated_at"
+)
+_CONVERSATION = f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = :id"
+_MOST_RECENT = f"SELECT {_CONVERSATION_COLUMNS} FROM conversations ORDER BY updated_at DESC, id DESC LIMIT 1"
+_TURN_IN_CONVERSATION = (
+    "SELECT t.depth, c.turn_count, c.key, c.has_media "
+    "FROM turns t JOIN conversations c ON c.key = t.conversation_key "
+    "WHERE t.id = :head_id AND c.id = :conv_id"
+)
+_CONVERSATIONS_BY_PREFIX = (
+    "SELECT id FROM conversations WHERE id >= :low AND id < :high ORDER BY id LIMIT 11"
 )
 # Statements a fork, an edit or a send runs every time, built once: building a select() in
 # Python costs about as much as running it on SQLite.
@@ -158,9 +174,6 @@ _CHECKOUT = (
 _TAIL_TURN = select(T.c.id, T.c.parent_id, T.c.role, T.c.kind, T.c.content, T.c.stop_reason).where(
     T.c.id == bindparam("id")
 )
-_CONVERSATIONS_BY_PREFIX = text(
-    "SELECT id FROM conversations WHERE id >= :low AND id < :high ORDER BY id LIMIT 11"
-)
 # Allocating several turn ids at once, for a chain or tree written in one statement.
 _NEXT_TURN_IDS = {
     "sqlite": text("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'turns'), 0)"),
@@ -186,16 +199,6 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
-
-
-def _fetchall(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[Any]:
-    """Every row as the driver's plain tuple. A path holds up to tens of thousands of rows of
-    strings that need no conversion; skipping SQLAlchemy's Row objects saves a sixth of a resume."""
-    result = conn.execute(stmt, params)
-    try:
-        return list(result.cursor.fetchall())
-    finally:
-        result.close()
 
 
 def _key_of(conv_id: str) -> Any:
@@ -401,23 +404,22 @@ class Storage:
 
     def conversation(self, ref: str) -> ConversationRow:
         """A conversation by full id or unique prefix."""
-        with db.read(self.engine) as conn:
-            row = conn.execute(select(C).where(C.c.id == ref)).first()
+        with db.reader(self.engine) as r:
+            row = r.first(_CONVERSATION, {"id": ref})
             if row is None:
-                cid = self._resolve(conn, ref)
-                row = conn.execute(select(C).where(C.c.id == cid)).one()
+                row = r.first(_CONVERSATION, {"id": self._resolve(r, ref)})
+                if row is None:  # deleted between the two reads
+                    raise NotFound(f"no conversation with id {ref!r}")
         return _conversation_row(row)
 
     def resolve_conversation(self, ref: str) -> str:
         """The full id of a conversation given by id or unique prefix."""
-        with db.read(self.engine) as conn:
-            return self._resolve(conn, ref)
+        with db.reader(self.engine) as r:
+            return self._resolve(r, ref)
 
     def most_recent(self) -> ConversationRow | None:
-        with db.read(self.engine) as conn:
-            row = conn.execute(
-                select(C).order_by(C.c.updated_at.desc(), C.c.id.desc()).limit(1)
-            ).first()
+        with db.reader(self.engine) as r:
+            row = r.first(_MOST_RECENT)
         return _conversation_row(row) if row else None
 
     def update_conversation(self, conv_id: str, **fields: Any) -> None:
@@ -500,13 +502,13 @@ class Storage:
 
     # -- ids -------------------------------------------------------------------------------
 
-    def _resolve(self, conn: Connection, ref: str) -> str:
+    def _resolve(self, r: db.Reader, ref: str) -> str:
         """The id of the one conversation whose id starts with `ref`."""
         prefix = normalize_prefix(ref)
         if prefix is None:
             raise NotFound(f"no conversation with id {ref!r}")
         low, high = prefix_range(prefix)
-        ids = [r.id for r in conn.execute(_CONVERSATIONS_BY_PREFIX, {"low": low, "high": high})]
+        ids = [row[0] for row in r.all(_CONVERSATIONS_BY_PREFIX, {"low": low, "high": high})]
         if not ids:
             raise NotFound(f"no conversation with id {ref!r}")
         if len(ids) > 1:
@@ -558,64 +560,67 @@ class Storage:
         """A branch's (or any turn's) path from its root."""
         if head_id is None:
             return self.snapshot(conv_id, branch)[1]
-        with db.read(self.engine) as conn:
-            q = (
-                select(T.c.depth, C.c.turn_count, C.c.key, C.c.has_media)
-                .select_from(T.join(C, C.c.key == T.c.conversation_key))
-                .where(T.c.id == head_id, C.c.id == conv_id)
-            )
-            row = conn.execute(q).first()
+        with db.reader(self.engine) as r:
+            row = r.first(_TURN_IN_CONVERSATION, {"head_id": head_id, "conv_id": conv_id})
             if row is None:
                 raise NotFound(f"no turn {head_id} in conversation {conv_id}")
-            return self._read_path(conn, row[2], branch or "", head_id, row[0], row[1], bool(row[3]))
+            depth, count, key, media = row
+            chain = self._chain(r, key, head_id, depth, count)
+        return self._path(branch or "", head_id, depth, chain, bool(media))
 
     def snapshot(self, conv_id: str, branch: str | None = None) -> tuple[ConversationRow, Path]:
-        """A conversation and a branch's path (default: the current one) in two queries, one
-        consistent read: what building the next request needs."""
+        """A conversation and a branch's path (default: the current one) in two statements:
+        what building the next request needs."""
         params = {"conv_id": conv_id, "branch": branch, "budget_key": STORE_BUDGET_KEY}
-        with db.read(self.engine) as conn:
-            row = conn.execute(_SNAPSHOT, params).first()
+        with db.reader(self.engine) as r:
+            row = r.first(_SNAPSHOT, params)
             if row is None:
                 raise NotFound(f"no conversation with id {conv_id!r}")
-            if row.branch_name is None:
+            branch_name, head_id, depth, budget = row[11:]
+            if branch_name is None:
                 raise NotFound(f"no branch {branch!r} in conversation {conv_id}")
             info = _conversation_row(row)
-            if row.store_budget is not None:
-                info = replace(info, store_budget_usd=float(orjson.loads(row.store_budget)))
-            if row.head_id is None:
-                return info, Path(row.branch_name, None, [], None, -1)
-            path = self._read_path(
-                conn, info.key, row.branch_name, row.head_id, row.head_depth, info.turn_count,
-                info.has_media,
-            )
-        return info, path
+            if budget is not None:
+                info = replace(info, store_budget_usd=float(orjson.loads(budget)))
+            if head_id is None:
+                return info, Path(branch_name, None, [], None, -1)
+            chain = self._chain(r, info.key, head_id, depth, info.turn_count)
+        return info, self._path(branch_name, head_id, depth, chain, info.has_media)
 
-    def _read_path(
-        self,
-        conn: Connection,
-        conv_key: int,
-        branch: str,
-        head_id: int,
-        depth: int,
-        count: int,
-        media: bool,
-    ) -> Path:
+    def _chain(self, r: db.Reader, conv_key: int, head_id: int, depth: int, count: int) -> list[Any]:
+        """The path's rows, root first, read in the fewest rows a thread of this shape allows.
+
+        `depth` and `count` come from an earlier statement: a writer may have added turns since
+        (turns are only ever added, or deleted with their whole conversation), so what is read
+        is checked against them instead of relying on a snapshot across statements."""
         if count == depth + 1:
-            # A thread that never branched: its turns are the path, in depth order.
-            chain = _fetchall(conn, _LINEAR_PATH, {"conv_key": conv_key})
-        elif count <= (depth + 1) * SCAN_RATIO + SCAN_SLACK:
-            rows = _fetchall(conn, _NEAR_LINEAR_PATH, {"conv_key": conv_key, "depth": depth})
-            by_id = {r[0]: r for r in rows}
+            # A thread that never branched: its turns down to the head are the path.
+            chain = r.all(_LINEAR_PATH, {"conv_key": conv_key, "depth": depth})
+            if len(chain) == depth + 1 and chain[-1][0] == head_id:
+                return chain
+            # A turn added beside the path since: fall through and walk from the head.
+        if count <= (depth + 1) * SCAN_RATIO + SCAN_SLACK:
+            rows = r.all(_NEAR_LINEAR_PATH, {"conv_key": conv_key, "depth": depth})
+            by_id = {row[0]: row for row in rows}
             chain = []
             cur: int | None = head_id
             while cur is not None:
-                r = by_id[cur]
-                chain.append(r)
-                cur = r[4]
+                found = by_id.get(cur)
+                if found is None:
+                    break
+                chain.append(found)
+                cur = found[4]
             chain.reverse()
         else:
-            chain = self._walk_cte(conn, head_id)
+            chain = self._walk_cte(r, head_id)
+        if len(chain) != depth + 1:
+            raise NotFound("the conversation was deleted while it was being read")
+        return chain
 
+    def _walk_cte(self, r: db.Reader, head_id: int) -> list[Any]:
+        return r.all(_WALK_PATH, {"head_id": head_id})
+
+    def _path(self, branch: str, head_id: int, depth: int, chain: list[Any], media: bool) -> Path:
         loads, role_of = orjson.loads, ROLE_OF_KIND
         with gc_paused():
             turns = [TurnRecord(r[0], role_of[r[1]], r[1], loads(r[2]), r[3]) for r in chain]
@@ -624,30 +629,16 @@ class Storage:
         # and only a conversation that ever held media can have one: the others skip the scan
         # (a substring search of every turn costs 40 us per 100 turns).
         if media and any('"source"' in r[2] for r in chain):
-            blobs = self._blobs_for(conn, turns)
+            blobs = self.blobs_of(turns)
         return Path(branch, head_id, turns, blobs, depth)
-
-    def _walk_cte(self, conn: Connection, head_id: int) -> list[Any]:
-        cols = (T.c.id, T.c.kind, T.c.content, T.c.stop_reason, T.c.parent_id, T.c.depth)
-        walk = select(*cols).where(T.c.id == head_id).cte("walk", recursive=True)
-        parent = T.alias("parent")
-        walk = walk.union_all(
-            select(*(parent.c[c.name] for c in cols)).join(walk, parent.c.id == walk.c.parent_id)
-        )
-        return list(conn.execute(select(walk).order_by(walk.c.depth)).all())
 
     def blobs_of(self, turns: Iterable[TurnRecord | TurnRow]) -> dict[str, bytes]:
         """The bytes behind every blob reference in these turns."""
-        with db.read(self.engine) as conn:
-            return self._blobs_for(conn, turns)
-
-    def _blobs_for(
-        self, conn: Connection, turns: Iterable[TurnRecord | TurnRow]
-    ) -> dict[str, bytes]:
         shas = {r["sha256"] for t in turns for r in blob_refs(t.content)}
         if not shas:
             return {}
-        rows = conn.execute(select(BL.c.sha256, BL.c.data).where(BL.c.sha256.in_(shas))).all()
+        with db.read(self.engine) as conn:
+            rows = conn.execute(select(BL.c.sha256, BL.c.data).where(BL.c.sha256.in_(shas))).all()
         return {sha: bytes(data) for sha, data in rows}
 
     # -- appending -------------------------------------------------------------------------
@@ -1354,19 +1345,21 @@ def _preview(content: str | None, width: int = 60) -> str | None:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
-def _conversation_row(row: Any) -> ConversationRow:
+def _conversation_row(row: Sequence[Any]) -> ConversationRow:
+    """A ConversationRow from a driver row starting with _CONVERSATION_COLUMNS."""
+    key, cid, title, model, system, params, branch, count, media, created, updated = row[:11]
     return ConversationRow(
-        key=row.key,
-        id=row.id,
-        title=row.title,
-        model=row.model,
-        system=None if row.system is None else orjson.loads(row.system),
-        params=orjson.loads(row.params or "{}"),
-        current_branch=row.current_branch,
-        turn_count=row.turn_count,
-        has_media=bool(row.has_media),
-        created_at=row.created_at,
-        updated_at=row.updated_at,
+        key=key,
+        id=cid,
+        title=title,
+        model=model,
+        system=None if system is None else orjson.loads(system),
+        params=orjson.loads(params or "{}"),
+        current_branch=branch,
+        turn_count=count,
+        has_media=bool(media),
+        created_at=instant(created),
+        updated_at=instant(updated),
     )
 
 

@@ -10,6 +10,7 @@ import base64
 import os
 import stat
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from sqlalchemy import create_engine, func, inspect, select, text
 
 import convo.store as store_mod
-from convo import AmbiguousId, ContentError, NotFound, Store, StoreError
+from convo import AmbiguousId, ContentError, NotFound, Store, StoreError, db
 from convo.errors import ConfigError, DatabaseUnavailable, InvalidInput
 from convo.history import TurnRecord
 from convo.ids import ALPHABET, LENGTH
@@ -338,6 +339,77 @@ def test_image_in_a_tool_result_round_trips(store: Store) -> None:
 # -- reading a path: range scan and recursive CTE ----------------------------------------------------
 
 
+def _linear(store: Store, exchanges: int) -> tuple[Conversation, list[int]]:
+    conv = store.create(model="claude-sonnet-4-5", max_tokens=64)
+    ids: list[int] = []
+    for i in range(exchanges):
+        ids += [conv.add_user(f"question {i}"), conv.add_assistant(f"answer {i}")]
+    return conv, ids
+
+
+def _between_the_reads(monkeypatch: pytest.MonkeyPatch, write: Any) -> None:
+    """Run `write` (another process's write, on its own Store) once, after a resume has read
+    the conversation and its head and before it reads the path: each is its own statement."""
+    real = Storage._chain
+    done: list[bool] = []
+
+    def chain(self: Storage, *args: Any) -> list[Any]:
+        if not done:
+            done.append(True)
+            write()
+        return real(self, *args)
+
+    monkeypatch.setattr(Storage, "_chain", chain)
+
+
+def test_a_branch_made_between_the_two_reads_of_a_resume_is_not_read_into_the_path(
+    db_url: str, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conv, ids = _linear(store, 3)
+    want = [t.id for t in conv.turns()]
+
+    def edit_and_append() -> None:
+        with Store(db_url) as other:
+            other.get(conv.id).edit(ids[2], "an edit made meanwhile")  # a sibling at depth 2
+            other.get(conv.id).add_user("and a turn on the new branch")
+
+    _between_the_reads(monkeypatch, edit_and_append)
+    info, path = store.storage.snapshot(conv.id)
+    assert info.current_branch == "main" and path.branch == "main"
+    assert [t.id for t in path.turns] == want == ids
+    # The writes happened: the next read sees the edit's branch checked out.
+    assert store.storage.snapshot(conv.id)[1].branch != "main"
+
+
+def test_turns_appended_between_the_two_reads_of_a_resume_wait_for_the_next_one(
+    db_url: str, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conv, ids = _linear(store, 2)
+
+    def append() -> None:
+        with Store(db_url) as other:
+            other.get(conv.id).add_user("a turn appended meanwhile")
+
+    _between_the_reads(monkeypatch, append)
+    assert [t.id for t in store.storage.path(conv.id).turns] == ids
+    assert len(store.storage.path(conv.id).turns) == len(ids) + 1
+
+
+def test_a_conversation_deleted_between_the_two_reads_of_a_resume_is_not_found(
+    db_url: str, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conv, _ = _linear(store, 2)
+
+    def delete() -> None:
+        with Store(db_url) as other:
+            other.storage.delete_conversation(conv.id)
+
+    _between_the_reads(monkeypatch, delete)
+    with pytest.raises(NotFound, match="deleted while it was being read"):
+        conv.request("next")
+
+
+
 def _branched_conversation(store: Store, tmp_path: Path) -> Conversation:
     img = tmp_path / "dot.png"
     img.write_bytes(make_png(2, 2, seed=3))
@@ -579,6 +651,64 @@ def test_postgresql_at_an_empty_schema_asks_for_an_upgrade(fresh_pg_url: str) ->
         s.create(MODEL).add_user("hi")
     with Store(fresh_pg_url) as s:
         assert [x.turn_count for x in s.list()] == [1]
+
+
+def _backend_pid(store: Store) -> int:
+    with db.read(store.storage.engine) as conn:
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _terminate(url: str, pid: int) -> None:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+    finally:
+        engine.dispose()
+
+
+def test_a_postgresql_connection_that_died_idle_in_the_pool_is_replaced_before_use(
+    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Store(fresh_pg_url, upgrade=True) as store:
+        conv = store.create(MODEL)
+        conv.add_user("before the server dropped the connection")
+        first = _backend_pid(store)
+        _terminate(fresh_pg_url, first)
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.0)  # it has been idle "long enough"
+        time.sleep(0.01)
+        assert [t.content[0]["text"] for t in conv.turns()] == ["before the server dropped the connection"]
+        conv.add_assistant("and after")
+        assert len(store.get(conv.id).turns()) == 2
+        assert _backend_pid(store) != first
+
+
+def test_a_postgresql_connection_back_in_the_pool_a_moment_ago_is_not_pinged(
+    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Store(fresh_pg_url, upgrade=True) as store:
+        conv = store.create(MODEL)
+        conv.add_user("hello")
+        dialect = store.storage.engine.dialect
+        pings: list[object] = []
+        real_ping = dialect.do_ping
+        monkeypatch.setattr(dialect, "do_ping", lambda c: pings.append(c) or real_ping(c))
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)
+        store.get(conv.id).request("next")
+        conv.add_assistant("reply")
+        assert pings == []
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.0)
+        time.sleep(0.01)
+        store.get(conv.id).request("next")
+        assert len(pings) == 2  # the lookup by id and the resume each checked a connection out
+        # Killed within the idle window, the connection fails one statement, cleanly, and the
+        # pool replaces it for the next.
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)
+        _terminate(fresh_pg_url, _backend_pid(store))
+        with pytest.raises(StoreError) as exc:
+            conv.turns()
+        assert "\n" not in str(exc.value)
+        assert [t.content[0]["text"] for t in conv.turns()] == ["hello", "reply"]
 
 
 # -- integrity and hostile text ------------------------------------------------------------------------
