@@ -64,6 +64,7 @@ from benchmarks.data import (
 from benchmarks.engines import Case, PGEngine, SQLiteEngine
 from benchmarks.floor import Floor, Row, dumps
 from benchmarks.subject import (
+    bare_resume,
     drop_branch,
     head_state,
     mock_client,
@@ -375,7 +376,10 @@ def resume_diagnostics(engine: str, case: Case, cid: str, n: int, runs: int, war
     - "Store kept open": convo's own per-resume work, a Store (and so its engine and pool)
       reused, against the floor on a connection kept open;
     - "bare SQLAlchemy": the floor's very query through a fresh SQLAlchemy engine against the
-      bare driver, the toll any SQLAlchemy-based store pays before doing anything of its own."""
+      bare driver, the toll any SQLAlchemy-based store pays before doing anything of its own;
+    - "bare driver on convo's tables": convo's two resume statements on a fresh bare-driver
+      connection, the body built as the floor builds it: what the schema itself costs (on
+      PostgreSQL a new connection looks up every table it touches in the catalogs)."""
     store = Store(case.convo_url)
     fconn = case.floor.connect()
     try:
@@ -391,6 +395,10 @@ def resume_diagnostics(engine: str, case: Case, cid: str, n: int, runs: int, war
                         lambda _i: case.floor.resume(1, NEXT_TEXT), check("floor"), check("floor"), engine=engine)
     rec.add(Result(engine, "resume, bare SQLAlchemy", f"n={n:,}", median(ct), median(ft), "s", "diagnostic",
                    None, median(ct) / median(ft), ct, ft))
+    ct, ft = interleave(runs, warmup, lambda _i: bare_resume(case.convo_url, cid, NEXT_TEXT, MODEL, MAX_TOKENS),
+                        lambda _i: case.floor.resume(1, NEXT_TEXT), check("floor"), check("floor"), engine=engine)
+    rec.add(Result(engine, "resume, bare driver on convo's tables", f"n={n:,}", median(ct), median(ft), "s",
+                   "diagnostic", None, median(ct) / median(ft), ct, ft))
 
 
 def append(engine: str, case: Case, cid: str, ds: Dataset, n: int, runs: int, warmup: int, rec: Recorder) -> None:
@@ -532,10 +540,10 @@ def branch_ops(engine: str, case: Case, cid: str, pop: Any, n: int, runs: int, w
         _op_result(rec, engine, "fork", n, ct, ft, c_rows, f_rows)
 
         # edit the last user turn (depth 2n-2)
-        def convo_edit(i: int) -> tuple[str, str]:
+        def convo_edit(i: int) -> tuple[str, int]:
             return f"bench-edit-{i}", conv.edit(last_user, EDIT_TEXT, name=f"bench-edit-{i}")
 
-        def convo_edit_undo(result: tuple[str, str], _i: int = 0) -> None:
+        def convo_edit_undo(result: tuple[str, int], _i: int = 0) -> None:
             drop_branch(store, cid, result[0], [result[1]])
 
         def floor_edit(i: int) -> int:
@@ -784,7 +792,7 @@ def table(results: list[Result]) -> str:
 
 
 def ordered(results: list[Result]) -> list[Result]:
-    order = ["resume", "resume, Store kept open", "resume, bare SQLAlchemy", "append", "append growth", "append writes", "append writes growth", "fork", "edit", "checkout", "audit", "size", "resume (20 images)"]
+    order = ["resume", "resume, Store kept open", "resume, bare SQLAlchemy", "resume, bare driver on convo's tables", "append", "append growth", "append writes", "append writes growth", "fork", "edit", "checkout", "audit", "size", "resume (20 images)"]
     engines = list(dict.fromkeys(r.engine for r in results))
     return sorted(results, key=lambda r: (engines.index(r.engine), order.index(r.measure)))
 

@@ -9,6 +9,7 @@ measured operation goes through the public service layer (`convo.Store`, `Conver
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,12 +18,15 @@ from typing import Any, cast
 
 import httpx
 from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy.engine import make_url
 
 from benchmarks.data import MAX_TOKENS, MODEL, Dataset
+from benchmarks.floor import build_body
 from convo import Store, db
+from convo import store as store_mod
 from convo.client import Client
 from convo.ids import new_id
-from convo.models import Base, Branch, Call, Conversation, Turn
+from convo.models import ROLE_OF_KIND, Base, Branch, Call, Conversation, Turn
 from convo.store import NewTurn, lease_owner_id
 
 K = cast(Table, Call.__table__)
@@ -171,6 +175,32 @@ def send_writes(
     reply_turn = NewTurn("assistant", "reply", reply["content"], stop_reason=reply["stop_reason"])
     reply_id = storage.finish_with_reply(call_id, conv_id, "main", user_id, reply_turn, owner, fields)
     return call_id, user_id, reply_id
+
+
+def bare_resume(convo_url: str, conv_id: str, next_text: str, model: str, max_tokens: int) -> dict[str, Any]:
+    """convo's own resume SQL (the snapshot and the path, as `Storage.snapshot` runs them on a
+    linear thread) on a fresh bare-driver connection to convo's database, the body built as the
+    floor builds it: what convo's schema costs, without SQLAlchemy or the rest of convo."""
+    url = make_url(convo_url)
+    if url.get_backend_name() == "sqlite":
+        conn: Any = sqlite3.connect(url.database or "")
+        dialect = "sqlite"
+    else:
+        import psycopg
+
+        conn = psycopg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True)
+        dialect = "postgresql"
+    try:
+        snap = conn.execute(
+            db._paramstyle(store_mod._SNAPSHOT, dialect), {"conv_id": conv_id, "branch": None}
+        ).fetchone()
+        key, depth = snap[0], snap[13]
+        rows = conn.execute(
+            db._paramstyle(store_mod._LINEAR_PATH, dialect), {"conv_key": key, "depth": depth}
+        ).fetchall()
+    finally:
+        conn.close()
+    return build_body(((ROLE_OF_KIND[r[1]], r[2]) for r in rows), [{"type": "text", "text": next_text}], model, max_tokens)
 
 
 def row_counts(store: Store) -> dict[str, int]:

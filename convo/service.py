@@ -168,7 +168,9 @@ class Store:
     def close(self) -> None:
         if self._client is not None and self._owns_client:
             self._client.close()
-        self.storage.engine.dispose()
+        # Close the pooled connections; the engine itself goes with the Store (Engine.dispose
+        # would also build a new, empty pool that nothing will use).
+        self.storage.engine.pool.dispose()
 
     def __enter__(self) -> Store:
         return self
@@ -555,7 +557,7 @@ class Conversation:
         deadline = time.monotonic() + self.store.wait_for_branch
         wait = 0.02
         while True:
-            info, path = storage.snapshot(self.id)
+            info, path = storage.snapshot(self.id, for_send=True)
             if not new:
                 self._check_continuable(path)
             body = self._build(info, path, new, overrides)

@@ -60,14 +60,19 @@ STORE_BUDGET_KEY = "budget_usd"
 _SNAPSHOT = (
     "SELECT c.key, c.id, c.title, c.model, c.system, c.params, c.current_branch, "
     "c.turn_count, c.has_media, c.created_at, c.updated_at, "  # _CONVERSATION_COLUMNS
-    "b.name, b.head_id, t.depth, "
-    "(SELECT s.value FROM settings s WHERE s.key = :budget_key) "
+    "b.name, b.head_id, t.depth{budget} "
     "FROM conversations c "
     "LEFT OUTER JOIN branches b "
     "ON b.conversation_key = c.key AND b.name = COALESCE(:branch, c.current_branch) "
     "LEFT OUTER JOIN turns t ON t.id = b.head_id "
     "WHERE c.id = :conv_id"
 )
+# A send also needs the store's budget; a resume does not, and on a new PostgreSQL connection
+# every further table a statement touches costs its catalog lookups (about 0.7 ms here).
+_SNAPSHOT_FOR_SEND = _SNAPSHOT.format(
+    budget=", (SELECT s.value FROM settings s WHERE s.key = :budget_key)"
+)
+_SNAPSHOT = _SNAPSHOT.format(budget="")
 # Path rows are (id, kind, content, stop_reason[, parent_id]): the role follows from the kind
 # (ROLE_OF_KIND), and every column not read is a value per turn the driver need not build,
 # a tenth of reading a path. A never-branched thread needs no parent ids either.
@@ -568,20 +573,22 @@ class Storage:
             chain = self._chain(r, key, head_id, depth, count)
         return self._path(branch or "", head_id, depth, chain, bool(media))
 
-    def snapshot(self, conv_id: str, branch: str | None = None) -> tuple[ConversationRow, Path]:
+    def snapshot(
+        self, conv_id: str, branch: str | None = None, *, for_send: bool = False
+    ) -> tuple[ConversationRow, Path]:
         """A conversation and a branch's path (default: the current one) in two statements:
-        what building the next request needs."""
+        what building the next request needs (`for_send`: with the store's budget)."""
         params = {"conv_id": conv_id, "branch": branch, "budget_key": STORE_BUDGET_KEY}
         with db.reader(self.engine) as r:
-            row = r.first(_SNAPSHOT, params)
+            row = r.first(_SNAPSHOT_FOR_SEND if for_send else _SNAPSHOT, params)
             if row is None:
                 raise NotFound(f"no conversation with id {conv_id!r}")
-            branch_name, head_id, depth, budget = row[11:]
+            branch_name, head_id, depth = row[11:14]
             if branch_name is None:
                 raise NotFound(f"no branch {branch!r} in conversation {conv_id}")
             info = _conversation_row(row)
-            if budget is not None:
-                info = replace(info, store_budget_usd=float(orjson.loads(budget)))
+            if for_send and row[14] is not None:
+                info = replace(info, store_budget_usd=float(orjson.loads(row[14])))
             if head_id is None:
                 return info, Path(branch_name, None, [], None, -1)
             chain = self._chain(r, info.key, head_id, depth, info.turn_count)
