@@ -83,11 +83,17 @@ def create_engine_for(url: str) -> Engine:
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
+        driver = parsed.get_driver_name()
+        if driver not in ("psycopg", "psycopg2"):
+            # convo's hot reads run SQL on the driver in its parameter style (see Reader).
+            raise ConfigError(
+                f"{_redact(str(parsed))}: convo talks to PostgreSQL through psycopg "
+                f"(postgresql+psycopg://, or postgresql+psycopg2://), not {driver}"
+            )
         # No hstore: convo never uses it, and looking its type up costs every new engine a
         # query (a third of a CLI command's connect time). Only the psycopg dialects take it.
-        hstore = {"use_native_hstore": False} if parsed.get_driver_name() in ("psycopg", "psycopg2") else {}
         try:
-            engine = create_engine(parsed, **hstore)
+            engine = create_engine(parsed, use_native_hstore=False)
         except sa_exc.ArgumentError as e:  # an unknown driver (NoSuchModuleError)
             raise ConfigError(f"{_redact(str(parsed))}: {_first_line(e)}") from None
         except ImportError as e:  # a dialect SQLAlchemy knows whose driver is not installed
@@ -195,33 +201,83 @@ def _connect(engine: Engine) -> Iterator[Connection]:
 
 
 class Reader:
-    """Single-statement reads on the pooled driver connection, in autocommit.
+    """Single-statement reads on a pooled driver connection, in autocommit.
 
     For the few fixed statements a resume runs (the schema check, the conversation lookup, the
     snapshot and the path). A fresh Store would otherwise pay for a SQLAlchemy Connection, a
     transaction begun and ended, a statement compiled into its new engine's empty cache and a
     Result per statement: on a 10-exchange thread that cost more than reading it. Each
     statement is its own consistent read, so callers that read twice must tolerate a writer in
-    between (the store's path reads check what they got)."""
+    between (the store's path reads check what they got). A read that finds its connection
+    lost (a restarted server) is run again, once, on a new one."""
 
-    def __init__(self, cursor: Any, dialect: str) -> None:
-        self._cur = cursor
-        self._dialect = dialect
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._dialect = engine.dialect.name
+        self._raw: Any = None
+        self._cur: Any = None
+        self._checkout()
 
     def all(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:
-        cur = self._cur
-        cur.execute(_paramstyle(sql, self._dialect), params or {})
-        return cur.fetchall()
+        return self._run(sql, params, many=True)  # type: ignore[no-any-return]
 
     def first(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
-        cur = self._cur
-        cur.execute(_paramstyle(sql, self._dialect), params or {})
-        return cur.fetchone()
+        return self._run(sql, params, many=False)
+
+    def _run(self, sql: str, params: Mapping[str, Any] | None, *, many: bool) -> Any:
+        sql = _paramstyle(sql, self._dialect)
+        for retry in (False, True):
+            try:
+                self._cur.execute(sql, params or {})
+                return self._cur.fetchall() if many else self._cur.fetchone()
+            except self._engine.dialect.loaded_dbapi.Error as e:
+                if retry or not self._engine.dialect.is_disconnect(e, self._raw.driver_connection, self._cur):
+                    raise
+                # Its pool-mates most likely went with it (a restart drops them all): close the
+                # idle ones too, so no later checkout inherits a dead connection.
+                self._raw.invalidate(e)
+                self._raw.close()
+                self._raw = None
+                self._engine.pool.dispose()
+                self._checkout()
+        raise AssertionError("unreachable")
+
+    def _checkout(self) -> None:
+        try:
+            raw = self._engine.raw_connection()
+        except (sa_exc.DBAPIError, self._engine.dialect.loaded_dbapi.Error) as e:
+            # The pool passes on the driver's own error (SQLAlchemy's, if it wrapped one).
+            raise DatabaseUnavailable(
+                f"cannot open database {_redact(str(self._engine.url))}: "
+                f"{_first_line(getattr(e, 'orig', e))}"
+            ) from None
+        self._raw = raw
+        try:
+            if self._dialect == "postgresql":
+                # No BEGIN and ROLLBACK round trips around a single statement (a local
+                # setting of the connection, put back by `close`).
+                driver: Any = raw.driver_connection
+                driver.autocommit = True
+            self._cur = raw.cursor()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is None:
+            return
+        if raw.is_valid:
+            if self._cur is not None:
+                self._cur.close()
+            if self._dialect == "postgresql" and not raw.driver_connection.closed:
+                raw.driver_connection.autocommit = False
+        raw.close()
 
 
 @lru_cache(maxsize=64)
 def _paramstyle(sql: str, dialect: str) -> str:
-    """`:name` parameters (sqlite3's named style) as psycopg's `%(name)s` on PostgreSQL."""
+    """`:name` parameters (sqlite3's named style) as `%(name)s` for psycopg and psycopg2."""
     if dialect == "sqlite":
         return sql
     return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql.replace("%", "%%"))
@@ -230,33 +286,13 @@ def _paramstyle(sql: str, dialect: str) -> str:
 @contextmanager
 def reader(engine: Engine) -> Iterator[Reader]:
     """A `Reader` on a connection checked out of the engine's pool, returned after."""
+    r = Reader(engine)
     try:
-        raw = engine.raw_connection()
-    except (sa_exc.DBAPIError, engine.dialect.loaded_dbapi.Error) as e:
-        # The pool passes on the driver's own error (SQLAlchemy's, if it wrapped one).
-        raise DatabaseUnavailable(
-            f"cannot open database {_redact(str(engine.url))}: {_first_line(getattr(e, 'orig', e))}"
-        ) from None
-    driver: Any = raw.driver_connection
-    dialect = engine.dialect.name
-    autocommit_was = None
-    if dialect == "postgresql":
-        # No BEGIN and ROLLBACK round trips around a single statement (a local setting).
-        autocommit_was = driver.autocommit
-        driver.autocommit = True
-    cur = raw.cursor()
-    try:
-        yield Reader(cur, dialect)
+        yield r
     except engine.dialect.loaded_dbapi.Error as e:
-        # The connection may be broken (a restarted server): the pool opens a new one next time.
-        raw.invalidate()
         raise StoreError(f"database error: {_first_line(e)}") from e
     finally:
-        if raw.is_valid:
-            cur.close()
-            if autocommit_was is not None:
-                driver.autocommit = autocommit_was
-        raw.close()
+        r.close()
 
 
 def _first_line(err: object) -> str:
@@ -295,7 +331,9 @@ def schema_revision(engine: Engine) -> str | None:
             row = r.first("SELECT version_num FROM alembic_version")
         except engine.dialect.loaded_dbapi.Error as e:
             # No such table: a database convo never touched (autocommit: nothing to undo).
-            if getattr(e, "sqlstate", None) == "42P01" or "no such table" in str(e):
+            # SQLSTATE 42P01 is psycopg's e.sqlstate, psycopg2's e.pgcode.
+            code = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+            if code == "42P01" or "no such table" in str(e):
                 return None
             raise
     return row[0] if row else None

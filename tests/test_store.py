@@ -653,6 +653,14 @@ def test_postgresql_at_an_empty_schema_asks_for_an_upgrade(fresh_pg_url: str) ->
         assert [x.turn_count for x in s.list()] == [1]
 
 
+def test_resume_sql_is_written_once_in_sqlite_style_and_run_by_psycopg_in_its_own() -> None:
+    sql = "SELECT a FROM t WHERE b = :b AND c LIKE 'x%' AND d = :d_2 AND e = f::text"
+    assert db._paramstyle(sql, "sqlite") == sql
+    assert db._paramstyle(sql, "postgresql") == (
+        "SELECT a FROM t WHERE b = %(b)s AND c LIKE 'x%%' AND d = %(d_2)s AND e = f::text"
+    )
+
+
 def _backend_pid(store: Store) -> int:
     with db.read(store.storage.engine) as conn:
         return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
@@ -701,14 +709,30 @@ def test_a_postgresql_connection_back_in_the_pool_a_moment_ago_is_not_pinged(
         time.sleep(0.01)
         store.get(conv.id).request("next")
         assert len(pings) == 2  # the lookup by id and the resume each checked a connection out
-        # Killed within the idle window, the connection fails one statement, cleanly, and the
-        # pool replaces it for the next.
-        monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)
-        _terminate(fresh_pg_url, _backend_pid(store))
-        with pytest.raises(StoreError) as exc:
-            conv.turns()
-        assert "\n" not in str(exc.value)
         assert [t.content[0]["text"] for t in conv.turns()] == ["hello", "reply"]
+
+
+def test_resumes_survive_a_postgresql_restart_that_drops_every_pooled_connection(
+    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Store(fresh_pg_url, upgrade=True) as store:
+        conv = store.create(MODEL)
+        conv.add_user("hello")
+        # Four connections in the pool, all back a moment ago (so none is pinged), then all
+        # dropped by the server, as a restart or a failover does.
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)
+        engine = store.storage.engine
+        raws = [engine.raw_connection() for _ in range(4)]
+        pids = [r.driver_connection.info.backend_pid for r in raws]  # type: ignore[union-attr]
+        for r in raws:
+            r.close()
+        for pid in pids:
+            _terminate(fresh_pg_url, pid)
+        for _ in range(5):
+            assert [t.content[0]["text"] for t in store.get(conv.id).turns()] == ["hello"]
+        body = store.get(conv.id).request("again")
+        assert body["messages"][0]["content"][-1]["text"] == "again"
+        assert _backend_pid(store) not in pids
 
 
 # -- integrity and hostile text ------------------------------------------------------------------------
