@@ -184,6 +184,26 @@ _NEXT_TURN_IDS = {
     "sqlite": text("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'turns'), 0)"),
     "postgresql": text("SELECT nextval(pg_get_serial_sequence('turns', 'id')) FROM generate_series(1, :n)"),
 }
+# A fork and an edit on PostgreSQL, where each statement is a round trip: the branch row (and
+# an edit's turn) written by data-modifying CTEs of the conversation's UPDATE.
+_PG_CREATE = (
+    "UPDATE conversations SET updated_at = :ts{count}, "
+    "current_branch = CASE WHEN :checkout THEN :name ELSE current_branch END "
+    "WHERE key = :key"
+)
+_PG_FORK = text(
+    "WITH new_branch AS (INSERT INTO branches (conversation_key, name, head_id, created_at) "
+    "VALUES (:key, :name, :head_id, :ts)) " + _PG_CREATE.format(count="")
+)
+_PG_EDIT = text(
+    "WITH new_turn AS (INSERT INTO turns (conversation_key, parent_id, role, kind, content, depth, "
+    "source_id, stop_reason, created_at) VALUES (:conversation_key, :parent_id, :role, :kind, "
+    ":content, :depth, :source_id, :stop_reason, :created_at) RETURNING id), "
+    "new_branch AS (INSERT INTO branches (conversation_key, name, head_id, created_at) "
+    "SELECT :key, :name, id, :ts FROM new_turn) "
+    + _PG_CREATE.format(count=", turn_count = turn_count + 1, has_media = has_media OR :media")
+    + " RETURNING (SELECT id FROM new_turn)"
+)
 # A thread is read with one range scan when it has at most this many turns per turn on the
 # path (plus slack); a bushier tree is walked with a recursive CTE instead.
 SCAN_RATIO = 2
@@ -788,6 +808,29 @@ class Storage:
     ) -> tuple[list[int], bool]:
         """Insert turns (and their blobs) as a chain under `parent_id`; their ids, and whether
         any of them holds an image or document."""
+        rows, media = self._turn_rows(conn, conv_key, parent_id, turns, parent_depth, ts)
+        if not rows:
+            return [], False
+        if len(rows) == 1:  # a send's turn: the database numbers it
+            return [int(conn.execute(_INSERT_TURN, rows[0]).scalar_one())], media
+        ids = self._next_turn_ids(conn, len(rows))
+        for row, tid in zip(rows, ids, strict=True):
+            row["id"], row["parent_id"] = tid, parent_id
+            parent_id = tid
+        conn.execute(_INSERT_TURNS, rows)
+        return ids, media
+
+    def _turn_rows(
+        self,
+        conn: Connection,
+        conv_key: int,
+        parent_id: int | None,
+        turns: Sequence[NewTurn],
+        parent_depth: int | None,
+        ts: datetime,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The rows of turns about to be written as a chain under `parent_id` (their blobs
+        written already), and whether any of them holds an image or document."""
         if not turns:
             return [], False
         depth = -1
@@ -819,14 +862,7 @@ class Storage:
             )
         if blobs:
             self._insert_blobs(conn, blobs.values(), ts)
-        if len(rows) == 1:  # a send's turn: the database numbers it
-            return [int(conn.execute(_INSERT_TURN, rows[0]).scalar_one())], bool(blobs)
-        ids = self._next_turn_ids(conn, len(rows))
-        for row, tid in zip(rows, ids, strict=True):
-            row["id"], row["parent_id"] = tid, parent_id
-            parent_id = tid
-        conn.execute(_INSERT_TURNS, rows)
-        return ids, bool(blobs)
+        return rows, bool(blobs)
 
     def _next_turn_ids(self, conn: Connection, n: int) -> list[int]:
         """`n` fresh turn ids, in order, for rows that must name their parents before they are
@@ -1325,6 +1361,8 @@ class Branching:
         head, and one update of the conversation (count, checkout)."""
         ts = now()
         key = self.key
+        if self._s.dialect == "postgresql" and len(turns) <= 1:
+            return self._create_in_one_statement(key, name, parent_id, turns, parent_depth, checkout, ts)
         ids, media = self._s._write_turns(self._conn, key, parent_id, turns, parent_depth, ts)
         head = ids[-1] if ids else parent_id
         self._conn.execute(
@@ -1340,6 +1378,25 @@ class Branching:
         if values:
             self._conn.execute(update(C).where(C.c.key == key).values(updated_at=ts, **values))
         return ids
+
+    def _create_in_one_statement(
+        self,
+        key: int,
+        name: str,
+        parent_id: int | None,
+        turns: Sequence[NewTurn],
+        parent_depth: int | None,
+        checkout: bool,
+        ts: datetime,
+    ) -> list[int]:
+        """`create` on PostgreSQL for a fork or an edit: the new turn, the branch row and the
+        conversation's update in one statement, one round trip instead of three."""
+        rows, media = self._s._turn_rows(self._conn, key, parent_id, turns, parent_depth, ts)
+        params = {"key": key, "name": name, "ts": ts, "checkout": checkout}
+        if not rows:
+            self._conn.execute(_PG_FORK, {**params, "head_id": parent_id})
+            return []
+        return [int(self._conn.execute(_PG_EDIT, {**rows[0], **params, "media": media}).scalar_one())]
 
 
 def _preview(content: str | None, width: int = 60) -> str | None:
