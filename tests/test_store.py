@@ -347,16 +347,18 @@ def _linear(store: Store, exchanges: int) -> tuple[Conversation, list[int]]:
     return conv, ids
 
 
-def _between_the_reads(monkeypatch: pytest.MonkeyPatch, write: Any) -> None:
-    """Run `write` (another process's write, on its own Store) once, after a resume has read
-    the conversation and its head and before it reads the path: each is its own statement."""
+def _between_the_reads(monkeypatch: pytest.MonkeyPatch, db_url: str, write: Any) -> None:
+    """Run `write(other)` once, `other` being a second Store on the same database (as another
+    process would write), after a resume has read the conversation and its head and before it
+    reads the path: each is its own statement."""
     real = Storage._chain
     done: list[bool] = []
 
     def chain(self: Storage, *args: Any) -> list[Any]:
         if not done:
             done.append(True)
-            write()
+            with Store(db_url) as other:
+                write(other)
         return real(self, *args)
 
     monkeypatch.setattr(Storage, "_chain", chain)
@@ -368,12 +370,11 @@ def test_a_branch_made_between_the_two_reads_of_a_resume_is_not_read_into_the_pa
     conv, ids = _linear(store, 3)
     want = [t.id for t in conv.turns()]
 
-    def edit_and_append() -> None:
-        with Store(db_url) as other:
-            other.get(conv.id).edit(ids[2], "an edit made meanwhile")  # a sibling at depth 2
-            other.get(conv.id).add_user("and a turn on the new branch")
+    def edit_and_append(other: Store) -> None:
+        other.get(conv.id).edit(ids[2], "an edit made meanwhile")  # a sibling at depth 2
+        other.get(conv.id).add_user("and a turn on the new branch")
 
-    _between_the_reads(monkeypatch, edit_and_append)
+    _between_the_reads(monkeypatch, db_url, edit_and_append)
     info, path = store.storage.snapshot(conv.id)
     assert info.current_branch == "main" and path.branch == "main"
     assert [t.id for t in path.turns] == want == ids
@@ -386,11 +387,7 @@ def test_turns_appended_between_the_two_reads_of_a_resume_wait_for_the_next_one(
 ) -> None:
     conv, ids = _linear(store, 2)
 
-    def append() -> None:
-        with Store(db_url) as other:
-            other.get(conv.id).add_user("a turn appended meanwhile")
-
-    _between_the_reads(monkeypatch, append)
+    _between_the_reads(monkeypatch, db_url, lambda other: other.get(conv.id).add_user("meanwhile"))
     assert [t.id for t in store.storage.path(conv.id).turns] == ids
     assert len(store.storage.path(conv.id).turns) == len(ids) + 1
 
@@ -400,14 +397,9 @@ def test_a_conversation_deleted_between_the_two_reads_of_a_resume_is_not_found(
 ) -> None:
     conv, _ = _linear(store, 2)
 
-    def delete() -> None:
-        with Store(db_url) as other:
-            other.storage.delete_conversation(conv.id)
-
-    _between_the_reads(monkeypatch, delete)
+    _between_the_reads(monkeypatch, db_url, lambda other: other.storage.delete_conversation(conv.id))
     with pytest.raises(NotFound, match="deleted while it was being read"):
         conv.request("next")
-
 
 
 def _branched_conversation(store: Store, tmp_path: Path) -> Conversation:
