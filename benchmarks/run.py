@@ -469,9 +469,9 @@ def append(engine: str, case: Case, cid: str, ds: Dataset, n: int, runs: int, wa
 
 def append_writes(engine: str, store: Store, case: Case, fconn: Any, cid: str, state: Any, n: int,
                   runs: int, warmup: int, rec: Recorder) -> None:
-    """Diagnostic: only the writes of a send (user turn + lease, call row, reply + usage), through
-    convo's storage layer, against the floor's INSERT of two rows + commit. No history is read,
-    so this shows whether the database part of append stays flat as the thread grows."""
+    """Diagnostic: only the writes of a send (user turn + lease + call row, then reply + usage),
+    through convo's storage layer, against the floor's INSERT of two rows + commit. No history
+    is read, so this shows whether the database part of append stays flat as the thread grows."""
     from benchmarks.subject import send_writes
 
     usage = REPLY["usage"]
@@ -482,17 +482,17 @@ def append_writes(engine: str, store: Store, case: Case, fconn: Any, cid: str, s
         call_id, user_id, reply_id = result
         undo_send(store, cid, state, [call_id], [user_id, reply_id])
 
-    try:
-        convo_after(send_writes(store, cid, state[0], APPEND_TEXT, REPLY, cost), 0)  # a dry run
-    except TypeError as e:  # convo's internal signatures moved: skip the diagnostic
-        log(f"  append writes diagnostic skipped: {e}")
-        return
+    depth = store.storage.turn(state[0]).depth if state[0] is not None else None
+
+    def convo_call(_i: int) -> tuple[int, int, int]:
+        return send_writes(store, cid, state[0], depth, APPEND_TEXT, REPLY, cost)
+
+    convo_after(convo_call(0), 0)  # a dry run
     rows = (
         (1, "user", dumps([{"type": "text", "text": APPEND_TEXT}]), None, None, None),
         (1, "assistant", dumps(REPLY["content"]), usage["input_tokens"], usage["output_tokens"], cost),
     )
-    ct, ft = interleave(runs, warmup, lambda _i: send_writes(store, cid, state[0], APPEND_TEXT, REPLY, cost),
-                        lambda _i: case.floor.insert_two(fconn, rows), convo_after,
+    ct, ft = interleave(runs, warmup, convo_call, lambda _i: case.floor.insert_two(fconn, rows), convo_after,
                         lambda ids, _i: case.floor.delete_ids(fconn, ids), engine=engine)
     rec.add(Result(engine, "append writes", f"n={n:,}", median(ct), median(ft), "s", "diagnostic", None,
                    median(ct) / median(ft), ct, ft))

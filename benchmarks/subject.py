@@ -27,7 +27,7 @@ from convo import store as store_mod
 from convo.client import Client
 from convo.ids import new_id
 from convo.models import ROLE_OF_KIND, Base, Branch, Call, Conversation, Turn
-from convo.store import NewTurn, lease_owner_id
+from convo.store import FirstCall, NewTurn, lease_owner_id
 
 K = cast(Table, Call.__table__)
 T = cast(Table, Turn.__table__)
@@ -150,19 +150,18 @@ def mock_client(reply_bytes: bytes) -> tuple[Client, dict[str, bytes]]:
 
 
 def send_writes(
-    store: Store, conv_id: str, head: int | None, user_text: str, reply: dict[str, Any], cost: float
+    store: Store, conv_id: str, head: int | None, head_depth: int | None, user_text: str,
+    reply: dict[str, Any], cost: float,
 ) -> tuple[int, int, int]:
-    """The writes of one send, in its order, through convo's storage layer (internal API):
-    the user turn with the branch lease, the pending call row, then reply + usage + lease release.
-    Returns (call id, user turn id, reply id)."""
+    """The writes of one send, in its order and its two transactions, through convo's storage
+    layer (internal API): the user turn with the branch lease and the pending call row, then
+    the reply, its usage and the lease's release. Returns (call id, user turn id, reply id)."""
     storage = store.storage
     owner = lease_owner_id()
-    (user_id,) = storage.append(
+    first = FirstCall(datetime.now(UTC), MODEL, False)
+    (user_id,), call_id = storage.begin_send(
         conv_id, "main", head, [NewTurn("user", "user", [{"type": "text", "text": user_text}])],
-        owner=owner, hold=timedelta(minutes=15),
-    )
-    call_id = storage.start_call(
-        conv_id=conv_id, branch="main", turn_id=user_id, model=MODEL, attempt=0, streamed=False
+        owner=owner, hold=timedelta(minutes=15), head_depth=head_depth, first_call=first,
     )
     usage = reply["usage"]
     fields = {
@@ -173,7 +172,10 @@ def send_writes(
         "cost_usd": cost, "uncached_cost_usd": cost,
     }
     reply_turn = NewTurn("assistant", "reply", reply["content"], stop_reason=reply["stop_reason"])
-    reply_id = storage.finish_with_reply(call_id, conv_id, "main", user_id, reply_turn, owner, fields)
+    reply_id = storage.finish_with_reply(
+        call_id, conv_id, "main", user_id, reply_turn, owner, fields,
+        parent_depth=None if head_depth is None else head_depth + 1, started_at=first.started_at,
+    )
     return call_id, user_id, reply_id
 
 

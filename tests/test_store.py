@@ -727,6 +727,28 @@ def test_resumes_survive_a_postgresql_restart_that_drops_every_pooled_connection
         assert _backend_pid(store) not in pids
 
 
+def test_a_write_on_a_connection_the_server_dropped_fails_once_and_writes_nothing(
+    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Store(fresh_pg_url, upgrade=True) as store:
+        conv = store.create(MODEL)
+        conv.add_user("hello")
+        conv.add_assistant("hi")
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)  # back a moment ago: no ping
+        _terminate(fresh_pg_url, _backend_pid(store))
+        # A write that runs first (most start with a read, which reconnects and clears the pool).
+        with pytest.raises(StoreError) as exc:
+            store.storage.update_conversation(conv.id, title="written on a dropped connection")
+        assert "\n" not in str(exc.value)
+        assert conv.info.title is None
+        store.storage.update_conversation(conv.id, title="again")
+        assert conv.info.title == "again"
+        # An append reads the branch first: that read reconnects, and the append goes through.
+        _terminate(fresh_pg_url, _backend_pid(store))
+        conv.add_user("appended after the drop")
+        assert [t.content[0]["text"] for t in conv.turns()] == ["hello", "hi", "appended after the drop"]
+
+
 # -- integrity and hostile text ------------------------------------------------------------------------
 
 HOSTILE = [
