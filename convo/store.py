@@ -210,7 +210,7 @@ _PG_EDIT = text(
 @lru_cache(maxsize=16)
 def _pg_turn_statement(lease: bool, new_call: bool, finished_fields: tuple[str, ...]) -> Any:
     """The statement of `Storage._write_one_turn`; one per shape, built once."""
-    unknown = set(finished_fields) - set(K.c.keys())
+    unknown = set(finished_fields) - (set(K.c.keys()) - {"id", "reply_id"})
     if unknown:
         raise InvalidInput(f"unknown call fields: {sorted(unknown)}")
     ctes = [
@@ -235,8 +235,8 @@ def _pg_turn_statement(lease: bool, new_call: bool, finished_fields: tuple[str, 
     if finished_fields:
         sets = "".join(f", {k} = :f_{k}" for k in finished_fields)
         ctes.append(
-            "finished AS (UPDATE calls SET finished_at = :finished_at, duration_ms = :duration_ms, "
-            f"reply_id = (SELECT id FROM new_turn){sets} WHERE id = :call_id)"
+            f"finished AS (UPDATE calls SET reply_id = (SELECT id FROM new_turn){sets} "
+            "WHERE id = :call_id)"
         )
     return text("WITH " + ", ".join(ctes) + f" SELECT (SELECT id FROM new_turn), {call}")
 
@@ -816,12 +816,16 @@ class Storage:
         calls: tuple[str, ...] = ()
         if finish is not None:
             call_id, started, fields = finish
-            duration = (ts - started).total_seconds() * 1000
-            params.update(call_id=call_id, finished_at=ts, duration_ms=duration)
-            params.update({f"f_{k}": v for k, v in fields.items()})
-            calls = tuple(sorted(fields))
+            # As `_finish_call`: the given fields may set the end and duration; the reply id
+            # is always the stored reply's.
+            done = {"finished_at": ts, "duration_ms": (ts - _utc(started)).total_seconds() * 1000}
+            done.update((k, v) for k, v in fields.items() if k != "reply_id")
+            params.update({f"f_{k}": v for k, v in done.items()}, call_id=call_id)
+            calls = tuple(sorted(done))
         stmt = _pg_turn_statement(bool(lease), first_call is not None, calls)
-        turn_id, new_call = conn.execute(stmt, params).one()
+        # A text() statement binds values as they are: naive datetimes are UTC, as the
+        # Timestamp column type would have them, not the session's time zone.
+        turn_id, new_call = conn.execute(stmt, {k: _utc(v) for k, v in params.items()}).one()
         return [int(turn_id)], None if new_call is None else int(new_call)
 
     def _lock_branch(
@@ -1099,7 +1103,7 @@ class Storage:
         if started is None:
             started = conn.execute(select(K.c.started_at).where(K.c.id == call_id)).scalar_one()
         end = now()
-        duration = (end - started).total_seconds() * 1000
+        duration = (end - _utc(started)).total_seconds() * 1000
         conn.execute(_UPDATE_CALL, {"w_id": call_id, "finished_at": end, "duration_ms": duration, **fields})
 
     def finish_with_reply(
@@ -1476,11 +1480,18 @@ class Branching:
         """`create` on PostgreSQL for a fork or an edit: the new turn, the branch row and the
         conversation's update in one statement, one round trip instead of three."""
         rows, media = self._s._turn_rows(self._conn, key, parent_id, turns, parent_depth, ts)
-        params = {"key": key, "name": name, "ts": ts, "checkout": checkout}
+        params = {"key": key, "name": name, "ts": ts, "checkout": checkout}  # ts: aware (now())
         if not rows:
             self._conn.execute(_PG_FORK, {**params, "head_id": parent_id})
             return []
         return [int(self._conn.execute(_PG_EDIT, {**rows[0], **params, "media": media}).scalar_one())]
+
+
+def _utc(value: Any) -> Any:
+    """A naive datetime as UTC (what the Timestamp type does for statements built with it)."""
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
 
 
 def _preview(content: str | None, width: int = 60) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from sqlalchemy import Engine, event
 from convo import Store
 from convo.db import Reader
 from convo.errors import NotFound
+from convo.store import FirstCall, NewTurn
 
 DATA = ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")
 
@@ -135,3 +137,46 @@ def test_a_checkout_is_one_statement_and_an_unknown_branch_writes_nothing(store:
     with pytest.raises(NotFound):
         conv.checkout("nowhere")
     assert conv.branch == "side" and conv.info.updated_at == before
+
+
+def test_a_send_writes_the_same_ledger_row_on_both_engines_whatever_the_path(db_url: str) -> None:
+    """PostgreSQL writes a send's turn, head, count and ledger row in one statement (raw SQL
+    text); SQLite in several built from the models. Both must leave the same rows: every
+    column of the call, naive datetimes read as UTC (not the session's zone), fields given to
+    finish a call overriding its end, and the reply id always the stored reply's."""
+    url = db_url
+    if db_url.startswith("postgresql"):
+        url += "?options=-c%20timezone%3DAmerica/New_York"  # a session zone that is not UTC
+    with Store(url) as store:
+        conv = store.create(model="claude-sonnet-4-5", max_tokens=64)
+        storage = store.storage
+        started = datetime(2026, 1, 1, 12, 0, 0, 250_000)  # naive: UTC by convo's rule
+        ended = datetime(2026, 1, 1, 12, 0, 3, tzinfo=UTC)
+        (user_id,), call_id = storage.begin_send(
+            conv.id, "main", None, [NewTurn("user", "user", [{"type": "text", "text": "hi"}])],
+            owner="me", hold=timedelta(minutes=5), head_depth=None,
+            first_call=FirstCall(started, "claude-sonnet-4-5", True),
+        )
+        pending = storage.calls(conv.id)[0]
+        assert pending["started_at"] == started.replace(tzinfo=UTC)
+        assert (pending["status"], pending["streamed"], pending["attempt"]) == ("pending", 1, 0)
+        assert (pending["input_tokens"], pending["output_tokens"], pending["turn_id"]) == (0, 0, user_id)
+        assert storage.branch(conv.id, "main").lease_owner == "me"
+        reply = NewTurn("assistant", "reply", [{"type": "text", "text": "hello"}], stop_reason="end_turn")
+        fields = {"status": "ok", "input_tokens": 7, "output_tokens": 3, "cost_usd": 0.5,
+                  "finished_at": ended, "reply_id": 10**9}
+        reply_id = storage.finish_with_reply(
+            call_id, conv.id, "main", user_id, reply, "me", fields, started_at=started
+        )
+        done = storage.calls(conv.id)[0]
+        assert done["reply_id"] == reply_id != 10**9
+        assert done["finished_at"] == ended
+        assert (done["status"], done["input_tokens"], done["output_tokens"], done["cost_usd"]) == ("ok", 7, 3, 0.5)
+        assert done["duration_ms"] == pytest.approx(
+            (datetime.now(UTC) - started.replace(tzinfo=UTC)).total_seconds() * 1000, abs=60_000
+        )
+        branch = storage.branch(conv.id, "main")
+        assert (branch.head_id, branch.lease_owner, branch.lease_expires) == (reply_id, None, None)
+        info = storage.conversation(conv.id)
+        assert info.turn_count == 2 and not info.has_media
+        assert [t.id for t in storage.path(conv.id).turns] == [user_id, reply_id]
