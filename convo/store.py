@@ -805,8 +805,9 @@ class Storage:
         """On PostgreSQL, a send's turn with everything written beside it in one statement: the
         turn, the branch's new head (and lease change), the conversation's count, and the call's
         ledger row (`first_call`: a new pending row; `finish`: (call id, its start, the fields
-        that complete it)). Each statement is a round trip: a send's two transactions run 4
-        statements each instead of 7. Returns ([turn id], new call id or None)."""
+        that complete it)). Each statement is a round trip: each of a send's two transactions
+        makes 4 (BEGIN, the branch lock, this, COMMIT) instead of 7. Returns ([turn id], new
+        call id or None)."""
         ts = now()
         rows, media = self._turn_rows(conn, key, parent_id, [turn], parent_depth, ts)
         params: dict[str, Any] = {f"t_{k}": v for k, v in rows[0].items()}
