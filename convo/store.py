@@ -187,6 +187,12 @@ _NEXT_TURN_IDS = {
 }
 # A fork and an edit on PostgreSQL, where each statement is a round trip: the branch row (and
 # an edit's turn) written by data-modifying CTEs of the conversation's UPDATE.
+# A turn written by a data-modifying CTE; its parameters are the row's columns, prefixed t_.
+_PG_NEW_TURN = (
+    "new_turn AS (INSERT INTO turns (conversation_key, parent_id, role, kind, content, depth, "
+    "source_id, stop_reason, created_at) VALUES (:t_conversation_key, :t_parent_id, :t_role, "
+    ":t_kind, :t_content, :t_depth, :t_source_id, :t_stop_reason, :t_created_at) RETURNING id)"
+)
 _PG_CREATE = (
     "UPDATE conversations SET updated_at = :ts{count}, "
     "current_branch = CASE WHEN :checkout THEN :name ELSE current_branch END "
@@ -197,9 +203,7 @@ _PG_FORK = text(
     "VALUES (:key, :name, :head_id, :ts)) " + _PG_CREATE.format(count="")
 )
 _PG_EDIT = text(
-    "WITH new_turn AS (INSERT INTO turns (conversation_key, parent_id, role, kind, content, depth, "
-    "source_id, stop_reason, created_at) VALUES (:conversation_key, :parent_id, :role, :kind, "
-    ":content, :depth, :source_id, :stop_reason, :created_at) RETURNING id), "
+    f"WITH {_PG_NEW_TURN}, "
     "new_branch AS (INSERT INTO branches (conversation_key, name, head_id, created_at) "
     "SELECT :key, :name, id, :ts FROM new_turn) "
     + _PG_CREATE.format(count=", turn_count = turn_count + 1, has_media = has_media OR :media")
@@ -214,9 +218,7 @@ def _pg_turn_statement(lease: bool, new_call: bool, finished_fields: tuple[str, 
     if unknown:
         raise InvalidInput(f"unknown call fields: {sorted(unknown)}")
     ctes = [
-        "new_turn AS (INSERT INTO turns (conversation_key, parent_id, role, kind, content, depth, "
-        "source_id, stop_reason, created_at) VALUES (:t_conversation_key, :t_parent_id, :t_role, "
-        ":t_kind, :t_content, :t_depth, :t_source_id, :t_stop_reason, :t_created_at) RETURNING id)",
+        _PG_NEW_TURN,
         "moved AS (UPDATE branches SET head_id = (SELECT id FROM new_turn)"
         + (", lease_owner = :lease_owner, lease_expires = :lease_expires" if lease else "")
         + " WHERE conversation_key = :key AND name = :branch)",
@@ -810,7 +812,7 @@ class Storage:
         call id or None)."""
         ts = now()
         rows, media = self._turn_rows(conn, key, parent_id, [turn], parent_depth, ts)
-        params: dict[str, Any] = {f"t_{k}": v for k, v in rows[0].items()}
+        params = _pg_turn_params(rows[0])
         params.update(key=key, branch=branch, ts=ts, media=media, **lease)
         if first_call is not None:
             params.update(model=first_call.model, streamed=int(first_call.streamed), started_at=first_call.started_at)
@@ -1485,7 +1487,13 @@ class Branching:
         if not rows:
             self._conn.execute(_PG_FORK, {**params, "head_id": parent_id})
             return []
-        return [int(self._conn.execute(_PG_EDIT, {**rows[0], **params, "media": media}).scalar_one())]
+        params.update(_pg_turn_params(rows[0]), media=media)
+        return [int(self._conn.execute(_PG_EDIT, params).scalar_one())]
+
+
+def _pg_turn_params(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A turn row's values as the parameters of _PG_NEW_TURN."""
+    return {f"t_{k}": v for k, v in row.items()}
 
 
 def _utc(value: Any) -> Any:
