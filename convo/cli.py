@@ -590,19 +590,19 @@ def cmd_tool_result(args: argparse.Namespace) -> int:
 def cmd_db(args: argparse.Namespace) -> int:
     from convo import db
 
-    engine = db.create_engine_for(config.database_url(args.db))
+    database = db.Database(config.database_url(args.db))
     try:
         if args.db_command == "upgrade":
-            db.upgrade_schema(engine)
-            _out(f"schema at revision {db.schema_revision(engine)} (head)")
+            db.upgrade_schema(database.engine)
+            _out(f"schema at revision {db.schema_revision(database)} (head)")
         else:
-            rev = db.schema_revision(engine)
+            rev = db.schema_revision(database)
             if rev == db.HEAD:
                 _out(f"{rev} (head)")
             else:
                 _out(f"{rev or 'none'} (this convo's head is {db.HEAD}: run `convo db upgrade`)")
     finally:
-        engine.dispose()
+        database.close()
     return 0
 
 

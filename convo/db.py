@@ -1,4 +1,4 @@
-"""Engines, transactions and schema upgrades for SQLite and PostgreSQL.
+"""Connections, engines, transactions and schema upgrades for SQLite and PostgreSQL.
 
 SQLite runs in WAL mode with a busy timeout, and every write transaction starts with
 BEGIN IMMEDIATE: a deferred transaction that later tries to write can fail at once with
@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, Dialect, make_url
 
 from convo.errors import ConfigError, DatabaseUnavailable, SchemaTooNew, StoreError
 
@@ -56,8 +57,9 @@ def _prepare_sqlite_file(path: str) -> None:
         os.close(fd)
 
 
-def create_engine_for(url: str) -> Engine:
-    """An engine for a convo database URL; `sqlite:///path` or `postgresql+psycopg://...`."""
+def _parse(url: str) -> URL:
+    """A convo database URL, checked: `sqlite:///path` or `postgresql[+psycopg|+psycopg2]://...`
+    (a SQLite file is created, owner-only, if missing)."""
     try:
         parsed = make_url(url)
     except (sa_exc.ArgumentError, ValueError):  # ValueError: a non-numeric port
@@ -77,9 +79,7 @@ def create_engine_for(url: str) -> Engine:
             raise DatabaseUnavailable(
                 f"cannot create database {_redact(str(parsed))}: {e.strerror or e}"
             ) from None
-        engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-        _install_sqlite_hooks(engine)
-        return engine
+        return parsed
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
@@ -90,19 +90,141 @@ def create_engine_for(url: str) -> Engine:
                 f"{_redact(str(parsed))}: convo talks to PostgreSQL through psycopg "
                 f"(postgresql+psycopg://, or postgresql+psycopg2://), not {driver}"
             )
-        # No hstore: convo never uses it, and looking its type up costs every new engine a
-        # query (a third of a CLI command's connect time). Only the psycopg dialects take it.
+        return parsed
+    raise ConfigError(f"unsupported database {backend!r}: use sqlite or postgresql")
+
+
+class Database:
+    """One convo database: how to open a driver connection to it, and the SQLAlchemy engine
+    over those same connections, built the first time something needs one.
+
+    A Store that only reads (resume a thread, show it) never builds the engine: building one
+    and its first connect (on PostgreSQL six round trips of dialect set-up, on SQLite more time
+    than reading a short thread) is the largest part of a fresh Store's resume otherwise. Its
+    reads run on driver connections kept here, which the engine, once built, takes over as
+    its first pooled connections."""
+
+    def __init__(self, url: str) -> None:
+        self.url = _parse(url)
+        self.name = self.url.get_backend_name()
+        cls: Any = self.url.get_dialect()
         try:
-            engine = create_engine(parsed, use_native_hstore=False)
-        except sa_exc.ArgumentError as e:  # an unknown driver (NoSuchModuleError)
-            raise ConfigError(f"{_redact(str(parsed))}: {_first_line(e)}") from None
+            dbapi = cls.import_dbapi()
         except ImportError as e:  # a dialect SQLAlchemy knows whose driver is not installed
             raise ConfigError(
-                f"{_redact(str(parsed))}: its driver is not installed ({_first_line(e)})"
+                f"{_redact(str(self.url))}: its driver is not installed ({_first_line(e)})"
             ) from None
-        _install_pg_hooks(engine)
+        # No hstore: convo never uses it, and looking its type up costs every new engine a
+        # query (a third of a CLI command's connect time). Only the psycopg dialects take it.
+        self._engine_args: dict[str, Any] = (
+            {} if self.name == "sqlite" else {"use_native_hstore": False}
+        )
+        # The engine builds a dialect of its own; this one opens the connections made before
+        # it (with the same arguments) and knows the driver's errors.
+        self.dialect: Dialect = cls(dbapi=dbapi, **self._engine_args)
+        self.Error: Any = dbapi.Error  # the driver's base exception class
+        self._cargs, self._cparams = self.dialect.create_connect_args(self.url)
+        if self.name == "sqlite":
+            self._cparams["timeout"] = SQLITE_BUSY_TIMEOUT_MS / 1000
+        self._engine: Engine | None = None
+        self._idle: list[tuple[float, Any]] = []  # (since, driver connection), engine-less reads'
+        self._lock = threading.Lock()
+
+    @property
+    def engine_built(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            with self._lock:
+                if self._engine is None:
+                    self._engine = self._build_engine()
+        return self._engine
+
+    def _build_engine(self) -> Engine:
+        engine = create_engine(self.url, creator=self._pool_connection, **self._engine_args)
+        if self.name == "sqlite":
+            _install_sqlite_hooks(engine)
+        else:
+            _install_pg_hooks(engine)
         return engine
-    raise ConfigError(f"unsupported database {backend!r}: use sqlite or postgresql")
+
+    def connect(self) -> Any:
+        """A new driver connection, set up as convo uses every one (raises the driver's error)."""
+        conn = self.dialect.connect(*self._cargs, **self._cparams)
+        if self.name == "sqlite":
+            try:
+                _set_up_sqlite(conn)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def _pool_connection(self) -> Any:
+        """The engine pool's creator: a connection the reads left idle, else a new one."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                since, conn = self._idle.pop()
+            if self.name == "sqlite" or time.monotonic() - since <= PING_AFTER_IDLE_SECONDS:
+                return conn
+            try:
+                self.dialect.do_ping(conn)
+                return conn
+            except self.Error:
+                _close_quietly(conn)
+        return self.connect()
+
+    def lend(self) -> tuple[Any, Any]:
+        """(the pool's wrapper or None, a driver connection) for one Reader: the engine's
+        pooled one once the engine is built, else one kept here."""
+        if self._engine is not None:
+            proxy = self._engine.raw_connection()
+            return proxy, proxy.driver_connection
+        with self._lock:
+            if self._idle:
+                return None, self._idle.pop()[1]
+        return None, self.connect()
+
+    def give_back(self, proxy: Any, conn: Any, error: BaseException | None = None) -> None:
+        """Return what `lend` gave; with `error` (the connection is lost), throw it away and
+        the idle ones with it: a restarted server drops them all."""
+        if error is not None:
+            if proxy is not None:
+                proxy.invalidate(error)
+                proxy.close()
+            else:
+                _close_quietly(conn)
+            self.close()
+        elif proxy is not None:
+            proxy.close()
+        else:
+            with self._lock:
+                self._idle.append((time.monotonic(), conn))
+
+    def close(self) -> None:
+        """Close every connection not in use (the engine's pooled ones too)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for _since, conn in idle:
+            _close_quietly(conn)
+        if self._engine is not None:
+            # Engine.dispose would also build a new, empty pool that nothing may use.
+            self._engine.pool.dispose()
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # already gone: nothing left to release
+        pass
+
+
+def create_engine_for(url: str) -> Engine:
+    """An engine for a convo database URL (for callers that need no more than one)."""
+    return Database(url).engine
 
 
 def _enable_wal(cur: Any) -> None:
@@ -145,18 +267,18 @@ def _install_pg_hooks(engine: Engine) -> None:
             raise sa_exc.DisconnectionError(_first_line(e)) from e
 
 
-def _install_sqlite_hooks(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Let convo, not the driver, decide when a transaction starts (see the `begin` hook).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA foreign_keys = ON")
-        _enable_wal(cur)
-        cur.execute("PRAGMA synchronous = NORMAL")
-        cur.close()
+def _set_up_sqlite(conn: Any) -> None:
+    # Let convo, not the driver, decide when a transaction starts (see the `begin` hook).
+    conn.isolation_level = None
+    cur = conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA foreign_keys = ON")
+    _enable_wal(cur)
+    cur.execute("PRAGMA synchronous = NORMAL")
+    cur.close()
 
+
+def _install_sqlite_hooks(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get(_WRITE) else "BEGIN")
@@ -201,7 +323,7 @@ def _connect(engine: Engine) -> Iterator[Connection]:
 
 
 class Reader:
-    """Single-statement reads on a pooled driver connection, in autocommit.
+    """Single-statement reads on a driver connection, in autocommit.
 
     For the few fixed statements a resume runs (the schema check, the conversation lookup, the
     snapshot and the path). A fresh Store would otherwise pay for a SQLAlchemy Connection, a
@@ -211,10 +333,10 @@ class Reader:
     between (the store's path reads check what they got). A read that finds its connection
     lost (a restarted server) is run again, once, on a new one."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._dialect = engine.dialect.name
-        self._raw: Any = None
+    def __init__(self, database: Database) -> None:
+        self._db = database
+        self._proxy: Any = None  # the pool's wrapper, when the engine lent the connection
+        self._conn: Any = None
         self._cur: Any = None
         self._checkout()
 
@@ -225,54 +347,56 @@ class Reader:
         return self._run(sql, params, many=False)
 
     def _run(self, sql: str, params: Mapping[str, Any] | None, *, many: bool) -> Any:
-        sql = _paramstyle(sql, self._dialect)
+        sql = _paramstyle(sql, self._db.name)
         for retry in (False, True):
             try:
                 self._cur.execute(sql, params or {})
                 return self._cur.fetchall() if many else self._cur.fetchone()
-            except self._engine.dialect.loaded_dbapi.Error as e:
-                if retry or not self._engine.dialect.is_disconnect(e, self._raw.driver_connection, self._cur):
+            except self._db.Error as e:
+                if retry or not self._db.dialect.is_disconnect(e, self._conn, self._cur):
                     raise
-                # Its pool-mates most likely went with it (a restart drops them all): close the
-                # idle ones too, so no later checkout inherits a dead connection.
-                self._raw.invalidate(e)
-                self._raw.close()
-                self._raw = None
-                self._engine.pool.dispose()
+                proxy, conn = self._proxy, self._conn
+                self._proxy = self._conn = self._cur = None
+                self._db.give_back(proxy, conn, error=e)
                 self._checkout()
         raise AssertionError("unreachable")
 
     def _checkout(self) -> None:
         try:
-            raw = self._engine.raw_connection()
-        except (sa_exc.DBAPIError, self._engine.dialect.loaded_dbapi.Error) as e:
+            self._proxy, self._conn = self._db.lend()
+        except (sa_exc.DBAPIError, self._db.Error) as e:
             # The pool passes on the driver's own error (SQLAlchemy's, if it wrapped one).
             raise DatabaseUnavailable(
-                f"cannot open database {_redact(str(self._engine.url))}: "
+                f"cannot open database {_redact(str(self._db.url))}: "
                 f"{_first_line(getattr(e, 'orig', e))}"
             ) from None
-        self._raw = raw
         try:
-            if self._dialect == "postgresql":
+            if self._db.name == "postgresql":
                 # No BEGIN and ROLLBACK round trips around a single statement (a local
                 # setting of the connection, put back by `close`).
-                driver: Any = raw.driver_connection
-                driver.autocommit = True
-            self._cur = raw.cursor()
+                self._conn.autocommit = True
+            self._cur = self._conn.cursor()
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        raw, self._raw = self._raw, None
-        if raw is None:
+        proxy, conn, cur = self._proxy, self._conn, self._cur
+        self._proxy = self._conn = self._cur = None
+        if conn is None:
             return
-        if raw.is_valid:
-            if self._cur is not None:
-                self._cur.close()
-            if self._dialect == "postgresql" and not raw.driver_connection.closed:
-                raw.driver_connection.autocommit = False
-        raw.close()
+        if proxy is not None and not proxy.is_valid:
+            proxy.close()  # invalidated: the pool has already let it go
+            return
+        try:
+            if cur is not None:
+                cur.close()
+            if self._db.name == "postgresql":
+                conn.autocommit = False
+        except self._db.Error as e:  # lost meanwhile
+            self._db.give_back(proxy, conn, error=e)
+            return
+        self._db.give_back(proxy, conn)
 
 
 @lru_cache(maxsize=64)
@@ -284,12 +408,12 @@ def _paramstyle(sql: str, dialect: str) -> str:
 
 
 @contextmanager
-def reader(engine: Engine) -> Iterator[Reader]:
-    """A `Reader` on a connection checked out of the engine's pool, returned after."""
-    r = Reader(engine)
+def reader(database: Database) -> Iterator[Reader]:
+    """A `Reader` on one of the database's connections, returned after."""
+    r = Reader(database)
     try:
         yield r
-    except engine.dialect.loaded_dbapi.Error as e:
+    except database.Error as e:
         raise StoreError(f"database error: {_first_line(e)}") from e
     finally:
         r.close()
@@ -324,12 +448,12 @@ def _check_known(rev: str | None, url: str) -> None:
         )
 
 
-def schema_revision(engine: Engine) -> str | None:
+def schema_revision(database: Database) -> str | None:
     """The Alembic revision, in one statement on the driver (every Store opens with this)."""
-    with reader(engine) as r:
+    with reader(database) as r:
         try:
             row = r.first("SELECT version_num FROM alembic_version")
-        except engine.dialect.loaded_dbapi.Error as e:
+        except database.Error as e:
             # No such table: a database convo never touched (autocommit: nothing to undo).
             # SQLSTATE 42P01 is psycopg's e.sqlstate, psycopg2's e.pgcode.
             code = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
@@ -339,18 +463,18 @@ def schema_revision(engine: Engine) -> str | None:
     return row[0] if row else None
 
 
-def ensure_schema(engine: Engine, *, upgrade: bool) -> None:
+def ensure_schema(database: Database, *, upgrade: bool) -> None:
     """Refuse a newer schema; bring an older or empty one to head when `upgrade` is set."""
-    rev = schema_revision(engine)
-    _check_known(rev, str(engine.url))
+    rev = schema_revision(database)
+    _check_known(rev, str(database.url))
     if rev == HEAD:
         return
     if not upgrade:
         raise StoreError(
-            f"database {_redact(str(engine.url))} is at schema revision {rev or 'none'}, "
+            f"database {_redact(str(database.url))} is at schema revision {rev or 'none'}, "
             f"not {HEAD}: run `convo db upgrade`"
         )
-    upgrade_schema(engine)
+    upgrade_schema(database.engine)
 
 
 def upgrade_schema(engine: Engine, revision: str = "head") -> None:

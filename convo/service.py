@@ -135,16 +135,16 @@ class Store:
         wait_for_branch: float = WAIT_FOR_BRANCH_SECONDS,
     ) -> None:
         self.url = config.database_url(url)
-        engine = db.create_engine_for(self.url)
+        database = db.Database(self.url)
         if upgrade is None:
             # The embedded default manages itself; a shared server is upgraded on purpose.
-            upgrade = engine.dialect.name == "sqlite"
+            upgrade = database.name == "sqlite"
         try:
-            db.ensure_schema(engine, upgrade=upgrade)
+            db.ensure_schema(database, upgrade=upgrade)
         except BaseException:
-            engine.dispose()
+            database.close()
             raise
-        self.storage = Storage(engine)
+        self.storage = Storage(database)
         self._client = client
         self._owns_client = client is None
         self.prices = prices if prices is not None else load_prices()
@@ -168,9 +168,7 @@ class Store:
     def close(self) -> None:
         if self._client is not None and self._owns_client:
             self._client.close()
-        # Close the pooled connections; the engine itself goes with the Store (Engine.dispose
-        # would also build a new, empty pool that nothing will use).
-        self.storage.engine.pool.dispose()
+        self.storage.database.close()
 
     def __enter__(self) -> Store:
         return self

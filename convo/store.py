@@ -427,9 +427,14 @@ def _holder_is_dead(owner: str) -> bool:
 class Storage:
     """convo's tables, one transaction per method."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.dialect = engine.dialect.name
+    def __init__(self, database: db.Database) -> None:
+        self.database = database
+        self.dialect = database.name
+
+    @property
+    def engine(self) -> Engine:
+        """Built the first time a method needs more than `db.Reader` (see `db.Database`)."""
+        return self.database.engine
 
     # -- conversations ---------------------------------------------------------------------
 
@@ -468,7 +473,7 @@ class Storage:
 
     def conversation(self, ref: str) -> ConversationRow:
         """A conversation by full id or unique prefix."""
-        with db.reader(self.engine) as r:
+        with db.reader(self.database) as r:
             row = r.first(_CONVERSATION, {"id": ref})
             if row is None:
                 row = r.first(_CONVERSATION, {"id": self._resolve(r, ref)})
@@ -478,11 +483,11 @@ class Storage:
 
     def resolve_conversation(self, ref: str) -> str:
         """The full id of a conversation given by id or unique prefix."""
-        with db.reader(self.engine) as r:
+        with db.reader(self.database) as r:
             return self._resolve(r, ref)
 
     def most_recent(self) -> ConversationRow | None:
-        with db.reader(self.engine) as r:
+        with db.reader(self.database) as r:
             row = r.first(_MOST_RECENT)
         return _conversation_row(row) if row else None
 
@@ -624,7 +629,7 @@ class Storage:
         """A branch's (or any turn's) path from its root."""
         if head_id is None:
             return self.snapshot(conv_id, branch)[1]
-        with db.reader(self.engine) as r:
+        with db.reader(self.database) as r:
             row = r.first(_TURN_IN_CONVERSATION, {"head_id": head_id, "conv_id": conv_id})
             if row is None:
                 raise NotFound(f"no turn {head_id} in conversation {conv_id}")
@@ -638,7 +643,7 @@ class Storage:
         """A conversation and a branch's path (default: the current one) in two statements:
         what building the next request needs (`for_send`: with the store's budget)."""
         params = {"conv_id": conv_id, "branch": branch, "budget_key": STORE_BUDGET_KEY}
-        with db.reader(self.engine) as r:
+        with db.reader(self.database) as r:
             row = r.first(_SNAPSHOT_FOR_SEND if for_send else _SNAPSHOT, params)
             if row is None:
                 raise NotFound(f"no conversation with id {conv_id!r}")

@@ -40,10 +40,15 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def engine(empty_url: str) -> Iterator[Engine]:
-    e = db.create_engine_for(empty_url)
-    yield e
-    e.dispose()
+def database(empty_url: str) -> Iterator[db.Database]:
+    d = db.Database(empty_url)
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def engine(database: db.Database) -> Engine:
+    return database.engine
 
 
 def script() -> ScriptDirectory:
@@ -101,10 +106,10 @@ def test_single_head_and_it_is_the_head_convo_knows() -> None:
 # -- upgrading -----------------------------------------------------------------------------------
 
 
-def test_empty_database_upgrades_to_head_and_matches_the_models(engine: Engine) -> None:
-    assert db.schema_revision(engine) is None
+def test_empty_database_upgrades_to_head_and_matches_the_models(engine: Engine, database: db.Database) -> None:
+    assert db.schema_revision(database) is None
     db.upgrade_schema(engine)
-    assert db.schema_revision(engine) == db.HEAD
+    assert db.schema_revision(database) == db.HEAD
     assert set(schema(engine)) == MODEL_TABLES | {"alembic_version"}
     assert model_diff(engine) == []
 
@@ -118,7 +123,7 @@ def test_models_and_migrations_differ_is_detected(engine: Engine) -> None:
     assert any(d[0] == "add_index" and d[1].name == "ix_calls_started_at" for d in diff)
 
 
-def test_every_revision_down_to_base_and_up_again(engine: Engine) -> None:
+def test_every_revision_down_to_base_and_up_again(engine: Engine, database: db.Database) -> None:
     db.upgrade_schema(engine)
     head_schema = schema(engine)
     chain = list(reversed([r for r in script().walk_revisions()]))  # base first
@@ -127,26 +132,26 @@ def test_every_revision_down_to_base_and_up_again(engine: Engine) -> None:
         down = rev.down_revision
         assert down is None or isinstance(down, str)  # a straight line, no merges
         db.downgrade_schema(engine, down or "base")
-        assert db.schema_revision(engine) == down
+        assert db.schema_revision(database) == down
     assert set(schema(engine)) <= {"alembic_version"}
     with pytest.raises(StoreError):
-        db.ensure_schema(engine, upgrade=False)
+        db.ensure_schema(database, upgrade=False)
     # And up again, one at a time.
     for rev in chain:
         db.upgrade_schema(engine, rev.revision)
-        assert db.schema_revision(engine) == rev.revision
+        assert db.schema_revision(database) == rev.revision
     assert schema(engine) == head_schema
     assert model_diff(engine) == []
 
 
-def test_upgrading_twice_changes_nothing(empty_url: str, engine: Engine) -> None:
+def test_upgrading_twice_changes_nothing(empty_url: str, engine: Engine, database: db.Database) -> None:
     db.upgrade_schema(engine)
     with Store(empty_url, upgrade=True) as s:
         c = s.create("claude-sonnet-4-5", title="kept")
         c.add_user("hello")
     before = (schema(engine), data(engine))
     db.upgrade_schema(engine)
-    db.ensure_schema(engine, upgrade=True)
+    db.ensure_schema(database, upgrade=True)
     with Store(empty_url, upgrade=True) as s:
         assert [x.title for x in s.list()] == ["kept"]
     assert (schema(engine), data(engine)) == before
@@ -244,9 +249,10 @@ def test_two_processes_upgrading_at_once(empty_url: str, how: str) -> None:
     spans = _race(empty_url, how)
     # They really ran at the same time (time.monotonic is system-wide on Linux).
     assert max(b for b, _ in spans) < min(e for _, e in spans)
-    e = db.create_engine_for(empty_url)
+    d = db.Database(empty_url)
+    e = d.engine
     try:
-        assert db.schema_revision(e) == db.HEAD
+        assert db.schema_revision(d) == db.HEAD
         with e.connect() as conn:
             assert conn.execute(
                 text("SELECT version_num FROM alembic_version")
@@ -258,7 +264,7 @@ def test_two_processes_upgrading_at_once(empty_url: str, how: str) -> None:
                 assert conn.execute(text("SELECT count(*) FROM conversations")).scalar_one() == 2
                 assert conn.execute(text("SELECT count(*) FROM turns")).scalar_one() == 2
     finally:
-        e.dispose()
+        d.close()
 
 
 # -- the alembic command line ------------------------------------------------------------------------
@@ -279,19 +285,20 @@ def _alembic(*args: str) -> subprocess.CompletedProcess[str]:
 def test_alembic_command_line_from_the_repo_root(empty_url: str) -> None:
     up = _alembic("-x", f"url={empty_url}", "upgrade", "head")
     assert up.returncode == 0, up.stderr
-    e = db.create_engine_for(empty_url)
+    d = db.Database(empty_url)
+    e = d.engine
     try:
-        assert db.schema_revision(e) == db.HEAD
+        assert db.schema_revision(d) == db.HEAD
         assert model_diff(e) == []
         current = _alembic("-x", f"url={empty_url}", "current")
         assert current.returncode == 0, current.stderr
         assert db.HEAD in current.stdout
         down = _alembic("-x", f"url={empty_url}", "downgrade", "base")
         assert down.returncode == 0, down.stderr
-        assert db.schema_revision(e) is None
+        assert db.schema_revision(d) is None
         assert set(schema(e)) <= {"alembic_version"}
     finally:
-        e.dispose()
+        d.close()
 
 
 def test_alembic_command_line_uses_convo_database_url(tmp_path: Path) -> None:
@@ -307,11 +314,11 @@ def test_alembic_command_line_uses_convo_database_url(tmp_path: Path) -> None:
         env=env,
     )
     assert done.returncode == 0, done.stderr
-    e = db.create_engine_for(f"sqlite:///{target}")
+    d = db.Database(f"sqlite:///{target}")
     try:
-        assert db.schema_revision(e) == db.HEAD
+        assert db.schema_revision(d) == db.HEAD
     finally:
-        e.dispose()
+        d.close()
 
 
 # -- data carried across 0003 (integer keys) -------------------------------------------------------

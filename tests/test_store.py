@@ -749,6 +749,105 @@ def test_a_write_on_a_connection_the_server_dropped_fails_once_and_writes_nothin
         assert [t.content[0]["text"] for t in conv.turns()] == ["hello", "hi", "appended after the drop"]
 
 
+def _texts(conv: Conversation) -> list[str]:
+    return [t.content[0]["text"] for t in conv.turns()]
+
+
+def test_a_store_that_only_reads_builds_no_engine_and_hands_its_connection_to_the_first_write(
+    db_url: str,
+) -> None:
+    with Store(db_url) as setup:
+        conv = setup.create(MODEL)
+        conv.add_user("hello")
+        conv.add_assistant("hi")
+    store = Store(db_url)
+    try:
+        database = store.storage.database
+        body = store.get(conv.id).request("next")
+        assert [m["content"][-1]["text"] for m in body["messages"]] == ["hello", "hi", "next"]
+        assert not database.engine_built
+        [(_since, reads_connection)] = database._idle  # one connection served every read
+        store.get(conv.id).add_user("a write")
+        assert database.engine_built
+        assert database._idle == []
+        with store.storage.engine.connect() as c:
+            # The engine took the reads' connection over, set up as every convo connection is.
+            assert c.connection.driver_connection is reads_connection
+            if database.name == "sqlite":
+                assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+                assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            else:
+                assert reads_connection.autocommit is False  # the Reader put it back
+        assert _texts(store.get(conv.id)) == ["hello", "hi", "a write"]
+        store.storage.delete_conversation(conv.id)  # the cascade needs SQLite's foreign keys on
+        with store.storage.engine.connect() as c:
+            assert c.execute(select(func.count()).select_from(Turn)).scalar() == 0
+    finally:
+        store.close()
+    assert database._idle == []
+
+
+def test_reads_from_many_threads_on_one_store_each_run_on_a_connection_of_their_own(db_url: str) -> None:
+    import threading
+
+    with Store(db_url) as setup:
+        conv = setup.create(MODEL)
+        for i in range(3):
+            conv.add_user(f"q{i}")
+            conv.add_assistant(f"a{i}")
+    want = [f"{r}{i}" for i in range(3) for r in "qa"] + ["next"]
+    with Store(db_url) as store:
+        got: list[list[str]] = []
+        failures: list[BaseException] = []
+        start = threading.Barrier(6)
+
+        def work() -> None:
+            start.wait()
+            try:
+                for _ in range(15):
+                    body = store.get(conv.id).request("next")
+                    got.append([m["content"][-1]["text"] for m in body["messages"]])
+            except BaseException as e:  # reported below, with the thread's own error
+                failures.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failures == []
+        assert got == [want] * 90
+        assert not store.storage.database.engine_built
+        assert 1 <= len(store.storage.database._idle) <= 6
+
+
+def test_a_read_only_store_survives_its_postgresql_connection_being_dropped(
+    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Store(fresh_pg_url, upgrade=True) as setup:
+        conv = setup.create(MODEL)
+        conv.add_user("hello")
+    with Store(fresh_pg_url) as store:
+        database = store.storage.database
+        assert _texts(store.get(conv.id)) == ["hello"]
+        first = database._idle[0][1].info.backend_pid
+        _terminate(fresh_pg_url, first)
+        # A read finds it dropped and runs again on a new connection.
+        assert _texts(store.get(conv.id)) == ["hello"]
+        assert not database.engine_built
+        second = database._idle[0][1].info.backend_pid
+        assert second != first
+        # The first write builds the engine, which pings the idle connection it takes over
+        # (idle "long enough") and replaces it: the write goes through.
+        _terminate(fresh_pg_url, second)
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.0)
+        time.sleep(0.01)
+        store.storage.update_conversation(conv.id, title="written after the drop")
+        assert database.engine_built
+        assert store.get(conv.id).info.title == "written after the drop"
+        assert _backend_pid(store) not in (first, second)
+
+
 # -- integrity and hostile text ------------------------------------------------------------------------
 
 HOSTILE = [
