@@ -37,7 +37,6 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from convo import db
 from convo.content import BlobData, blob_refs, extract_blobs
@@ -130,11 +129,25 @@ _UPDATE_CALL = update(K).where(K.c.id == bindparam("w_id"))
 _INSERT_CALL = insert(K).returning(K.c.id)
 # The branch row to write at, with the conversation's key: one lookup by public id and name.
 _LOCK_BRANCH = (
-    select(B.c.head_id, B.c.lease_owner, B.c.lease_expires, B.c.conversation_key)
-    .join(C, C.c.key == B.c.conversation_key)
-    .where(C.c.id == bindparam("conv_id"), B.c.name == bindparam("branch"))
+    "SELECT b.head_id, b.lease_owner, b.lease_expires, b.conversation_key "
+    "FROM branches b JOIN conversations c ON c.key = b.conversation_key "
+    "WHERE c.id = :conv_id AND b.name = :branch"
 )
-_LOCK_BRANCH_FOR_UPDATE = _LOCK_BRANCH.with_for_update(of=B)
+_LOCK_BRANCH_FOR_UPDATE = _LOCK_BRANCH + " FOR UPDATE OF b"
+# The pending calls of a branch whose lease holder died: they will never finish.
+_ABANDON_CALLS = (
+    "UPDATE calls SET status = 'abandoned', error_type = 'abandoned', "
+    "error_message = 'the sending process died before the call finished' "
+    "WHERE conversation_key = :key AND branch = :branch AND status = 'pending'"
+)
+_KEY_SQL = "SELECT key FROM conversations WHERE id = :conv_id"
+_DEPTH_SQL = "SELECT depth FROM turns WHERE id = :id"
+_STARTED_SQL = "SELECT started_at FROM calls WHERE id = :id"
+# A blob is stored once, whoever wrote it first (the same statement on both engines).
+_INSERT_BLOB = (
+    "INSERT INTO blobs (sha256, media_type, size, data, created_at) "
+    "VALUES (:sha256, :media_type, :size, :data, :created_at) ON CONFLICT (sha256) DO NOTHING"
+)
 _PARENT = T.alias("parent")
 # A turn by id, with the public id of its conversation (to tell "not here" from "not at all")
 # and its parent's columns: an edit or fork checks the turns back to the nearest assistant
@@ -187,12 +200,14 @@ _NEXT_TURN_IDS = {
 }
 # A fork and an edit on PostgreSQL, where each statement is a round trip: the branch row (and
 # an edit's turn) written by data-modifying CTEs of the conversation's UPDATE.
-# A turn written by a data-modifying CTE; its parameters are the row's columns, prefixed t_.
-_PG_NEW_TURN = (
-    "new_turn AS (INSERT INTO turns (conversation_key, parent_id, role, kind, content, depth, "
-    "source_id, stop_reason, created_at) VALUES (:t_conversation_key, :t_parent_id, :t_role, "
-    ":t_kind, :t_content, :t_depth, :t_source_id, :t_stop_reason, :t_created_at) RETURNING id)"
+# A turn's INSERT; its parameters are the row's columns, prefixed t_ (see _turn_params).
+_INSERT_TURN_SQL = (
+    "INSERT INTO turns (conversation_key, parent_id, role, kind, content, depth, source_id, "
+    "stop_reason, created_at) VALUES (:t_conversation_key, :t_parent_id, :t_role, :t_kind, "
+    ":t_content, :t_depth, :t_source_id, :t_stop_reason, :t_created_at) RETURNING id"
 )
+# The same turn written by a data-modifying CTE.
+_PG_NEW_TURN = f"new_turn AS ({_INSERT_TURN_SQL})"
 _PG_CREATE = (
     "UPDATE conversations SET updated_at = :ts{count}, "
     "current_branch = CASE WHEN :checkout THEN :name ELSE current_branch END "
@@ -212,35 +227,43 @@ _PG_EDIT = text(
 
 
 @lru_cache(maxsize=16)
-def _pg_turn_statement(lease: bool, new_call: bool, finished_fields: tuple[str, ...]) -> Any:
-    """The statement of `Storage._write_one_turn`; one per shape, built once."""
+@lru_cache(maxsize=64)
+def _one_turn_sql(dialect: str, lease: bool, new_call: bool, finished_fields: tuple[str, ...]) -> tuple[str, ...]:
+    """The statements of `Storage._write_one_turn`, one set per shape, built once.
+
+    PostgreSQL runs them as one statement of data-modifying CTEs (each statement there is a
+    round trip); SQLite, which has none, runs them in a row, the turn's id bound as :turn_id."""
     unknown = set(finished_fields) - (set(K.c.keys()) - {"id", "reply_id"})
     if unknown:
         raise InvalidInput(f"unknown call fields: {sorted(unknown)}")
-    ctes = [
-        _PG_NEW_TURN,
-        "moved AS (UPDATE branches SET head_id = (SELECT id FROM new_turn)"
-        + (", lease_owner = :lease_owner, lease_expires = :lease_expires" if lease else "")
-        + " WHERE conversation_key = :key AND name = :branch)",
-        "counted AS (UPDATE conversations SET updated_at = :ts, turn_count = turn_count + 1, "
-        "has_media = has_media OR :media WHERE key = :key)",
+    pg = dialect == "postgresql"
+    turn = "(SELECT id FROM new_turn)" if pg else ":turn_id"
+    writes = [
+        ("moved", f"UPDATE branches SET head_id = {turn}"
+         + (", lease_owner = :lease_owner, lease_expires = :lease_expires" if lease else "")
+         + " WHERE conversation_key = :key AND name = :branch"),
+        ("counted", "UPDATE conversations SET updated_at = :ts, turn_count = turn_count + 1, "
+         "has_media = has_media OR :media WHERE key = :key"),
     ]
-    call = "NULL"
     if new_call:
-        ctes.append(
-            "new_call AS (INSERT INTO calls (conversation_key, branch, turn_id, attempt, model, "
-            "streamed, status, started_at, input_tokens, output_tokens, "
-            "cache_creation_input_tokens, cache_read_input_tokens) SELECT :key, :branch, id, 0, "
-            ":model, :streamed, 'pending', :started_at, 0, 0, 0, 0 FROM new_turn RETURNING id)"
-        )
-        call = "(SELECT id FROM new_call)"
+        writes.append((
+            "new_call",
+            "INSERT INTO calls (conversation_key, branch, turn_id, attempt, model, streamed, status, "
+            "started_at, input_tokens, output_tokens, cache_creation_input_tokens, "
+            "cache_read_input_tokens) "
+            + ("SELECT :key, :branch, id, " if pg else "VALUES (:key, :branch, :turn_id, ")
+            + "0, :model, :streamed, 'pending', :started_at, 0, 0, 0, 0"
+            + (" FROM new_turn" if pg else ")")
+            + " RETURNING id",
+        ))
     if finished_fields:
         sets = "".join(f", {k} = :f_{k}" for k in finished_fields)
-        ctes.append(
-            f"finished AS (UPDATE calls SET reply_id = (SELECT id FROM new_turn){sets} "
-            "WHERE id = :call_id)"
-        )
-    return text("WITH " + ", ".join(ctes) + f" SELECT (SELECT id FROM new_turn), {call}")
+        writes.append(("finished", f"UPDATE calls SET reply_id = {turn}{sets} WHERE id = :call_id"))
+    if not pg:
+        return (_INSERT_TURN_SQL, *(sql for _, sql in writes))
+    ctes = [_PG_NEW_TURN] + [f"{name} AS ({sql})" for name, sql in writes]
+    call = "(SELECT id FROM new_call)" if new_call else "NULL"
+    return ("WITH " + ", ".join(ctes) + f" SELECT (SELECT id FROM new_turn), {call}",)
 
 
 # A thread is read with one range scan when it has at most this many turns per turn on the
@@ -769,18 +792,17 @@ class Storage:
             if owner is not None and hold is not None
             else {}
         )
+        if len(turns) == 1:  # a send's turn, or any one turn: on the driver (see db.Writer)
+            with db.writer(self.database) as w:
+                head, key = self._lock_branch(w, conv_id, branch, owner)
+                _check_head(branch, head, expected_head)
+                return self._write_one_turn(
+                    w, key, branch, head, turns[0], head_depth, lease, first_call=first_call
+                )
         call_id = None
         with db.write(self.engine) as conn:
-            head, key = self._lock_branch(conn, conv_id, branch, owner)
-            if head != expected_head:
-                raise Conflict(
-                    f"branch {branch!r} moved (head is now {head}, expected {expected_head}): "
-                    "another writer got there first; reload and try again"
-                )
-            if self.dialect == "postgresql" and len(turns) == 1:
-                return self._write_one_turn(
-                    conn, key, branch, head, turns[0], head_depth, lease, first_call=first_call
-                )
+            head, key = self._lock_branch(db.OnConnection(conn), conv_id, branch, owner)
+            _check_head(branch, head, expected_head)
             ids = self._insert_turns(conn, key, branch, head, turns, head_depth, lease)
             if lease and not ids:
                 conn.execute(_MOVE_HEAD, {"w_conv": key, "w_branch": branch, **lease})
@@ -798,7 +820,7 @@ class Storage:
 
     def _write_one_turn(
         self,
-        conn: Connection,
+        w: db.Writer,
         key: int,
         branch: str,
         parent_id: int | None,
@@ -809,15 +831,15 @@ class Storage:
         first_call: FirstCall | None = None,
         finish: tuple[int, datetime, Mapping[str, Any]] | None = None,
     ) -> tuple[list[int], int | None]:
-        """On PostgreSQL, a send's turn with everything written beside it in one statement: the
-        turn, the branch's new head (and lease change), the conversation's count, and the call's
-        ledger row (`first_call`: a new pending row; `finish`: (call id, its start, the fields
-        that complete it)). Each statement is a round trip: each of a send's two transactions
-        makes 4 (BEGIN, the branch lock, this, COMMIT) instead of 7. Returns ([turn id], new
-        call id or None)."""
+        """A turn with everything written beside it: the branch's new head (and lease change),
+        the conversation's count, and the call's ledger row (`first_call`: a new pending row;
+        `finish`: (call id, its start, the fields that complete it)). One statement on
+        PostgreSQL, where each is a round trip: each of a send's two transactions makes 4
+        (BEGIN, the branch lock, this, COMMIT) instead of 7. Returns ([turn id], new call id
+        or None)."""
         ts = now()
-        rows, media = self._turn_rows(conn, key, parent_id, [turn], parent_depth, ts)
-        params = _pg_turn_params(rows[0])
+        rows, media = self._turn_rows(w, key, parent_id, [turn], parent_depth, ts)
+        params = _turn_params(rows[0])
         params.update(key=key, branch=branch, ts=ts, media=media, **lease)
         if first_call is not None:
             params.update(model=first_call.model, streamed=int(first_call.streamed), started_at=first_call.started_at)
@@ -830,35 +852,39 @@ class Storage:
             done.update((k, v) for k, v in fields.items() if k != "reply_id")
             params.update({f"f_{k}": v for k, v in done.items()}, call_id=call_id)
             calls = tuple(sorted(done))
-        stmt = _pg_turn_statement(bool(lease), first_call is not None, calls)
-        # A text() statement binds values as they are: naive datetimes are UTC, as the
-        # Timestamp column type would have them, not the session's time zone.
-        turn_id, new_call = conn.execute(stmt, {k: _utc(v) for k, v in params.items()}).one()
-        return [int(turn_id)], None if new_call is None else int(new_call)
+        insert_turn, *writes = _one_turn_sql(self.dialect, bool(lease), first_call is not None, calls)
+        row = w.first(insert_turn, params)
+        if not writes:  # PostgreSQL: the one statement wrote them all
+            return [int(row[0])], None if row[1] is None else int(row[1])
+        params["turn_id"] = row[0]
+        new_call = None
+        if first_call is not None:
+            *writes, insert_call = writes
+        for sql in writes:
+            w.run(sql, params)
+        if first_call is not None:
+            new_call = int(w.first(insert_call, params)[0])
+        return [int(row[0])], new_call
 
     def _lock_branch(
-        self, conn: Connection, conv_id: str, branch: str, owner: str | None
+        self, x: db.Writer | db.OnConnection, conv_id: str, branch: str, owner: str | None
     ) -> tuple[int | None, int]:
         """The branch's head and the conversation's key, the branch row locked for writing."""
         q = _LOCK_BRANCH_FOR_UPDATE if self.dialect == "postgresql" else _LOCK_BRANCH
-        row = conn.execute(q, {"conv_id": conv_id, "branch": branch}).first()
+        row = x.first(q, {"conv_id": conv_id, "branch": branch})
         if row is None:
-            self._key(conn, conv_id)  # NotFound for the conversation itself, if that is it
+            if x.first(_KEY_SQL, {"conv_id": conv_id}) is None:
+                raise NotFound(f"no conversation with id {conv_id!r}")
             raise NotFound(f"no branch {branch!r} in conversation {conv_id}")
         head, holder, expires, key = row
         if holder and holder != owner:
-            if expires is not None and expires > now() and not _holder_is_dead(holder):
+            if expires is not None and instant(expires) > now() and not _holder_is_dead(holder):
                 raise Conflict(
                     f"branch {branch!r} is busy: another send on it has not finished"
                 )
             # The holder died or its lease ran out: the calls it left pending will never
             # finish. Say so in the ledger rather than leave them pending forever.
-            conn.execute(
-                update(K)
-                .where(K.c.conversation_key == key, K.c.branch == branch, K.c.status == "pending")
-                .values(status="abandoned", error_type="abandoned",
-                        error_message="the sending process died before the call finished")
-            )
+            x.run(_ABANDON_CALLS, {"key": key, "branch": branch})
         return head, key
 
     def _insert_turns(
@@ -896,7 +922,7 @@ class Storage:
     ) -> tuple[list[int], bool]:
         """Insert turns (and their blobs) as a chain under `parent_id`; their ids, and whether
         any of them holds an image or document."""
-        rows, media = self._turn_rows(conn, conv_key, parent_id, turns, parent_depth, ts)
+        rows, media = self._turn_rows(db.OnConnection(conn), conv_key, parent_id, turns, parent_depth, ts)
         if not rows:
             return [], False
         if len(rows) == 1:  # a send's turn: the database numbers it
@@ -910,7 +936,7 @@ class Storage:
 
     def _turn_rows(
         self,
-        conn: Connection,
+        x: db.Writer | db.OnConnection,
         conv_key: int,
         parent_id: int | None,
         turns: Sequence[NewTurn],
@@ -923,11 +949,13 @@ class Storage:
             return [], False
         depth = -1
         if parent_id is not None:
-            depth = (
-                parent_depth
-                if parent_depth is not None
-                else conn.execute(select(T.c.depth).where(T.c.id == parent_id)).scalar_one()
-            )
+            if parent_depth is not None:
+                depth = parent_depth
+            else:
+                found = x.first(_DEPTH_SQL, {"id": parent_id})
+                if found is None:
+                    raise NotFound(f"no turn with id {parent_id!r}")
+                depth = int(found[0])
         rows = []
         blobs: dict[str, BlobData] = {}
         for t in turns:
@@ -949,7 +977,7 @@ class Storage:
                 }
             )
         if blobs:
-            self._insert_blobs(conn, blobs.values(), ts)
+            self._insert_blobs(x, blobs.values(), ts)
         return rows, bool(blobs)
 
     def _next_turn_ids(self, conn: Connection, n: int) -> list[int]:
@@ -960,13 +988,12 @@ class Storage:
             return list(range(last + 1, last + n + 1))
         return [int(v) for v in conn.execute(_NEXT_TURN_IDS["postgresql"], {"n": n}).scalars()]
 
-    def _insert_blobs(self, conn: Connection, blobs: Iterable[BlobData], ts: datetime) -> None:
-        values = [
-            {"sha256": b.sha256, "media_type": b.media_type, "size": len(b.data), "data": b.data, "created_at": ts}
-            for b in blobs
-        ]
-        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        conn.execute(dialect_insert(BL).on_conflict_do_nothing(index_elements=["sha256"]), values)
+    def _insert_blobs(self, x: db.Writer | db.OnConnection, blobs: Iterable[BlobData], ts: datetime) -> None:
+        for b in blobs:
+            x.run(
+                _INSERT_BLOB,
+                {"sha256": b.sha256, "media_type": b.media_type, "size": len(b.data), "data": b.data, "created_at": ts},
+            )
 
     def renew_lease(self, conv_id: str, branch: str, owner: str, hold: timedelta) -> None:
         """Extend a lease this owner holds (a long call must not lose its branch)."""
@@ -1019,7 +1046,7 @@ class Storage:
             current = conn.execute(select(C.c.current_branch).where(C.c.id == conv_id)).scalar_one()
             if current == name:
                 raise InvalidInput(f"branch {name!r} is checked out: check out another one first")
-            _, key = self._lock_branch(conn, conv_id, name, None)  # NotFound, or Conflict while in use
+            _, key = self._lock_branch(db.OnConnection(conn), conv_id, name, None)  # NotFound, or Conflict while in use
             conn.execute(delete(B).where(B.c.conversation_key == key, B.c.name == name))
 
     def _free_branch_name(self, conn: Connection, conv_key: int, prefix: str) -> str:
@@ -1129,25 +1156,22 @@ class Storage:
     ) -> int:
         """Store a reply, move the head, release the lease and complete its call row: all or
         nothing."""
-        with db.write(self.engine) as conn:
-            head, key = self._lock_branch(conn, conv_id, branch, owner)
+        release = {"lease_owner": None, "lease_expires": None} if owner is not None else {}
+        with db.writer(self.database) as w:
+            head, key = self._lock_branch(w, conv_id, branch, owner)
             if head != parent_id:
                 raise Conflict(
                     f"branch {branch!r} moved while waiting for the reply; the reply was not stored"
                 )
-            release = {"lease_owner": None, "lease_expires": None} if owner is not None else {}
-            if self.dialect == "postgresql":
-                if started_at is None:
-                    started_at = conn.execute(select(K.c.started_at).where(K.c.id == call_id)).scalar_one()
-                (reply_id,), _ = self._write_one_turn(
-                    conn, key, branch, parent_id, reply, parent_depth, release,
-                    finish=(call_id, started_at, fields),
-                )
-                return reply_id
-            (reply_id,) = self._insert_turns(
-                conn, key, branch, parent_id, [reply], parent_depth, release
+            if started_at is None:
+                found = w.first(_STARTED_SQL, {"id": call_id})
+                if found is None:
+                    raise NotFound(f"no call with id {call_id}")
+                started_at = instant(found[0])
+            (reply_id,), _ = self._write_one_turn(
+                w, key, branch, parent_id, reply, parent_depth, release,
+                finish=(call_id, started_at, fields),
             )
-            self._finish_call(conn, call_id, {**fields, "reply_id": reply_id}, started_at)
         return reply_id
 
     def calls(self, conv_id: str) -> list[dict[str, Any]]:
@@ -1317,7 +1341,7 @@ class Storage:
                 .returning(C.c.key)
             ).scalar_one()
             if blobs:
-                self._insert_blobs(conn, blobs.values(), ts)
+                self._insert_blobs(db.OnConnection(conn), blobs.values(), ts)
             ids = dict(zip((r["old"] for r in rows), self._next_turn_ids(conn, len(rows)), strict=True))
             if rows:
                 conn.execute(
@@ -1487,18 +1511,26 @@ class Branching:
     ) -> list[int]:
         """`create` on PostgreSQL for a fork or an edit: the new turn, the branch row and the
         conversation's update in one statement, one round trip instead of three."""
-        rows, media = self._s._turn_rows(self._conn, key, parent_id, turns, parent_depth, ts)
+        rows, media = self._s._turn_rows(db.OnConnection(self._conn), key, parent_id, turns, parent_depth, ts)
         params = {"key": key, "name": name, "ts": ts, "checkout": checkout}  # ts: aware (now())
         if not rows:
             self._conn.execute(_PG_FORK, {**params, "head_id": parent_id})
             return []
-        params.update(_pg_turn_params(rows[0]), media=media)
+        params.update(_turn_params(rows[0]), media=media)
         return [int(self._conn.execute(_PG_EDIT, params).scalar_one())]
 
 
-def _pg_turn_params(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A turn row's values as the parameters of _PG_NEW_TURN."""
+def _turn_params(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A turn row's values as the parameters of _INSERT_TURN_SQL."""
     return {f"t_{k}": v for k, v in row.items()}
+
+
+def _check_head(branch: str, head: int | None, expected: int | None) -> None:
+    if head != expected:
+        raise Conflict(
+            f"branch {branch!r} moved (head is now {head}, expected {expected}): "
+            "another writer got there first; reload and try again"
+        )
 
 
 def _utc(value: Any) -> Any:

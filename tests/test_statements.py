@@ -4,9 +4,9 @@ The benchmark (benchmarks/) measures time; these tests pin the design the time r
 reads a thread in a fixed handful of statements, fork and edit write a fixed handful whatever the
 depth, and a send's statements do not grow with the thread. A change that adds a query per turn,
 or one more round trip to every resume, fails here before it shows up as a slower benchmark.
-Statements are counted as SQLAlchemy sends them and as `db.Reader` (the resume path's reads
-straight on the driver) sends them; transaction control (BEGIN, COMMIT) and the connection's own
-PRAGMAs are not statements about data and are left out.
+Statements are counted as SQLAlchemy sends them and as `db.Reader` and `db.Writer` (a resume's
+reads and a send's writes, straight on the driver) send them; transaction control (BEGIN,
+COMMIT) and the connection's own PRAGMAs are not statements about data and are left out.
 """
 
 from __future__ import annotations
@@ -37,19 +37,19 @@ def counted() -> Iterator[list[str]]:
             seen.append(" ".join(statement.split()))
 
     def reading(method: Any) -> Any:
-        def run(self: Reader, sql: str, params: Any = None) -> Any:
+        def run(self: Reader, sql: str, params: Any, **kw: Any) -> Any:
             hook(None, None, sql)
-            return method(self, sql, params)
+            return method(self, sql, params, **kw)
 
         return run
 
-    plain = Reader.all, Reader.first
+    plain = Reader._run
     event.listen(Engine, "before_cursor_execute", hook)
-    Reader.all, Reader.first = reading(Reader.all), reading(Reader.first)  # type: ignore[method-assign]
+    Reader._run = reading(Reader._run)  # type: ignore[method-assign]
     try:
         yield seen
     finally:
-        Reader.all, Reader.first = plain  # type: ignore[method-assign]
+        Reader._run = plain  # type: ignore[method-assign]
         event.remove(Engine, "before_cursor_execute", hook)
 
 

@@ -753,7 +753,7 @@ def _texts(conv: Conversation) -> list[str]:
     return [t.content[0]["text"] for t in conv.turns()]
 
 
-def test_a_store_that_only_reads_builds_no_engine_and_hands_its_connection_to_the_first_write(
+def test_reads_and_one_turn_appends_build_no_engine_and_other_writes_take_their_connection_over(
     db_url: str,
 ) -> None:
     with Store(db_url) as setup:
@@ -767,7 +767,10 @@ def test_a_store_that_only_reads_builds_no_engine_and_hands_its_connection_to_th
         assert [m["content"][-1]["text"] for m in body["messages"]] == ["hello", "hi", "next"]
         assert not database.engine_built
         [(_since, reads_connection)] = database._idle  # one connection served every read
-        store.get(conv.id).add_user("a write")
+        store.get(conv.id).add_user("a write")  # one turn: written on the driver too
+        assert not database.engine_built
+        assert [c for _, c in database._idle] == [reads_connection]
+        store.storage.update_conversation(conv.id, title="through SQLAlchemy")
         assert database.engine_built
         assert database._idle == []
         with store.storage.engine.connect() as c:
@@ -779,6 +782,7 @@ def test_a_store_that_only_reads_builds_no_engine_and_hands_its_connection_to_th
             else:
                 assert reads_connection.autocommit is False  # the Reader put it back
         assert _texts(store.get(conv.id)) == ["hello", "hi", "a write"]
+        assert store.get(conv.id).info.title == "through SQLAlchemy"
         store.storage.delete_conversation(conv.id)  # the cascade needs SQLite's foreign keys on
         with store.storage.engine.connect() as c:
             assert c.execute(select(func.count()).select_from(Turn)).scalar() == 0
@@ -846,6 +850,105 @@ def test_a_read_only_store_survives_its_postgresql_connection_being_dropped(
         assert database.engine_built
         assert store.get(conv.id).info.title == "written after the drop"
         assert _backend_pid(store) not in (first, second)
+
+
+def _state(store: Store, conv_id: str) -> tuple[Any, ...]:
+    """Everything a one-turn write touches: turns, head and lease, count, ledger rows."""
+    with store.storage.engine.connect() as c:
+        turns = c.execute(text("SELECT count(*) FROM turns")).scalar()
+        branch = c.execute(text("SELECT head_id, lease_owner, lease_expires FROM branches")).all()
+        conv = c.execute(text("SELECT turn_count, updated_at FROM conversations")).all()
+        calls = c.execute(text("SELECT id, status FROM calls")).all()
+    return turns, branch, conv, calls
+
+
+def test_a_one_turn_write_that_fails_part_way_leaves_nothing_written(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Store(db_url) as setup:
+        conv_id = setup.create(MODEL).id
+        setup.get(conv_id).add_user("hello")
+        before = _state(setup, conv_id)
+    # A fresh Store: the write runs on a connection of its own, not the engine pool's (which
+    # would roll back whatever a connection brings back).
+    store = Store(db_url)
+    conv = store.get(conv_id)
+    failure = store.storage.database.dialect.loaded_dbapi.OperationalError("injected: disk full")
+    real_run = db.Writer._run
+    seen: list[str] = []
+
+    def failing(self: db.Writer, sql: str, params: Any, **kw: Any) -> Any:
+        seen.append(sql)
+        if len(seen) == 3:  # the lock and the turn written (SQLite: its head too); then this
+            raise failure
+        return real_run(self, sql, params, **kw)
+
+    monkeypatch.setattr(db.Writer, "_run", failing)
+    with pytest.raises(StoreError) as exc:
+        conv.add_assistant("never stored")
+    assert str(exc.value) == "database error: injected: disk full"
+    assert len(seen) == 3
+    monkeypatch.setattr(db.Writer, "_run", real_run)
+    try:
+        assert _texts(store.get(conv.id)) == ["hello"]
+        conv.add_assistant("stored")  # on the connection that failed: no transaction left open
+        assert not store.storage.database.engine_built
+    finally:
+        store.close()
+    with Store(db_url) as other:
+        assert _texts(other.get(conv_id)) == ["hello", "stored"]
+        turns, _branch, [(count, _updated)], calls = _state(other, conv_id)
+        assert (turns, count, calls) == (before[0] + 1, before[2][0][0] + 1, [])
+
+
+def test_a_one_turn_write_whose_postgresql_connection_dropped_runs_again_on_a_new_one(
+    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Store(fresh_pg_url, upgrade=True) as store:
+        conv = store.create(MODEL)
+        conv.add_user("hello")
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)  # back a moment ago: no ping
+        engine = store.storage.engine
+        head = store.get(conv.id).turns()[-1].id
+        raws = [engine.raw_connection() for _ in range(3)]
+        pids = [r.driver_connection.info.backend_pid for r in raws]  # type: ignore[union-attr]
+        for r in raws:
+            r.close()
+        for pid in pids:  # every pooled connection: the write cannot miss a dropped one
+            _terminate(fresh_pg_url, pid)
+        # Nothing was written when the branch lock found the connection gone: run it again.
+        # (Storage directly: the service reads first, and that read would clear the pool.)
+        turn = NewTurn("assistant", "synthetic", [{"type": "text", "text": "after the drop"}])
+        store.storage.append(conv.id, "main", head, [turn])
+        assert _texts(store.get(conv.id)) == ["hello", "after the drop"]
+        assert _backend_pid(store) not in pids
+
+
+def test_a_one_turn_write_whose_postgresql_connection_drops_after_it_began_writes_nothing(
+    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Store(fresh_pg_url, upgrade=True) as store:
+        conv = store.create(MODEL)
+        conv.add_user("hello")
+        before = _state(store, conv.id)
+        real_run = db.Writer._run
+        calls: list[str] = []
+
+        def dropping(self: db.Writer, sql: str, params: Any, **kw: Any) -> Any:
+            calls.append(sql)
+            if len(calls) == 2:  # the branch is locked: the server goes away now
+                _terminate(fresh_pg_url, self._conn.info.backend_pid)
+            return real_run(self, sql, params, **kw)
+
+        monkeypatch.setattr(db.Writer, "_run", dropping)
+        with pytest.raises(StoreError) as exc:
+            conv.add_assistant("lost with the connection")
+        assert "\n" not in str(exc.value)
+        assert len(calls) == 2  # not run again: the transaction had begun
+        monkeypatch.setattr(db.Writer, "_run", real_run)
+        assert _state(store, conv.id) == before
+        conv.add_assistant("after")
+        assert _texts(store.get(conv.id)) == ["hello", "after"]
 
 
 # -- integrity and hostile text ------------------------------------------------------------------------
