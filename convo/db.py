@@ -438,7 +438,7 @@ class Writer(Reader):
 
     def _run(self, sql: str, params: Mapping[str, Any] | None, *, many: bool | None) -> Any:
         if params:
-            params = {k: _bindable(v, self._db.name) for k, v in params.items()}
+            params = _bound(params, self._db.name)
         result = super()._run(sql, params, many=many)
         self._done = True
         return result
@@ -494,17 +494,19 @@ class OnConnection:
     def _execute(self, sql: str, params: Mapping[str, Any] | None) -> Any:
         d = self._dialect
         return self._conn.exec_driver_sql(
-            _paramstyle(sql, d), {k: _bindable(v, d) for k, v in (params or {}).items()}
+            _paramstyle(sql, d), _bound(params or {}, d)
         )
 
 
-def _bindable(value: Any, dialect: str) -> Any:
-    """A value as the Timestamp column type binds it: an instant in UTC, as integer
-    microseconds on SQLite (a naive datetime is UTC)."""
-    if isinstance(value, datetime):
-        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        return to_micros(value) if dialect == "sqlite" else value
-    return value
+def _bound(params: Mapping[str, Any], dialect: str) -> dict[str, Any]:
+    """Parameters as the Timestamp column type binds them: instants in UTC, as integer
+    microseconds on SQLite (a naive datetime is UTC). Everything else as it is."""
+    return {k: _instant(v, dialect) if isinstance(v, datetime) else v for k, v in params.items()}
+
+
+def _instant(value: datetime, dialect: str) -> Any:
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return to_micros(value) if dialect == "sqlite" else value
 
 
 @lru_cache(maxsize=64)
