@@ -373,10 +373,11 @@ def resume(engine: str, case: Case, cid: str, ds: Dataset, n: int, runs: int, wa
 def resume_diagnostics(engine: str, case: Case, cid: str, n: int, runs: int, warmup: int, rec: Recorder,
                        check: Callable[[str], Callable[[Any, int], None]]) -> None:
     """Where a fresh-store resume's time goes, in the same run (diagnostics, no targets):
-    - "Store kept open": convo's own per-resume work, a Store (and so its engine and pool)
+    - "Store kept open": convo's own per-resume work, a Store (and so its connections)
       reused, against the floor on a connection kept open;
     - "bare SQLAlchemy": the floor's very query through a fresh SQLAlchemy engine against the
-      bare driver, the toll any SQLAlchemy-based store pays before doing anything of its own;
+      bare driver, the toll a store that builds an engine per Store would pay before doing
+      anything of its own (convo's reads build none: see `convo.db.Database`);
     - "bare driver on convo's tables": convo's two resume statements on a fresh bare-driver
       connection, the body built as the floor builds it: what the schema itself costs (on
       PostgreSQL a new connection looks up every table it touches in the catalogs)."""

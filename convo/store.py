@@ -3,6 +3,9 @@
 Every public method is one transaction. Writes that must agree with what was read (appending at
 a branch head) re-read the head inside the write transaction and raise `Conflict` when another
 writer moved it, so no history is ever silently interleaved.
+
+The hot paths (a resume's reads, a send's two writes, any one-turn append) run prebuilt SQL
+text on the driver (`db.Reader`, `db.Writer`); everything else goes through SQLAlchemy Core.
 """
 
 from __future__ import annotations

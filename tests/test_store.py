@@ -667,6 +667,19 @@ def _terminate(url: str, pid: int) -> None:
         engine.dispose()
 
 
+def _drop_pooled(store: Store, url: str, n: int) -> list[int]:
+    """Put `n` connections in the engine's pool, then have the server drop them all (as a
+    restart or a failover does); their backend pids."""
+    engine = store.storage.engine
+    raws = [engine.raw_connection() for _ in range(n)]
+    pids = [r.driver_connection.info.backend_pid for r in raws]  # type: ignore[union-attr]
+    for r in raws:
+        r.close()
+    for pid in pids:
+        _terminate(url, pid)
+    return pids
+
+
 def test_a_postgresql_connection_that_died_idle_in_the_pool_is_replaced_before_use(
     fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -713,13 +726,7 @@ def test_resumes_survive_a_postgresql_restart_that_drops_every_pooled_connection
         # Four connections in the pool, all back a moment ago (so none is pinged), then all
         # dropped by the server, as a restart or a failover does.
         monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)
-        engine = store.storage.engine
-        raws = [engine.raw_connection() for _ in range(4)]
-        pids = [r.driver_connection.info.backend_pid for r in raws]  # type: ignore[union-attr]
-        for r in raws:
-            r.close()
-        for pid in pids:
-            _terminate(fresh_pg_url, pid)
+        pids = _drop_pooled(store, fresh_pg_url, 4)
         for _ in range(5):
             assert [t.content[0]["text"] for t in store.get(conv.id).turns()] == ["hello"]
         body = store.get(conv.id).request("again")
@@ -908,14 +915,8 @@ def test_a_one_turn_write_whose_postgresql_connection_dropped_runs_again_on_a_ne
         conv = store.create(MODEL)
         conv.add_user("hello")
         monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)  # back a moment ago: no ping
-        engine = store.storage.engine
         head = store.get(conv.id).turns()[-1].id
-        raws = [engine.raw_connection() for _ in range(3)]
-        pids = [r.driver_connection.info.backend_pid for r in raws]  # type: ignore[union-attr]
-        for r in raws:
-            r.close()
-        for pid in pids:  # every pooled connection: the write cannot miss a dropped one
-            _terminate(fresh_pg_url, pid)
+        pids = _drop_pooled(store, fresh_pg_url, 3)  # all of them: the write cannot miss one
         # Nothing was written when the branch lock found the connection gone: run it again.
         # (Storage directly: the service reads first, and that read would clear the pool.)
         turn = NewTurn("assistant", "synthetic", [{"type": "text", "text": "after the drop"}])
