@@ -21,6 +21,7 @@ from sqlalchemy import create_engine, func, inspect, select, text
 
 import convo.store as store_mod
 from convo import AmbiguousId, ContentError, NotFound, Store, StoreError, db
+from convo.client import Client
 from convo.errors import ConfigError, DatabaseUnavailable, InvalidInput
 from convo.history import TurnRecord
 from convo.ids import ALPHABET, LENGTH
@@ -796,6 +797,17 @@ def test_reads_and_one_turn_appends_build_no_engine_and_other_writes_take_their_
     finally:
         store.close()
     assert database._idle == []
+
+
+def test_a_send_from_a_fresh_store_builds_no_engine(db_url: str, client: Client) -> None:
+    with Store(db_url) as setup:
+        conv_id = setup.create(MODEL).id
+    with Store(db_url, client=client) as store:
+        reply = store.get(conv_id).send("hello")  # the stand-in answers on loopback
+        assert not store.storage.database.engine_built
+        [call] = store.get(conv_id).calls()
+        assert (call["status"], call["reply_id"]) == ("ok", reply.turn_id)
+        assert [t.role for t in store.get(conv_id).turns()] == ["user", "assistant"]
 
 
 def test_reads_from_many_threads_on_one_store_each_run_on_a_connection_of_their_own(db_url: str) -> None:
