@@ -37,6 +37,8 @@ KNOWN_REVISIONS = ("0001", "0002", "0003")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # A pooled PostgreSQL connection idle longer than this is pinged before use (see _install_pg_hooks).
 PING_AFTER_IDLE_SECONDS = 1.0
+# Connections a Database opens before it has an engine (SQLAlchemy's default pool size).
+POOL_SIZE = 5
 _WRITE = "convo_write"
 
 
@@ -129,7 +131,8 @@ class Database:
         if self.name == "sqlite":
             self._cparams["timeout"] = SQLITE_BUSY_TIMEOUT_MS / 1000
         self._engine: Engine | None = None
-        self._idle: list[tuple[float, Any]] = []  # (since, driver connection), engine-less reads'
+        self._idle: list[tuple[float, Any]] = []  # (since, driver connection), not in use
+        self._lent = 0  # connections of `_idle`'s kind in use
         self._lock = threading.Lock()
 
     @property
@@ -180,41 +183,70 @@ class Database:
         return self.connect()
 
     def lend(self) -> tuple[Any, Any]:
-        """(the pool's wrapper or None, a driver connection) for one Reader: the engine's
-        pooled one once the engine is built, else one kept here."""
-        if self._engine is not None:
-            proxy = self._engine.raw_connection()
-            return proxy, proxy.driver_connection
-        with self._lock:
-            if self._idle:
-                return None, self._idle.pop()[1]
-        return None, self.connect()
+        """(the pool's wrapper or None, a driver connection) for one Reader or Writer: before
+        the engine exists, one kept here, as long as fewer than POOL_SIZE are out; past that
+        (or once the engine exists) the engine's pool's, which caps and queues the rest."""
+        if self._engine is None:
+            with self._lock:
+                if self._idle:
+                    self._lent += 1
+                    return None, self._idle.pop()[1]
+                fresh = self._lent < POOL_SIZE
+                if fresh:
+                    self._lent += 1
+            if fresh:
+                try:
+                    return None, self.connect()
+                except BaseException:
+                    with self._lock:
+                        self._lent -= 1
+                    raise
+        proxy = self.engine.raw_connection()
+        return proxy, proxy.driver_connection
 
     def give_back(self, proxy: Any, conn: Any, error: BaseException | None = None) -> None:
         """Return what `lend` gave; with `error` (the connection is lost), throw it away and
         the idle ones with it: a restarted server drops them all."""
-        if error is not None:
-            if proxy is not None:
-                proxy.invalidate(error)
-                proxy.close()
-            else:
-                _close_quietly(conn)
-            self.close()
-        elif proxy is not None:
+        if proxy is not None:
+            if error is not None:
+                # Every connection the pool opened before now is replaced at its next checkout
+                # (what SQLAlchemy's own Connection does on a disconnect), the pool's counts
+                # of connections other threads hold left as they are.
+                self.engine.pool._invalidate(proxy, error)
             proxy.close()
         else:
             with self._lock:
-                self._idle.append((time.monotonic(), conn))
+                self._lent -= 1
+                keep = error is None and self._engine is None
+                if keep:
+                    self._idle.append((time.monotonic(), conn))
+            if not keep:  # lost, or the engine's pool keeps the connections from now on
+                _close_quietly(conn)
+        if error is not None:
+            self._drop_idle()
+
+    def lost(self, e: Any, conn: Any, cur: Any) -> bool:
+        """Whether `e` says the connection is gone. SQLAlchemy's psycopg check reads the
+        connection's closed/broken flags, which psycopg may not have set yet when it finds the
+        socket already closed: an OperationalError without a SQLSTATE never came from the
+        server, so it is the connection itself that failed."""
+        if self.dialect.is_disconnect(e, conn, cur):
+            return True
+        code = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        return self.name == "postgresql" and isinstance(e, self.dialect.loaded_dbapi.OperationalError) and not code
 
     def close(self) -> None:
         """Close every connection not in use (the engine's pooled ones too)."""
+        self._drop_idle()
+        if self._engine is not None:
+            # Engine.dispose would also build a new, empty pool that nothing may use.
+            self._engine.pool.dispose()
+
+    def _drop_idle(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for _since, conn in idle:
             _close_quietly(conn)
-        if self._engine is not None:
-            # Engine.dispose would also build a new, empty pool that nothing may use.
-            self._engine.pool.dispose()
 
 
 def _close_quietly(conn: Any) -> None:
@@ -360,7 +392,7 @@ class Reader:
                     return None
                 return self._cur.fetchall() if many else self._cur.fetchone()
             except self._db.Error as e:
-                if retry or not self._may_retry() or not self._db.dialect.is_disconnect(e, self._conn, self._cur):
+                if retry or not self._may_retry() or not self._db.lost(e, self._conn, self._cur):
                     raise
                 self._lost(e)
         raise AssertionError("unreachable")
@@ -535,22 +567,28 @@ def writer(database: Database) -> Iterator[Writer]:
     try:
         w = Writer(database)
     except database.Error as e:  # BEGIN IMMEDIATE found the database locked past the timeout
-        raise _store_error(database, e) from e
+        raise _store_error(database, e) from _cause(database, e)
     try:
         yield w
         w.commit()
     except database.Error as e:
-        raise _store_error(database, e) from e
+        raise _store_error(database, e) from _cause(database, e)
     finally:
         w.close()
 
 
 def _store_error(database: Database, e: Exception) -> StoreError:
     """A driver's error as the one line convo reports (never the SQL itself)."""
-    dbapi = database.dialect.loaded_dbapi
-    if isinstance(e, dbapi.IntegrityError | dbapi.DataError):
+    if _cause(database, e) is None:
         return StoreError(f"the database refused a value: {_first_line(e)}")
     return StoreError(f"database error: {_first_line(e)}")
+
+
+def _cause(database: Database, e: Exception) -> Exception | None:
+    """What a StoreError keeps as its cause: not a refused value's error, whose text can
+    quote the statement with the values bound (as `_connect` does for SQLAlchemy's)."""
+    dbapi = database.dialect.loaded_dbapi
+    return None if isinstance(e, dbapi.IntegrityError | dbapi.DataError) else e
 
 
 def _first_line(err: object) -> str:

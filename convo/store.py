@@ -229,13 +229,14 @@ _PG_EDIT = text(
 )
 
 
-@lru_cache(maxsize=16)
 @lru_cache(maxsize=64)
 def _one_turn_sql(dialect: str, lease: bool, new_call: bool, finished_fields: tuple[str, ...]) -> tuple[str, ...]:
     """The statements of `Storage._write_one_turn`, one set per shape, built once.
 
     PostgreSQL runs them as one statement of data-modifying CTEs (each statement there is a
     round trip); SQLite, which has none, runs them in a row, the turn's id bound as :turn_id."""
+    if new_call and finished_fields:
+        raise InvalidInput("a turn's write either opens a call or finishes one, not both")
     unknown = set(finished_fields) - (set(K.c.keys()) - {"id", "reply_id"})
     if unknown:
         raise InvalidInput(f"unknown call fields: {sorted(unknown)}")

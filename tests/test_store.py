@@ -735,6 +735,40 @@ def test_resumes_survive_a_postgresql_restart_that_drops_every_pooled_connection
         assert _backend_pid(store) not in pids
 
 
+def test_a_connection_error_with_no_sqlstate_counts_as_a_lost_connection(fresh_pg_url: str) -> None:
+    import psycopg
+
+    database = db.Database(fresh_pg_url)
+    conn = database.connect()
+    try:
+        # psycopg raises this when it finds the socket gone before libpq marks the connection
+        # closed or broken (the flags SQLAlchemy's own check reads).
+        assert not conn.closed and not conn.broken
+        assert database.lost(psycopg.OperationalError("connection socket closed"), conn, None)
+        # A server's own errors carry a SQLSTATE: the connection is fine.
+        assert not database.lost(psycopg.errors.QueryCanceled("canceling statement"), conn, None)
+        assert not database.lost(psycopg.ProgrammingError("syntax error"), conn, None)
+    finally:
+        conn.close()
+        database.close()
+
+
+def test_a_dropped_connection_leaves_the_pool_counting_right_for_connections_held_elsewhere(
+    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Store(fresh_pg_url, upgrade=True) as store:
+        conv = store.create(MODEL)
+        conv.add_user("hello")
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)
+        engine = store.storage.engine
+        held = [engine.raw_connection() for _ in range(3)]  # in use by other threads
+        _drop_pooled(store, fresh_pg_url, 1)
+        assert _texts(store.get(conv.id)) == ["hello"]  # found it dropped: ran again
+        for r in held:
+            r.close()
+        assert store.storage.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
 def test_a_write_on_a_connection_the_server_dropped_fails_once_and_writes_nothing(
     fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -810,9 +844,32 @@ def test_a_send_from_a_fresh_store_builds_no_engine(db_url: str, client: Client)
         assert [t.role for t in store.get(conv_id).turns()] == ["user", "assistant"]
 
 
-def test_reads_from_many_threads_on_one_store_each_run_on_a_connection_of_their_own(db_url: str) -> None:
+def _resume_from_threads(store: Store, conv_id: str, threads: int, rounds: int) -> list[list[str]]:
     import threading
 
+    got: list[list[str]] = []
+    failures: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def work() -> None:
+        start.wait()
+        try:
+            for _ in range(rounds):
+                body = store.get(conv_id).request("next")
+                got.append([m["content"][-1]["text"] for m in body["messages"]])
+        except BaseException as e:  # reported below, with the thread's own error
+            failures.append(e)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert failures == []
+    return got
+
+
+def test_reads_from_many_threads_on_one_store_each_run_on_a_connection_of_their_own(db_url: str) -> None:
     with Store(db_url) as setup:
         conv = setup.create(MODEL)
         for i in range(3):
@@ -820,28 +877,25 @@ def test_reads_from_many_threads_on_one_store_each_run_on_a_connection_of_their_
             conv.add_assistant(f"a{i}")
     want = [f"{r}{i}" for i in range(3) for r in "qa"] + ["next"]
     with Store(db_url) as store:
-        got: list[list[str]] = []
-        failures: list[BaseException] = []
-        start = threading.Barrier(6)
-
-        def work() -> None:
-            start.wait()
-            try:
-                for _ in range(15):
-                    body = store.get(conv.id).request("next")
-                    got.append([m["content"][-1]["text"] for m in body["messages"]])
-            except BaseException as e:  # reported below, with the thread's own error
-                failures.append(e)
-
-        threads = [threading.Thread(target=work) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert failures == []
-        assert got == [want] * 90
-        assert not store.storage.database.engine_built
-        assert 1 <= len(store.storage.database._idle) <= 6
+        database = store.storage.database
+        # Up to POOL_SIZE at once: connections the Store opens and keeps itself.
+        assert _resume_from_threads(store, conv.id, db.POOL_SIZE, 15) == [want] * db.POOL_SIZE * 15
+        assert not database.engine_built
+        assert 1 <= len(database._idle) <= db.POOL_SIZE
+        # Past POOL_SIZE the engine's pool takes over, and caps and queues the rest.
+        held = [db.Reader(database) for _ in range(db.POOL_SIZE)]
+        try:
+            assert not database.engine_built
+            body = store.get(conv.id).request("next")
+            assert [m["content"][-1]["text"] for m in body["messages"]] == want
+            assert database.engine_built
+        finally:
+            for r in held:
+                r.close()
+        assert database._lent == 0
+        assert database._idle == []  # handed back after the engine existed: closed
+        assert _resume_from_threads(store, conv.id, 3 * db.POOL_SIZE, 5) == [want] * 3 * db.POOL_SIZE * 5
+        assert store.storage.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 def test_a_read_only_store_survives_its_postgresql_connection_being_dropped(
