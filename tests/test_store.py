@@ -974,6 +974,23 @@ def test_a_one_turn_write_that_fails_part_way_leaves_nothing_written(
         assert (turns, count, calls) == (before[0] + 1, before[2][0][0] + 1, [])
 
 
+def test_a_value_postgresql_refuses_in_a_one_turn_write_is_one_line_without_the_statement(
+    fresh_pg_url: str,
+) -> None:
+    with Store(fresh_pg_url, upgrade=True) as store:
+        conv = store.create(MODEL)
+        conv.add_user("hello")
+        head = conv.turns()[-1].id
+        too_long = NewTurn("assistant", "reply", [{"type": "text", "text": "secret words"}], stop_reason="x" * 41)
+        with pytest.raises(StoreError) as exc:
+            store.storage.append(conv.id, "main", head, [too_long])
+        assert str(exc.value).startswith("the database refused a value: ")
+        assert "\n" not in str(exc.value) and "secret words" not in str(exc.value)
+        # Nor in a traceback: the driver's error, which quotes the statement, is not attached.
+        assert exc.value.__cause__ is None and exc.value.__suppress_context__
+        assert _texts(conv) == ["hello"]
+
+
 def test_a_one_turn_write_whose_postgresql_connection_dropped_runs_again_on_a_new_one(
     fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
