@@ -102,11 +102,11 @@ class Database:
     """One convo database: how to open a driver connection to it, and the SQLAlchemy engine
     over those same connections, built the first time something needs one.
 
-    A Store that only reads (resume a thread, show it) never builds the engine: building one
-    and its first connect (on PostgreSQL six round trips of dialect set-up, on SQLite more time
-    than reading a short thread) is the largest part of a fresh Store's resume otherwise. Its
-    reads run on driver connections kept here, which the engine, once built, takes over as
-    its first pooled connections."""
+    A Store that resumes a thread or sends a turn never builds the engine: building one and
+    its first connect (on PostgreSQL six round trips of dialect set-up, on SQLite more time
+    than reading a short thread) were the largest part of a fresh Store's resume. `Reader` and
+    `Writer` run on up to POOL_SIZE driver connections kept here; past that, or once other
+    code needs SQLAlchemy, the engine's pool takes over, starting with those connections."""
 
     def __init__(self, url: str) -> None:
         self.url = _parse(url)
@@ -232,8 +232,9 @@ class Database:
         server, so it is the connection itself that failed."""
         if self.dialect.is_disconnect(e, conn, cur):
             return True
-        code = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
-        return self.name == "postgresql" and isinstance(e, self.dialect.loaded_dbapi.OperationalError) and not code
+        if self.name != "postgresql" or not isinstance(e, self.dialect.loaded_dbapi.OperationalError):
+            return False
+        return not (getattr(e, "sqlstate", None) or getattr(e, "pgcode", None))
 
     def close(self) -> None:
         """Close every connection not in use (the engine's pooled ones too)."""

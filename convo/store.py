@@ -201,8 +201,6 @@ _NEXT_TURN_IDS = {
     "sqlite": text("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'turns'), 0)"),
     "postgresql": text("SELECT nextval(pg_get_serial_sequence('turns', 'id')) FROM generate_series(1, :n)"),
 }
-# A fork and an edit on PostgreSQL, where each statement is a round trip: the branch row (and
-# an edit's turn) written by data-modifying CTEs of the conversation's UPDATE.
 # A turn's INSERT; its parameters are the row's columns, prefixed t_ (see _turn_params).
 _INSERT_TURN_SQL = (
     "INSERT INTO turns (conversation_key, parent_id, role, kind, content, depth, source_id, "
@@ -211,6 +209,8 @@ _INSERT_TURN_SQL = (
 )
 # The same turn written by a data-modifying CTE.
 _PG_NEW_TURN = f"new_turn AS ({_INSERT_TURN_SQL})"
+# A fork and an edit on PostgreSQL, where each statement is a round trip: the branch row (and
+# an edit's turn) written by data-modifying CTEs of the conversation's UPDATE.
 _PG_CREATE = (
     "UPDATE conversations SET updated_at = :ts{count}, "
     "current_branch = CASE WHEN :checkout THEN :name ELSE current_branch END "
@@ -230,7 +230,9 @@ _PG_EDIT = text(
 
 
 @lru_cache(maxsize=64)
-def _one_turn_sql(dialect: str, lease: bool, new_call: bool, finished_fields: tuple[str, ...]) -> tuple[str, ...]:
+def _one_turn_sql(
+    dialect: str, lease: bool, new_call: bool, finished_fields: tuple[str, ...]
+) -> tuple[str, ...]:
     """The statements of `Storage._write_one_turn`, one set per shape, built once.
 
     PostgreSQL runs them as one statement of data-modifying CTEs (each statement there is a
@@ -460,7 +462,7 @@ class Storage:
 
     @property
     def engine(self) -> Engine:
-        """Built the first time a method needs more than `db.Reader` (see `db.Database`)."""
+        """Built the first time a method needs SQLAlchemy (see `db.Database`)."""
         return self.database.engine
 
     # -- conversations ---------------------------------------------------------------------
