@@ -863,3 +863,8 @@ def test_a_dead_writer_does_not_hold_the_branch(
     assert [t.role for t in conv.turns()] == ["user", "user", "assistant"]
     assert "Doomed message" in str(standin.requests[-1]["body"]["messages"])
     assert reply.turn_id == conv.turns()[-1].id
+    # The dead process's call will never finish: the ledger says so instead of "pending".
+    doomed, ok = conv.calls()
+    assert (doomed["status"], doomed["error_type"]) == ("abandoned", "abandoned")
+    assert doomed["error_message"] == "the sending process died before the call finished"
+    assert (ok["status"], ok["reply_id"]) == ("ok", reply.turn_id)
