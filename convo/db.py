@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ def _redact(url: str) -> str:
 
 def _prepare_sqlite_file(path: str) -> None:
     """Create the database file (and its directory) readable by the owner only."""
-    if path in ("", ":memory:") or path.startswith("file:"):
+    if path in ("", ":memory:") or path.startswith("file:") or os.path.exists(path):
         return
     p = Path(path).expanduser()
     if not p.parent.exists():
@@ -59,6 +59,24 @@ def _prepare_sqlite_file(path: str) -> None:
     if not p.exists():
         fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o600)
         os.close(fd)
+
+
+def _sqlite_file(path: str, url: str) -> None:
+    try:
+        _prepare_sqlite_file(path)
+    except OSError as e:
+        raise DatabaseUnavailable(f"cannot create database {_redact(url)}: {e.strerror or e}") from None
+
+
+def _plain_sqlite_path(url: str) -> str | None:
+    """The file of a `sqlite:///path` URL with nothing in it for SQLAlchemy to decode (no
+    query, fragment or %-escape), `~` expanded; None for any other URL (make_url's)."""
+    if not url.startswith("sqlite:///") or any(c in url for c in "?#%"):
+        return None
+    path = url[len("sqlite:///") :]
+    if not path or path == ":memory:":
+        return None  # refused by _parse, with its message
+    return os.path.expanduser(path) if path.startswith("~") else path
 
 
 def _parse(url: str) -> URL:
@@ -76,13 +94,8 @@ def _parse(url: str) -> URL:
             raise ConfigError("a sqlite URL needs a file path: sqlite:///path/to/convo.db")
         if database.startswith("~"):
             # Expand here, so the file prepared below is the very one SQLite opens.
-            parsed = parsed.set(database=str(Path(database).expanduser()))
-        try:
-            _prepare_sqlite_file(parsed.database or "")
-        except OSError as e:
-            raise DatabaseUnavailable(
-                f"cannot create database {_redact(str(parsed))}: {e.strerror or e}"
-            ) from None
+            parsed = parsed.set(database=os.path.expanduser(database))
+        _sqlite_file(parsed.database or "", url)
         return parsed
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
@@ -109,31 +122,57 @@ class Database:
     code needs SQLAlchemy, the engine's pool takes over, starting with those connections."""
 
     def __init__(self, url: str) -> None:
-        self.url = _parse(url)
-        self.name = self.url.get_backend_name()
-        cls: Any = self.url.get_dialect()
-        try:
-            dbapi = cls.import_dbapi()
-        except ImportError as e:  # a dialect SQLAlchemy knows whose driver is not installed
-            raise ConfigError(
-                f"{_redact(str(self.url))}: its driver is not installed ({_first_line(e)})"
-            ) from None
-        # No hstore: convo never uses it, and looking its type up costs every new engine a
-        # query (a third of a CLI command's connect time). Only the psycopg dialects take it.
-        self._engine_args: dict[str, Any] = (
-            {} if self.name == "sqlite" else {"use_native_hstore": False}
-        )
-        # The engine builds a dialect of its own; this one opens the connections made before
-        # it (with the same arguments) and knows the driver's errors.
-        self.dialect: Dialect = cls(dbapi=dbapi, **self._engine_args)
-        self.Error: Any = dbapi.Error  # the driver's base exception class
-        self._cargs, self._cparams = self.dialect.create_connect_args(self.url)
+        self._engine_args: dict[str, Any] = {}
+        path = _plain_sqlite_path(url)
+        if path is not None:
+            # The embedded default: no SQLAlchemy URL or dialect until an engine is needed
+            # (after the collector has run, building them costs a fresh Store more than its
+            # first read does). The connect arguments are the pysqlite dialect's own.
+            self.name = "sqlite"
+            self._text = url
+            self._url: URL | None = None
+            self._path = path
+            _sqlite_file(path, url)
+            self.dbapi: Any = sqlite3
+            self._cargs: list[Any] = [os.path.abspath(path)]
+            self._cparams: dict[str, Any] = {"check_same_thread": False}
+        else:
+            self._url = _parse(url)
+            self._text = str(self._url)
+            self.name = self._url.get_backend_name()
+            try:
+                self.dbapi = self._url.get_dialect().import_dbapi()
+            except ImportError as e:  # a dialect SQLAlchemy knows whose driver is not installed
+                raise ConfigError(
+                    f"{_redact(url)}: its driver is not installed ({_first_line(e)})"
+                ) from None
+            if self.name == "postgresql":
+                # No hstore: convo never uses it, and looking its type up costs every new
+                # engine a query (a third of a CLI command's connect time).
+                self._engine_args["use_native_hstore"] = False
+            cargs, cparams = self.dialect.create_connect_args(self._url)
+            self._cargs, self._cparams = list(cargs), dict(cparams)
         if self.name == "sqlite":
             self._cparams["timeout"] = SQLITE_BUSY_TIMEOUT_MS / 1000
+        self.Error: Any = self.dbapi.Error  # the driver's base exception class
         self._engine: Engine | None = None
         self._idle: list[tuple[float, Any]] = []  # (since, driver connection), not in use
         self._lent = 0  # connections of `_idle`'s kind in use
         self._lock = threading.Lock()
+
+    @property
+    def url(self) -> URL:
+        if self._url is None:  # as _parse has it: `~` expanded
+            self._url = make_url(self._text).set(database=self._path)
+        return self._url
+
+    @cached_property
+    def dialect(self) -> Dialect:
+        """A dialect of the engine's kind (the engine builds its own): it opens the connections
+        made before the engine and knows the driver's lost-connection errors."""
+        cls: Any = self.url.get_dialect()
+        dialect: Dialect = cls(dbapi=self.dbapi, **self._engine_args)
+        return dialect
 
     @property
     def engine_built(self) -> bool:
@@ -157,7 +196,7 @@ class Database:
 
     def connect(self) -> Any:
         """A new driver connection, set up as convo uses every one (raises the driver's error)."""
-        conn = self.dialect.connect(*self._cargs, **self._cparams)
+        conn = self.dbapi.connect(*self._cargs, **self._cparams)
         if self.name == "sqlite":
             try:
                 _set_up_sqlite(conn)
@@ -232,7 +271,7 @@ class Database:
         server, so it is the connection itself that failed."""
         if self.dialect.is_disconnect(e, conn, cur):
             return True
-        if self.name != "postgresql" or not isinstance(e, self.dialect.loaded_dbapi.OperationalError):
+        if self.name != "postgresql" or not isinstance(e, self.dbapi.OperationalError):
             return False
         return not (getattr(e, "sqlstate", None) or getattr(e, "pgcode", None))
 
@@ -588,7 +627,7 @@ def _store_error(database: Database, e: Exception) -> StoreError:
 def _cause(database: Database, e: Exception) -> Exception | None:
     """What a StoreError keeps as its cause: not a refused value's error, whose text can
     quote the statement with the values bound (as `_connect` does for SQLAlchemy's)."""
-    dbapi = database.dialect.loaded_dbapi
+    dbapi = database.dbapi
     return None if isinstance(e, dbapi.IntegrityError | dbapi.DataError) else e
 
 

@@ -584,6 +584,27 @@ def test_tilde_in_a_sqlite_url_is_the_home_directory(
         assert len(s.list()) == 1
 
 
+def test_a_plain_sqlite_url_opens_the_file_sqlalchemy_would_with_the_same_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # convo reads `sqlite:///path` itself (see db.Database); any other spelling goes through
+    # SQLAlchemy's URL and dialect. Both must open the same file the same way.
+    monkeypatch.chdir(tmp_path)
+    plain, spelled = db.Database("sqlite:///rel/convo.db"), db.Database("sqlite+pysqlite:///rel/convo.db")
+    try:
+        assert (plain._cargs, plain._cparams) == (spelled._cargs, spelled._cparams)
+        assert plain._cargs == [str(tmp_path / "rel" / "convo.db")]
+        assert plain.url.database == spelled.url.database
+    finally:
+        plain.close()
+        spelled.close()
+    with Store("sqlite:///rel/convo.db") as s:
+        conv_id = s.create(MODEL).id
+        s.get(conv_id).add_user("written through the plain URL")
+    with Store(f"sqlite+pysqlite:///{tmp_path / 'rel' / 'convo.db'}") as s:
+        assert _texts(s.get(conv_id)) == ["written through the plain URL"]
+
+
 def test_unreachable_postgresql_is_database_unavailable_without_the_password() -> None:
     secret = "pa55w0rd-Secret"
     for url in (
