@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from convo import config, db
 from convo.capabilities import prefill_overrides_from_env
-from convo.client import Client
+from convo.client import Client, check_settings_json
 from convo.content import image_block, normalize
 from convo.errors import (
     APIError,
@@ -385,13 +385,15 @@ class Conversation:
         ):
             blobs = {}
         with gc_paused():
-            return build_request(
+            body = build_request(
                 records,
                 self.settings(info),
                 overrides=_normalize_overrides(overrides),
                 blobs=blobs,
                 prefill_models=self.store.prefill_models,
             )
+        check_settings_json(body)  # before a send writes anything (see client.encode_body)
+        return body
 
     def _new_turns(
         self,

@@ -44,6 +44,7 @@ from convo.errors import (
     ContentError,
     ConvoError,
     HistoryError,
+    InvalidInput,
     NotFound,
     PrefillNotSupported,
 )
@@ -311,6 +312,29 @@ def test_values_that_are_not_json(db_url: str, standin: StandIn, store: Store) -
         f"  {k}: {v}" for k, v in wrong.items()
     )
     assert store.storage.integrity_problems() == []
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"temperature": float("nan")},
+        {"metadata": {"user_id": float("inf")}},
+        {"metadata": {"user_id": b"bytes"}},
+        {"stop_sequences": ["ok", float("-inf")]},
+    ],
+    ids=["nan-temperature", "inf-metadata", "bytes-metadata", "inf-stop-sequence"],
+)
+def test_settings_that_are_not_json_refuse_the_send(
+    db_url: str, standin: StandIn, store: Store, overrides: dict[str, Any]
+) -> None:
+    """The history is sent as orjson writes it (fast, but NaN becomes null): the settings
+    around it are held to json's strictness, before anything is written or sent."""
+    conv = store.create()
+    conv.add_user("hello")
+    refused(db_url, standin, lambda: conv.send("again", **overrides), InvalidInput, "not valid JSON")
+    with pytest.raises(InvalidInput, match="not valid JSON"):
+        conv.request("again", **overrides)
+    assert conv.send("again").text  # the same send with valid settings goes through
 
 
 # -- library: images --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from convo.client import (
     DEFAULT_READ_TIMEOUT,
     CallInfo,
     Client,
+    encode_body,
 )
 from convo.errors import (
     APIConflictError,
@@ -30,6 +31,7 @@ from convo.errors import (
     BadRequestError,
     BillingError,
     InternalServerError,
+    InvalidInput,
     MissingApiKey,
     OverloadedError,
     PermissionDeniedError,
@@ -611,3 +613,17 @@ def test_only_the_client_module_imports_httpx() -> None:
         or "from httpx" in path.read_text(encoding="utf-8")
     )
     assert importers == ["client.py"]
+
+
+def test_a_body_is_encoded_as_the_json_it_was_with_its_settings_held_to_strict_json() -> None:
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "café ☕ \u2028 \"quoted\" \\ \u0000"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {"n": 1.5, "big": 2**62}}]},
+    ]
+    body = {"model": "m", "max_tokens": 8, "temperature": 0.25, "messages": history}
+    sent = encode_body(body)
+    assert json.loads(sent) == body
+    assert "café ☕".encode() in sent  # UTF-8, not \u escapes
+    for bad in (float("nan"), float("inf"), {1, 2}):
+        with pytest.raises(InvalidInput, match="not valid JSON"):
+            encode_body({**body, "metadata": {"user_id": bad}})
