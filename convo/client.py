@@ -122,7 +122,6 @@ class MessageStream:
         return event
 
 
-
 def encode_body(payload: dict[str, Any]) -> bytes:
     """A request body as strict JSON bytes.
 
@@ -141,6 +140,7 @@ def check_settings_json(payload: Mapping[str, Any]) -> None:
     except (TypeError, ValueError) as e:
         detail = (str(e).splitlines() or [type(e).__name__])[0]
         raise InvalidInput(f"the request is not valid JSON: {detail}") from None
+
 
 class Client:
     """A synchronous Messages API client: one attempt, or attempts with the retry policy."""

@@ -138,7 +138,6 @@ class Database:
             self._cparams: dict[str, Any] = {"check_same_thread": False}
         else:
             self._url = _parse(url)
-            self._text = str(self._url)
             self.name = self._url.get_backend_name()
             try:
                 self.dbapi = self._url.get_dialect().import_dbapi()
@@ -439,10 +438,13 @@ class Reader:
 
     def _lost(self, e: Exception) -> None:
         """Throw the lost connection away (with the idle ones) and take a new one."""
+        self._discard(e)
+        self._checkout()
+
+    def _discard(self, e: Exception) -> None:
         proxy, conn = self._proxy, self._conn
         self._proxy = self._conn = self._cur = None
         self._db.give_back(proxy, conn, error=e)
-        self._checkout()
 
     def _may_retry(self) -> bool:
         return True
@@ -539,9 +541,7 @@ class Writer(Reader):
                 else:
                     self._conn.rollback()
             except self._db.Error as e:  # lost: the server has rolled it back
-                proxy, conn = self._proxy, self._conn
-                self._proxy = self._conn = self._cur = None
-                self._db.give_back(proxy, conn, error=e)
+                self._discard(e)
                 return
         super().close()
 

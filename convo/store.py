@@ -183,7 +183,6 @@ def _name_taken(conv_key: Any) -> Any:
 _BRANCH_NAME_TAKEN = select(_name_taken(bindparam("conv_key")))
 # A fork or edit given a branch name reads its turn and checks the name in one round trip.
 _TURN_BY_ID_AND_NAME = _TURN_BY_ID.add_columns(_name_taken(T.c.conversation_key).label("name_taken"))
-_CONVERSATION_KEY = select(C.c.key).where(C.c.id == bindparam("conv_id"))
 # Check out a branch only if it exists: one statement, no read first.
 _CHECKOUT = (
     update(C)
@@ -591,12 +590,14 @@ class Storage:
             conn.execute(delete(B).where(B.c.conversation_key == key))
             conn.execute(delete(C).where(C.c.key == key))
 
-    def _key(self, conn: Connection, conv_id: str) -> int:
+    def _key(self, x: Connection | db.Writer | db.OnConnection, conv_id: str) -> int:
         """The integer key of a conversation given by its full public id."""
-        key = conn.execute(_CONVERSATION_KEY, {"conv_id": conv_id}).scalar()
-        if key is None:
+        if isinstance(x, Connection):
+            x = db.OnConnection(x)
+        row = x.first(_KEY_SQL, {"conv_id": conv_id})
+        if row is None:
             raise NotFound(f"no conversation with id {conv_id!r}")
-        return int(key)
+        return int(row[0])
 
     # -- ids -------------------------------------------------------------------------------
 
@@ -879,8 +880,7 @@ class Storage:
         q = _LOCK_BRANCH_FOR_UPDATE if self.dialect == "postgresql" else _LOCK_BRANCH
         row = x.first(q, {"conv_id": conv_id, "branch": branch})
         if row is None:
-            if x.first(_KEY_SQL, {"conv_id": conv_id}) is None:
-                raise NotFound(f"no conversation with id {conv_id!r}")
+            self._key(x, conv_id)  # NotFound for the conversation itself, if that is it
             raise NotFound(f"no branch {branch!r} in conversation {conv_id}")
         head, holder, expires, key = row
         if holder and holder != owner:
@@ -1142,10 +1142,16 @@ class Storage:
         self, conn: Connection, call_id: int, fields: dict[str, Any], started: datetime | None = None
     ) -> None:
         if started is None:
-            started = conn.execute(select(K.c.started_at).where(K.c.id == call_id)).scalar_one()
+            started = self._call_started(db.OnConnection(conn), call_id)
         end = now()
         duration = (end - _utc(started)).total_seconds() * 1000
         conn.execute(_UPDATE_CALL, {"w_id": call_id, "finished_at": end, "duration_ms": duration, **fields})
+
+    def _call_started(self, x: db.Writer | db.OnConnection, call_id: int) -> datetime:
+        found = x.first(_STARTED_SQL, {"id": call_id})
+        if found is None:
+            raise NotFound(f"no call with id {call_id}")
+        return instant(found[0])
 
     def finish_with_reply(
         self,
@@ -1170,10 +1176,7 @@ class Storage:
                     f"branch {branch!r} moved while waiting for the reply; the reply was not stored"
                 )
             if started_at is None:
-                found = w.first(_STARTED_SQL, {"id": call_id})
-                if found is None:
-                    raise NotFound(f"no call with id {call_id}")
-                started_at = instant(found[0])
+                started_at = self._call_started(w, call_id)
             (reply_id,), _ = self._write_one_turn(
                 w, key, branch, parent_id, reply, parent_depth, release,
                 finish=(call_id, started_at, fields),
