@@ -16,7 +16,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cached_property, lru_cache
@@ -544,6 +544,43 @@ class Writer(Reader):
                 self._discard(e)
                 return
         super().close()
+
+
+class _Once(Reader):
+    """A Reader whose statement is not run again by itself: see `write_once`."""
+
+    def _may_retry(self) -> bool:
+        return False
+
+
+def write_once(
+    database: Database,
+    sql: str,
+    params: Mapping[str, Any],
+    landed: Callable[[Reader, Mapping[str, Any]], Any],
+) -> Any:
+    """One write statement in autocommit, its first row: on PostgreSQL the statement is its own
+    transaction, with no BEGIN or COMMIT round trips around it.
+
+    A statement whose connection is lost may or may not have committed, so it is not simply
+    run again: on a new connection, `landed(reader, bound parameters)` looks for what it would
+    have written (as its first row, or None), and the statement runs again only if that finds
+    nothing."""
+    bound = _bound(params, database.name)
+    w = _Once(database)
+    try:
+        try:
+            return w.first(sql, bound)
+        except database.Error as e:
+            if not database.lost(e, w._conn, w._cur):
+                raise
+            w._lost(e)
+            found = landed(w, bound)
+            return found if found is not None else w.first(sql, bound)
+    except database.Error as e:
+        raise _store_error(database, e) from _cause(database, e)
+    finally:
+        w.close()
 
 
 class OnConnection:

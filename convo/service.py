@@ -474,7 +474,9 @@ class Conversation:
         (turns are never rewritten, so a bad one could not be repaired later)."""
         path = self.store.storage.path(self.id)
         check_structure(path.turns + _records(new), final_pending_ok=True)
-        return self.store.storage.append(self.id, path.branch, path.head_id, new)
+        return self.store.storage.append(
+            self.id, path.branch, path.head_id, new, head_depth=path.head_depth
+        )
 
     # -- sending ---------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -228,27 +228,59 @@ _PG_EDIT = text(
 )
 
 
+# A branch's row locked for a one-turn write on PostgreSQL, and `ok`: its conversation's key if
+# the head is where the writer expects it and no other writer holds the lease (else nothing).
+_PG_LOCKED = (
+    f"locked AS ({_LOCK_BRANCH_FOR_UPDATE}), "
+    "ok AS (SELECT conversation_key AS key FROM locked "
+    "WHERE head_id IS NOT DISTINCT FROM CAST(:expected AS bigint) "
+    "AND (lease_owner IS NULL OR lease_owner = CAST(:holder AS text)))"
+)
+# The turn written only if `ok` has a row (the ids it may lack a type for without one cast).
+_PG_NEW_TURN_IF_OK = (
+    "new_turn AS (INSERT INTO turns (conversation_key, parent_id, role, kind, content, depth, "
+    "source_id, stop_reason, created_at) SELECT key, CAST(:t_parent_id AS bigint), :t_role, "
+    ":t_kind, :t_content, :t_depth, CAST(:t_source_id AS bigint), :t_stop_reason, "
+    ":t_created_at FROM ok RETURNING id)"
+)
+# Whether a one-turn write that lost its connection committed: the turn it would have written
+# (parent, depth, instant and content all equal), and the pending call it opened, if any.
+_PG_TURN_LANDED = (
+    "SELECT t.id, (SELECT k.id FROM calls k WHERE k.turn_id = t.id AND k.status = 'pending' "
+    "ORDER BY k.id DESC LIMIT 1) FROM turns t JOIN conversations c ON c.key = t.conversation_key "
+    "WHERE c.id = :conv_id AND t.depth = :t_depth "
+    "AND t.parent_id IS NOT DISTINCT FROM CAST(:t_parent_id AS bigint) "
+    "AND t.created_at = :t_created_at AND t.content = :t_content"
+)
+
+
 @lru_cache(maxsize=64)
 def _one_turn_sql(
-    dialect: str, lease: bool, new_call: bool, finished_fields: tuple[str, ...]
+    dialect: str, lease: bool, new_call: bool, finished_fields: tuple[str, ...], locked: bool = False
 ) -> tuple[str, ...]:
     """The statements of `Storage._write_one_turn`, one set per shape, built once.
 
     PostgreSQL runs them as one statement of data-modifying CTEs (each statement there is a
-    round trip); SQLite, which has none, runs them in a row, the turn's id bound as :turn_id."""
+    round trip); SQLite, which has none, runs them in a row, the turn's id bound as :turn_id.
+    `locked` (PostgreSQL): the statement also locks and checks the branch (`_PG_LOCKED`) and
+    writes nothing unless it may, so that it can run alone in autocommit; its row is the
+    branch's (head, lease holder, lease expiry) as locked, then the turn and call ids."""
     if new_call and finished_fields:
         raise InvalidInput("a turn's write either opens a call or finishes one, not both")
     unknown = set(finished_fields) - (set(K.c.keys()) - {"id", "reply_id"})
     if unknown:
         raise InvalidInput(f"unknown call fields: {sorted(unknown)}")
     pg = dialect == "postgresql"
+    if locked and not pg:
+        raise InvalidInput("only PostgreSQL writes a turn and locks its branch in one statement")
     turn = "(SELECT id FROM new_turn)" if pg else ":turn_id"
+    key = "(SELECT key FROM ok)" if locked else ":key"
     writes = [
         ("moved", f"UPDATE branches SET head_id = {turn}"
          + (", lease_owner = :lease_owner, lease_expires = :lease_expires" if lease else "")
-         + " WHERE conversation_key = :key AND name = :branch"),
+         + f" WHERE conversation_key = {key} AND name = :branch"),
         ("counted", "UPDATE conversations SET updated_at = :ts, turn_count = turn_count + 1, "
-         "has_media = has_media OR :media WHERE key = :key"),
+         f"has_media = has_media OR :media WHERE key = {key}"),
     ]
     if new_call:
         writes.append((
@@ -256,19 +288,26 @@ def _one_turn_sql(
             "INSERT INTO calls (conversation_key, branch, turn_id, attempt, model, streamed, status, "
             "started_at, input_tokens, output_tokens, cache_creation_input_tokens, "
             "cache_read_input_tokens) "
-            + ("SELECT :key, :branch, id, " if pg else "VALUES (:key, :branch, :turn_id, ")
+            + (f"SELECT {key}, :branch, id, " if pg else "VALUES (:key, :branch, :turn_id, ")
             + "0, :model, :streamed, 'pending', :started_at, 0, 0, 0, 0"
             + (" FROM new_turn" if pg else ")")
             + " RETURNING id",
         ))
     if finished_fields:
         sets = "".join(f", {k} = :f_{k}" for k in finished_fields)
-        writes.append(("finished", f"UPDATE calls SET reply_id = {turn}{sets} WHERE id = :call_id"))
+        writes.append((
+            "finished", f"UPDATE calls SET reply_id = {turn}{sets} WHERE id = :call_id"
+            + (" AND EXISTS (SELECT 1 FROM new_turn)" if locked else ""),
+        ))
     if not pg:
         return (_INSERT_TURN_SQL, *(sql for _, sql in writes))
-    ctes = [_PG_NEW_TURN] + [f"{name} AS ({sql})" for name, sql in writes]
+    ctes = ([_PG_LOCKED, _PG_NEW_TURN_IF_OK] if locked else [_PG_NEW_TURN])
+    ctes += [f"{name} AS ({sql})" for name, sql in writes]
     call = "(SELECT id FROM new_call)" if new_call else "NULL"
-    return ("WITH " + ", ".join(ctes) + f" SELECT (SELECT id FROM new_turn), {call}",)
+    ids = f"(SELECT id FROM new_turn), {call}"
+    if locked:
+        return ("WITH " + ", ".join(ctes) + f" SELECT head_id, lease_owner, lease_expires, {ids} FROM locked",)
+    return ("WITH " + ", ".join(ctes) + f" SELECT {ids}",)
 
 
 # A thread is read with one range scan when it has at most this many turns per turn on the
@@ -800,6 +839,13 @@ class Storage:
             else {}
         )
         if len(turns) == 1:  # a send's turn, or any one turn: on the driver (see db.Writer)
+            if self.dialect == "postgresql":
+                done = self._one_turn_at_once(
+                    conv_id, branch, expected_head, turns[0], head_depth, owner, lease,
+                    lambda head: _moved(branch, head, expected_head), first_call=first_call,
+                )
+                if done is not None:
+                    return done
             with db.writer(self.database) as w:
                 head, key = self._lock_branch(w, conv_id, branch, owner)
                 _check_head(branch, head, expected_head)
@@ -846,19 +892,7 @@ class Storage:
         or None)."""
         ts = now()
         rows, media = self._turn_rows(w, key, parent_id, [turn], parent_depth, ts)
-        params = _turn_params(rows[0])
-        params.update(key=key, branch=branch, ts=ts, media=media, **lease)
-        if first_call is not None:
-            params.update(model=first_call.model, streamed=int(first_call.streamed), started_at=first_call.started_at)
-        calls: tuple[str, ...] = ()
-        if finish is not None:
-            call_id, started, fields = finish
-            # As `_finish_call`: the given fields may set the end and duration; the reply id
-            # is always the stored reply's.
-            done = {"finished_at": ts, "duration_ms": (ts - _utc(started)).total_seconds() * 1000}
-            done.update((k, v) for k, v in fields.items() if k != "reply_id")
-            params.update({f"f_{k}": v for k, v in done.items()}, call_id=call_id)
-            calls = tuple(sorted(done))
+        params, calls = _one_turn_params(rows[0], key, branch, media, ts, lease, first_call, finish)
         insert_turn, *writes = _one_turn_sql(self.dialect, bool(lease), first_call is not None, calls)
         row = w.first(insert_turn, params)
         if not writes:  # PostgreSQL: the one statement wrote them all
@@ -872,6 +906,54 @@ class Storage:
         if first_call is not None:
             new_call = int(w.first(insert_call, params)[0])
         return [int(row[0])], new_call
+
+    def _one_turn_at_once(
+        self,
+        conv_id: str,
+        branch: str,
+        expected: int | None,
+        turn: NewTurn,
+        parent_depth: int | None,
+        owner: str | None,
+        lease: Mapping[str, Any],
+        moved: Callable[[int | None], Conflict],
+        *,
+        first_call: FirstCall | None = None,
+        finish: tuple[int, datetime, Mapping[str, Any]] | None = None,
+    ) -> tuple[list[int], int | None] | None:
+        """`_write_one_turn` under `expected` on PostgreSQL as one statement in autocommit,
+        the branch locked and checked by the statement itself: one round trip where BEGIN, the
+        lock, the write and COMMIT took four (a send makes two such writes).
+
+        Raises `moved(head)` if the head is not `expected`. None where it writes nothing and
+        the caller's transaction must do it: the turn carries media (blobs go first), the
+        parent's depth is unknown, the branch is missing or another writer holds its lease
+        (that transaction's checks tell which, and deal with a dead holder)."""
+        if expected is None:
+            parent_depth = -1
+        elif parent_depth is None:
+            return None
+        ts = now()
+        rows, blobs = _chain_rows(None, expected, [turn], parent_depth, ts)
+        if blobs:
+            return None
+        params, calls = _one_turn_params(rows[0], None, branch, False, ts, lease, first_call, finish)
+        params.update(conv_id=conv_id, expected=expected, holder=owner)
+        (sql,) = _one_turn_sql(self.dialect, bool(lease), first_call is not None, calls, locked=True)
+
+        def landed(r: db.Reader, bound: Mapping[str, Any]) -> Any:
+            row = r.first(_PG_TURN_LANDED, bound)
+            return None if row is None else (expected, owner, None, row[0], row[1])
+
+        got = db.write_once(self.database, sql, params, landed)
+        if got is None:
+            return None
+        head, _holder, _expires, turn_id, call_id = got
+        if turn_id is None:
+            if head != expected:
+                raise moved(head)
+            return None
+        return [int(turn_id)], None if call_id is None else int(call_id)
 
     def _lock_branch(
         self, x: db.Writer | db.OnConnection, conv_id: str, branch: str, owner: str | None
@@ -962,28 +1044,9 @@ class Storage:
                 if found is None:
                     raise NotFound(f"no turn with id {parent_id!r}")
                 depth = int(found[0])
-        rows = []
-        blobs: dict[str, BlobData] = {}
-        for t in turns:
-            content, found = extract_blobs(t.content)
-            for b in found:
-                blobs[b.sha256] = b
-            depth += 1
-            rows.append(
-                {
-                    "conversation_key": conv_key,
-                    "parent_id": parent_id,
-                    "role": t.role,
-                    "kind": t.kind,
-                    "content": dumps(content),
-                    "depth": depth,
-                    "source_id": t.source_id,
-                    "stop_reason": t.stop_reason,
-                    "created_at": ts,
-                }
-            )
+        rows, blobs = _chain_rows(conv_key, parent_id, turns, depth, ts)
         if blobs:
-            self._insert_blobs(x, blobs.values(), ts)
+            self._insert_blobs(x, blobs, ts)
         return rows, bool(blobs)
 
     def _next_turn_ids(self, conn: Connection, n: int) -> list[int]:
@@ -1169,12 +1232,21 @@ class Storage:
         """Store a reply, move the head, release the lease and complete its call row: all or
         nothing."""
         release = {"lease_owner": None, "lease_expires": None} if owner is not None else {}
+
+        def moved(_head: int | None) -> Conflict:
+            return Conflict(f"branch {branch!r} moved while waiting for the reply; the reply was not stored")
+
+        if self.dialect == "postgresql" and started_at is not None:
+            done = self._one_turn_at_once(
+                conv_id, branch, parent_id, reply, parent_depth, owner, release, moved,
+                finish=(call_id, started_at, fields),
+            )
+            if done is not None:
+                return done[0][0]
         with db.writer(self.database) as w:
             head, key = self._lock_branch(w, conv_id, branch, owner)
             if head != parent_id:
-                raise Conflict(
-                    f"branch {branch!r} moved while waiting for the reply; the reply was not stored"
-                )
+                raise moved(head)
             if started_at is None:
                 started_at = self._call_started(w, call_id)
             (reply_id,), _ = self._write_one_turn(
@@ -1529,6 +1601,62 @@ class Branching:
         return [int(self._conn.execute(_PG_EDIT, params).scalar_one())]
 
 
+def _chain_rows(
+    conv_key: int | None, parent_id: int | None, turns: Sequence[NewTurn], parent_depth: int, ts: datetime
+) -> tuple[list[dict[str, Any]], list[BlobData]]:
+    """The rows of `turns` as a chain under `parent_id` (at depth `parent_depth`), their content
+    with the media taken out, and those media (each once)."""
+    rows = []
+    blobs: dict[str, BlobData] = {}
+    depth = parent_depth
+    for t in turns:
+        content, found = extract_blobs(t.content)
+        for b in found:
+            blobs[b.sha256] = b
+        depth += 1
+        rows.append(
+            {
+                "conversation_key": conv_key,
+                "parent_id": parent_id,
+                "role": t.role,
+                "kind": t.kind,
+                "content": dumps(content),
+                "depth": depth,
+                "source_id": t.source_id,
+                "stop_reason": t.stop_reason,
+                "created_at": ts,
+            }
+        )
+    return rows, list(blobs.values())
+
+
+def _one_turn_params(
+    row: Mapping[str, Any],
+    key: int | None,
+    branch: str,
+    media: bool,
+    ts: datetime,
+    lease: Mapping[str, Any],
+    first_call: FirstCall | None,
+    finish: tuple[int, datetime, Mapping[str, Any]] | None,
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The parameters of `_one_turn_sql`'s statements, and the call fields a finish sets."""
+    params = _turn_params(row)
+    params.update(key=key, branch=branch, ts=ts, media=media, **lease)
+    if first_call is not None:
+        params.update(model=first_call.model, streamed=int(first_call.streamed), started_at=first_call.started_at)
+    calls: tuple[str, ...] = ()
+    if finish is not None:
+        call_id, started, fields = finish
+        # As `_finish_call`: the given fields may set the end and duration; the reply id is
+        # always the stored reply's.
+        done = {"finished_at": ts, "duration_ms": (ts - _utc(started)).total_seconds() * 1000}
+        done.update((k, v) for k, v in fields.items() if k != "reply_id")
+        params.update({f"f_{k}": v for k, v in done.items()}, call_id=call_id)
+        calls = tuple(sorted(done))
+    return params, calls
+
+
 def _turn_params(row: Mapping[str, Any]) -> dict[str, Any]:
     """A turn row's values as the parameters of _INSERT_TURN_SQL."""
     return {f"t_{k}": v for k, v in row.items()}
@@ -1536,10 +1664,14 @@ def _turn_params(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_head(branch: str, head: int | None, expected: int | None) -> None:
     if head != expected:
-        raise Conflict(
-            f"branch {branch!r} moved (head is now {head}, expected {expected}): "
-            "another writer got there first; reload and try again"
-        )
+        raise _moved(branch, head, expected)
+
+
+def _moved(branch: str, head: int | None, expected: int | None) -> Conflict:
+    return Conflict(
+        f"branch {branch!r} moved (head is now {head}, expected {expected}): "
+        "another writer got there first; reload and try again"
+    )
 
 
 def _utc(value: Any) -> Any:

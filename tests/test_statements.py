@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import Engine, event
 
 from convo import Store
-from convo.db import Reader
+from convo.db import Reader, Writer
 from convo.errors import NotFound
 from convo.store import FirstCall, NewTurn
 
@@ -110,10 +110,14 @@ def test_fork_and_edit_run_the_same_statements_at_depth_3_and_60(db_url: str) ->
         store.close()
 
 
-def test_a_send_runs_the_same_statements_at_every_length(store: Store) -> None:
+def test_a_send_runs_the_same_statements_at_every_length(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    transactions: list[Writer] = []
+    begin = Writer._begin
+    monkeypatch.setattr(Writer, "_begin", lambda self: transactions.append(self) or begin(self))
     counts = []
     for exchanges in (2, 40):
         conv = thread(store, exchanges)
+        transactions.clear()
         with counted() as seen:
             reply = conv.send("one more")
         assert reply.text
@@ -121,9 +125,16 @@ def test_a_send_runs_the_same_statements_at_every_length(store: Store) -> None:
     assert counts[0] == counts[1]
     # Reading: the snapshot and the path. Before the call: the branch locked, the user turn,
     # the head and lease, the count, the ledger row; after it: the branch locked, the reply,
-    # the head and release, the count, the ledger row completed. On PostgreSQL, where each is
-    # a round trip, everything after each lock is one statement.
-    assert len(counts[0]) == (2 + 2 + 2 if store.storage.dialect == "postgresql" else 2 + 5 + 5), counts[0]
+    # the head and release, the count, the ledger row completed. On PostgreSQL, where each
+    # statement is a round trip, each of the two is one statement that is its own
+    # transaction: no BEGIN and COMMIT around it.
+    if store.storage.dialect == "postgresql":
+        assert len(counts[0]) == 2 + 1 + 1, counts[0]
+        assert sum(s.startswith("WITH locked AS") for s in counts[0]) == 2, counts[0]
+        assert transactions == []
+    else:
+        assert len(counts[0]) == 2 + 5 + 5, counts[0]
+        assert len(transactions) == 2
 
 
 def test_a_checkout_is_one_statement_and_an_unknown_branch_writes_nothing(store: Store) -> None:
@@ -139,11 +150,15 @@ def test_a_checkout_is_one_statement_and_an_unknown_branch_writes_nothing(store:
     assert conv.branch == "side" and conv.info.updated_at == before
 
 
-def test_a_send_writes_the_same_ledger_row_on_both_engines_whatever_the_path(db_url: str) -> None:
+@pytest.mark.parametrize("depth_known", [False, True], ids=["depth-looked-up", "depth-given"])
+def test_a_send_writes_the_same_ledger_row_on_both_engines_whatever_the_path(
+    db_url: str, depth_known: bool
+) -> None:
     """PostgreSQL writes a send's turn, head, count and ledger row in one statement (raw SQL
-    text); SQLite in several built from the models. Both must leave the same rows: every
-    column of the call, naive datetimes read as UTC (not the session's zone), fields given to
-    finish a call overriding its end, and the reply id always the stored reply's."""
+    text; with the parent's depth given, one that also locks the branch, in autocommit);
+    SQLite in several. All must leave the same rows: every column of the call, naive
+    datetimes read as UTC (not the session's zone), fields given to finish a call overriding
+    its end, and the reply id always the stored reply's."""
     url = db_url
     if db_url.startswith("postgresql"):
         url += "?options=-c%20timezone%3DAmerica/New_York"  # a session zone that is not UTC
@@ -166,7 +181,8 @@ def test_a_send_writes_the_same_ledger_row_on_both_engines_whatever_the_path(db_
         fields = {"status": "ok", "input_tokens": 7, "output_tokens": 3, "cost_usd": 0.5,
                   "finished_at": ended, "reply_id": 10**9}
         reply_id = storage.finish_with_reply(
-            call_id, conv.id, "main", user_id, reply, "me", fields, started_at=started
+            call_id, conv.id, "main", user_id, reply, "me", fields, started_at=started,
+            parent_depth=0 if depth_known else None,
         )
         done = storage.calls(conv.id)[0]
         assert done["reply_id"] == reply_id != 10**9

@@ -971,17 +971,22 @@ def test_a_one_turn_write_that_fails_part_way_leaves_nothing_written(
     real_run = db.Writer._run
     seen: list[str] = []
 
+    pg = db_url.startswith("postgresql")
+    fail_at = 3 if pg else 4  # the lock, the head's depth, then (SQLite: the turn written) this
+
     def failing(self: db.Writer, sql: str, params: Any, **kw: Any) -> Any:
         seen.append(sql)
-        if len(seen) == 3:  # the lock and the turn written (SQLite: its head too); then this
+        if len(seen) == fail_at:
             raise failure
         return real_run(self, sql, params, **kw)
 
     monkeypatch.setattr(db.Writer, "_run", failing)
+    head = conv.turns()[-1].id
     with pytest.raises(StoreError) as exc:
-        conv.add_assistant("never stored")
+        # The head's depth not given: a transaction on both engines (see the next test).
+        store.storage.append(conv.id, "main", head, [NewTurn("assistant", "synthetic", [{"type": "text", "text": "never stored"}])])
     assert str(exc.value) == "database error: injected: disk full"
-    assert len(seen) == 3
+    assert len(seen) == fail_at
     monkeypatch.setattr(db.Writer, "_run", real_run)
     try:
         assert _texts(store.get(conv.id)) == ["hello"]
@@ -993,6 +998,35 @@ def test_a_one_turn_write_that_fails_part_way_leaves_nothing_written(
         assert _texts(other.get(conv_id)) == ["hello", "stored"]
         turns, _branch, [(count, _updated)], calls = _state(other, conv_id)
         assert (turns, count, calls) == (before[0] + 1, before[2][0][0] + 1, [])
+
+
+def test_a_postgresql_one_statement_write_the_server_refuses_leaves_nothing_and_its_connection_usable(
+    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    with Store(fresh_pg_url, upgrade=True) as store:
+        conv = store.create(MODEL)
+        conv.add_user("hello")
+        before = _state(store, conv.id)
+        real_run = db.Reader._run
+        seen: list[str] = []
+
+        def refusing(self: db.Reader, sql: str, params: Any, **kw: Any) -> Any:
+            if sql.startswith("WITH locked"):
+                seen.append(sql)
+                raise psycopg.errors.DiskFull("could not extend file: injected")
+            return real_run(self, sql, params, **kw)
+
+        monkeypatch.setattr(db.Reader, "_run", refusing)
+        with pytest.raises(StoreError) as exc:
+            conv.add_assistant("never stored")
+        assert str(exc.value) == "database error: could not extend file: injected"
+        assert len(seen) == 1  # a server's error: not a lost connection, not run again
+        monkeypatch.setattr(db.Reader, "_run", real_run)
+        assert _state(store, conv.id) == before
+        conv.add_assistant("stored")
+        assert _texts(store.get(conv.id)) == ["hello", "stored"]
 
 
 def test_a_value_postgresql_refuses_in_a_one_turn_write_is_one_line_without_the_statement(
@@ -1012,19 +1046,26 @@ def test_a_value_postgresql_refuses_in_a_one_turn_write_is_one_line_without_the_
         assert _texts(conv) == ["hello"]
 
 
+@pytest.mark.parametrize("depth_known", [False, True], ids=["transaction", "one-statement"])
 def test_a_one_turn_write_whose_postgresql_connection_dropped_runs_again_on_a_new_one(
-    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
+    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch, depth_known: bool
 ) -> None:
+    """Without the head's depth the write is a transaction, whose first statement (the branch
+    lock) found the connection gone; with it, one statement in autocommit, which runs again
+    once a look on a new connection finds none of it written."""
     with Store(fresh_pg_url, upgrade=True) as store:
         conv = store.create(MODEL)
         conv.add_user("hello")
         monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)  # back a moment ago: no ping
         head = store.get(conv.id).turns()[-1].id
         pids = _drop_pooled(store, fresh_pg_url, 3)  # all of them: the write cannot miss one
-        # Nothing was written when the branch lock found the connection gone: run it again.
         # (Storage directly: the service reads first, and that read would clear the pool.)
         turn = NewTurn("assistant", "synthetic", [{"type": "text", "text": "after the drop"}])
-        store.storage.append(conv.id, "main", head, [turn])
+        transactions: list[db.Writer] = []
+        begin = db.Writer._begin
+        monkeypatch.setattr(db.Writer, "_begin", lambda self: transactions.append(self) or begin(self))
+        store.storage.append(conv.id, "main", head, [turn], head_depth=0 if depth_known else None)
+        assert len(transactions) == (0 if depth_known else 2)  # the first lost its connection
         assert _texts(store.get(conv.id)) == ["hello", "after the drop"]
         assert _backend_pid(store) not in pids
 
@@ -1036,6 +1077,7 @@ def test_a_one_turn_write_whose_postgresql_connection_drops_after_it_began_write
         conv = store.create(MODEL)
         conv.add_user("hello")
         before = _state(store, conv.id)
+        head = store.get(conv.id).turns()[-1].id
         real_run = db.Writer._run
         calls: list[str] = []
 
@@ -1046,14 +1088,56 @@ def test_a_one_turn_write_whose_postgresql_connection_drops_after_it_began_write
             return real_run(self, sql, params, **kw)
 
         monkeypatch.setattr(db.Writer, "_run", dropping)
+        turn = NewTurn("assistant", "synthetic", [{"type": "text", "text": "lost with the connection"}])
         with pytest.raises(StoreError) as exc:
-            conv.add_assistant("lost with the connection")
+            # The head's depth unknown: a transaction (the lock, the depth, the write).
+            store.storage.append(conv.id, "main", head, [turn])
         assert "\n" not in str(exc.value)
         assert len(calls) == 2  # not run again: the transaction had begun
         monkeypatch.setattr(db.Writer, "_run", real_run)
         assert _state(store, conv.id) == before
         conv.add_assistant("after")
         assert _texts(store.get(conv.id)) == ["hello", "after"]
+
+
+def test_a_postgresql_send_whose_writes_committed_but_lost_their_answers_writes_each_once(
+    fresh_pg_url: str, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each of a send's writes is one statement in autocommit on PostgreSQL. If the connection
+    drops after the server committed it, before its answer arrived, running it again would
+    write the turn twice (or call the branch moved): a look on a new connection finds the turn
+    and the call row it wrote, and the send goes on with those."""
+    import psycopg
+
+    with Store(fresh_pg_url, upgrade=True, client=client) as store:
+        conv = store.create(MODEL)
+        conv.add_user("hello")
+        conv.add_assistant("hi")
+        real_run = db.Reader._run
+        lost: list[int] = []
+
+        def answer_lost(self: db.Reader, sql: str, params: Any, **kw: Any) -> Any:
+            result = real_run(self, sql, params, **kw)
+            if sql.startswith("WITH locked"):  # committed: now the answer never arrives
+                lost.append(self._conn.info.backend_pid)
+                _terminate(fresh_pg_url, lost[-1])
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+            return result
+
+        monkeypatch.setattr(db.Reader, "_run", answer_lost)
+        reply = conv.send("are you there?")
+        monkeypatch.setattr(db.Reader, "_run", real_run)
+        assert len(lost) == 2  # the user's turn, then the reply
+        path = store.get(conv.id).turns()
+        assert [t.role for t in path] == ["user", "assistant", "user", "assistant"]
+        assert path[-1].id == reply.turn_id and _texts(conv)[2] == "are you there?"
+        [call] = conv.calls()
+        assert (call["status"], call["turn_id"], call["reply_id"]) == ("ok", path[-2].id, reply.turn_id)
+        assert call["id"] == reply.call_id
+        with store.storage.engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM turns")).scalar() == 4
+            assert c.execute(text("SELECT turn_count FROM conversations")).scalar() == 4
+            assert c.execute(text("SELECT lease_owner FROM branches")).scalar() is None
 
 
 # -- integrity and hostile text ------------------------------------------------------------------------
