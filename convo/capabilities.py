@@ -115,6 +115,8 @@ def lookup_model(model: str, table: Mapping[str, _V] | None) -> _V | None:
     such as ``claude-sonnet-4-5`` covers its dated snapshots and provider spellings.
     """
     if table:
+        if model in table:  # the usual case, before any candidate is worked out
+            return table[model]
         lowered = {k.strip().lower(): v for k, v in table.items()}
         for key in model_candidates(model):
             if key in table:

@@ -512,7 +512,7 @@ class Writer(Reader):
 
     def _run(self, sql: str, params: Mapping[str, Any] | None, *, many: bool | None) -> Any:
         if params:
-            params = _bound(params, self._db.name)
+            params = bind(params, self._db.name)
         result = super()._run(sql, params, many=many)
         self._done = True
         return result
@@ -566,7 +566,7 @@ def write_once(
     run again: on a new connection, `landed(reader, bound parameters)` looks for what it would
     have written (as its first row, or None), and the statement runs again only if that finds
     nothing."""
-    bound = _bound(params, database.name)
+    bound = bind(params, database.name)
     w = _Once(database)
     try:
         try:
@@ -603,14 +603,20 @@ class OnConnection:
     def _execute(self, sql: str, params: Mapping[str, Any] | None) -> Any:
         d = self._dialect
         return self._conn.exec_driver_sql(
-            _paramstyle(sql, d), _bound(params or {}, d)
+            _paramstyle(sql, d), bind(params or {}, d)
         )
 
 
-def _bound(params: Mapping[str, Any], dialect: str) -> dict[str, Any]:
+class Bound(dict[str, Any]):
+    """Parameters `bind` has converted already: the statements of one write share them."""
+
+
+def bind(params: Mapping[str, Any], dialect: str) -> Bound:
     """Parameters as the Timestamp column type binds them: instants in UTC, as integer
     microseconds on SQLite (a naive datetime is UTC). Everything else as it is."""
-    return {k: _instant(v, dialect) if isinstance(v, datetime) else v for k, v in params.items()}
+    if isinstance(params, Bound):
+        return params
+    return Bound({k: _instant(v, dialect) if isinstance(v, datetime) else v for k, v in params.items()})
 
 
 def _instant(value: datetime, dialect: str) -> Any:
@@ -715,9 +721,9 @@ def schema_revision(database: Database) -> str | None:
 def ensure_schema(database: Database, *, upgrade: bool) -> None:
     """Refuse a newer schema; bring an older or empty one to head when `upgrade` is set."""
     rev = schema_revision(database)
-    _check_known(rev, str(database.url))
-    if rev == HEAD:
+    if rev == HEAD:  # (the URL is built for a message only: a fresh Store needs none)
         return
+    _check_known(rev, str(database.url))
     if not upgrade:
         raise StoreError(
             f"database {_redact(str(database.url))} is at schema revision {rev or 'none'}, "

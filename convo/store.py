@@ -894,6 +894,7 @@ class Storage:
         rows, media = self._turn_rows(w, key, parent_id, [turn], parent_depth, ts)
         params, calls = _one_turn_params(rows[0], key, branch, media, ts, lease, first_call, finish)
         insert_turn, *writes = _one_turn_sql(self.dialect, bool(lease), first_call is not None, calls)
+        params = db.bind(params, self.dialect)  # once, for all the statements
         row = w.first(insert_turn, params)
         if not writes:  # PostgreSQL: the one statement wrote them all
             return [int(row[0])], None if row[1] is None else int(row[1])
