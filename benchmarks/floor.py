@@ -187,6 +187,31 @@ class Floor:
         conn.commit()
         return payload, ids
 
+    def append_durable(
+        self, conn: Any, conversation_id: int, user_text: str, http: Any, price: tuple[float, float]
+    ) -> tuple[bytes, list[int]]:
+        """`append` doing what a send must so that a failed call loses nothing (for the
+        durable-append diagnostic): the user's turn committed before the request, the body
+        POSTed through `http` (an httpx client), the reply and its usage committed after it.
+        Still one table, no ledger, no lease and no checks."""
+        user_blocks = [{"type": "text", "text": user_text}]
+        body = build_body(self._rows(conn, conversation_id), user_blocks, self.model, self.max_tokens)
+        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        insert = self.sql(f"INSERT INTO turns ({COLUMNS}) VALUES (?,?,?,?,?,?) RETURNING id")
+        ids = [conn.execute(insert, (conversation_id, "user", dumps(user_blocks), None, None, None)).fetchone()[0]]
+        conn.commit()
+        response = http.post(
+            "https://api.invalid/v1/messages", content=payload, headers={"content-type": "application/json"}
+        )
+        reply = json.loads(response.content)
+        usage = reply["usage"]
+        inp, out = usage["input_tokens"], usage["output_tokens"]
+        cost = (inp * price[0] + out * price[1]) / 1_000_000
+        row = (conversation_id, "assistant", dumps(reply["content"]), inp, out, cost)
+        ids.append(conn.execute(insert, row).fetchone()[0])
+        conn.commit()
+        return payload, ids
+
     def insert_two(self, conn: Any, rows: Sequence[Row]) -> list[int]:
         """Only the writes of an append: two rows, one commit (for the writes diagnostic)."""
         cur = conn.execute(

@@ -19,6 +19,9 @@ convo's, one is the floor's (benchmarks/floor.py: one table, plain sqlite3 / psy
 - size: bytes on disk for every case; 20 turns carrying the same 1 MB PNG.
 - append writes (diagnostic, no target): only the rows a send writes, through convo's storage
   layer, against the floor's two-row INSERT: whether the database part of append stays flat.
+- append against a durable floor (diagnostic): the floor committing the user's turn before the
+  request, POSTing it through the same in-process transport and committing the reply after,
+  as a send must to lose nothing: how much of the append gap that guarantee accounts for.
 
 Samples alternate which system goes first, the collector is run (and older objects frozen)
 before each call; medians are reported with the ratio to the floor and the target. Both wall
@@ -68,6 +71,7 @@ from benchmarks.subject import (
     drop_branch,
     head_state,
     mock_client,
+    mock_http,
     populate,
     row_counts,
     undo_send,
@@ -454,6 +458,7 @@ def append(engine: str, case: Case, cid: str, ds: Dataset, n: int, runs: int, wa
 
         ct, ft = interleave(runs, warmup, convo_call, floor_call, convo_after, floor_after, engine=engine)
         append_writes(engine, store, case, fconn, cid, state, n, runs, warmup, rec)
+        append_durable(engine, case, fconn, n, runs, warmup, rec, convo_call, convo_after, prices, want, bad)
         after = head_state(store, cid)
         if after[:3] != state[:3]:
             bad.append("undo did not restore the thread")
@@ -466,6 +471,36 @@ def append(engine: str, case: Case, cid: str, ds: Dataset, n: int, runs: int, wa
         fconn.close()
         store.close()
         client.close()
+
+
+def append_durable(engine: str, case: Case, fconn: Any, n: int, runs: int, warmup: int, rec: Recorder,
+                   convo_call: Callable[[int], Any], convo_after: Callable[[Any, int], None],
+                   prices: tuple[float, float], want: dict[str, Any], bad: list[str]) -> None:
+    """Diagnostic: convo's append against a floor that does what a send must so that a failed
+    call loses nothing: the user's turn committed before the request, the body POSTed through
+    the same in-process httpx transport, the reply committed after it. How much of the append
+    gap is that guarantee and the HTTP client, and how much is convo."""
+    http, captured = mock_http(REPLY_BYTES)
+    last = warmup + runs - 1
+
+    def floor_after(result: Any, i: int) -> None:
+        payload, ids = result
+        if i in (0, last):
+            ok, detail = same_body(json.loads(captured["body"]), want)
+            if not ok or captured["body"] != payload:
+                bad.append(f"durable floor sent: {detail}")
+            if len(ids) != 2:
+                bad.append("durable floor did not insert two rows")
+        case.floor.delete_ids(fconn, ids)
+
+    try:
+        ct, ft = interleave(runs, warmup, convo_call,
+                            lambda _i: case.floor.append_durable(fconn, 1, APPEND_TEXT, http, prices),
+                            convo_after, floor_after, engine=engine)
+    finally:
+        http.close()
+    rec.add(Result(engine, "append, floor with a send's two commits and HTTP request", f"n={n:,}",
+                   median(ct), median(ft), "s", "diagnostic", None, median(ct) / median(ft), ct, ft))
 
 
 def append_writes(engine: str, store: Store, case: Case, fconn: Any, cid: str, state: Any, n: int,
@@ -793,7 +828,7 @@ def table(results: list[Result]) -> str:
 
 
 def ordered(results: list[Result]) -> list[Result]:
-    order = ["resume", "resume, Store kept open", "resume, bare SQLAlchemy", "resume, bare driver on convo's tables", "append", "append growth", "append writes", "append writes growth", "fork", "edit", "checkout", "audit", "size", "resume (20 images)"]
+    order = ["resume", "resume, Store kept open", "resume, bare SQLAlchemy", "resume, bare driver on convo's tables", "append", "append growth", "append, floor with a send's two commits and HTTP request", "append writes", "append writes growth", "fork", "edit", "checkout", "audit", "size", "resume (20 images)"]
     engines = list(dict.fromkeys(r.engine for r in results))
     return sorted(results, key=lambda r: (engines.index(r.engine), order.index(r.measure)))
 

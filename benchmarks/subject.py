@@ -133,8 +133,8 @@ def insert_calls(store: Store, rows: list[dict[str, Any]]) -> None:
             conn.execute(insert(K), rows[i : i + CALL_BATCH])
 
 
-def mock_client(reply_bytes: bytes) -> tuple[Client, dict[str, bytes]]:
-    """A convo Client whose transport answers every POST in process with `reply_bytes`.
+def mock_http(reply_bytes: bytes) -> tuple[httpx.Client, dict[str, bytes]]:
+    """An httpx client whose transport answers every POST in process with `reply_bytes`.
 
     The last request body is kept (a reference, no parsing) so it can be checked afterwards.
     """
@@ -145,7 +145,12 @@ def mock_client(reply_bytes: bytes) -> tuple[Client, dict[str, bytes]]:
         captured["body"] = request.content
         return httpx.Response(200, content=reply_bytes, headers=headers)
 
-    http = httpx.Client(transport=httpx.MockTransport(handler))
+    return httpx.Client(transport=httpx.MockTransport(handler)), captured
+
+
+def mock_client(reply_bytes: bytes) -> tuple[Client, dict[str, bytes]]:
+    """A convo Client over `mock_http`."""
+    http, captured = mock_http(reply_bytes)
     return Client(api_key="sk-bench", base_url="https://api.invalid", http_client=http), captured
 
 
