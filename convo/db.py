@@ -39,6 +39,9 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 PING_AFTER_IDLE_SECONDS = 1.0
 # Connections a Database opens before it has an engine (SQLAlchemy's default pool size).
 POOL_SIZE = 5
+# How long a write whose connection was lost waits for the server to end the statement it may
+# still be running (see `write_once`) before giving up on telling whether it was written.
+ORPHAN_WAIT_SECONDS = 10.0
 _WRITE = "convo_write"
 
 
@@ -563,24 +566,55 @@ def write_once(
     transaction, with no BEGIN or COMMIT round trips around it.
 
     A statement whose connection is lost may or may not have committed, so it is not simply
-    run again: on a new connection, `landed(reader, bound parameters)` looks for what it would
-    have written (as its first row, or None), and the statement runs again only if that finds
-    nothing."""
+    run again. When only the client's side was cut (a network or a proxy failing), the server
+    may still be running it, waiting on a lock, and commit later: so on a new connection its
+    server process is ended first and waited for, then `landed(reader, bound parameters)` looks
+    for what the statement would have written (as its first row, or None), and the statement
+    runs again only if that finds nothing."""
     bound = bind(params, database.name)
     w = _Once(database)
     try:
+        pid = _backend_pid(w._conn)
         try:
             return w.first(sql, bound)
         except database.Error as e:
             if not database.lost(e, w._conn, w._cur):
                 raise
             w._lost(e)
+            _end_orphan(w, pid, sql)
             found = landed(w, bound)
             return found if found is not None else w.first(sql, bound)
     except database.Error as e:
         raise _store_error(database, e) from _cause(database, e)
     finally:
         w.close()
+
+
+def _backend_pid(conn: Any) -> int:
+    """The PostgreSQL server process behind a psycopg or psycopg2 connection (no round trip)."""
+    info = getattr(conn, "info", None)
+    pid = getattr(info, "backend_pid", None)
+    return int(pid if pid is not None else conn.get_backend_pid())
+
+
+def _end_orphan(r: Reader, pid: int, sql: str) -> None:
+    """End server process `pid` if it is still running `sql` for a client that is gone, and
+    wait until it has ended: then what it wrote, or did not, is final. (Only a process whose
+    current statement begins as `sql` does is ended, whatever became of the pid.)"""
+    prefix = sql.split(":", 1)[0][:60]
+    r.first(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE pid = :pid AND left(query, :n) = :prefix",
+        {"pid": pid, "n": len(prefix), "prefix": prefix},
+    )
+    deadline = time.monotonic() + ORPHAN_WAIT_SECONDS
+    while r.first("SELECT 1 FROM pg_stat_activity WHERE pid = :pid", {"pid": pid}) is not None:
+        if time.monotonic() > deadline:
+            raise StoreError(
+                "the database connection was lost during a write, and the server is still "
+                "running it: whether it was stored is not known yet; reload and check"
+            )
+        time.sleep(0.01)
 
 
 class OnConnection:

@@ -244,10 +244,11 @@ _PG_NEW_TURN_IF_OK = (
     ":t_created_at FROM ok RETURNING id)"
 )
 # Whether a one-turn write that lost its connection committed: the turn it would have written
-# (parent, depth, instant and content all equal), and the pending call it opened, if any.
+# (parent, depth, instant and content all equal), and the call it opened, if any (the first on
+# that turn, whatever has become of it since).
 _PG_TURN_LANDED = (
-    "SELECT t.id, (SELECT k.id FROM calls k WHERE k.turn_id = t.id AND k.status = 'pending' "
-    "ORDER BY k.id DESC LIMIT 1) FROM turns t JOIN conversations c ON c.key = t.conversation_key "
+    "SELECT t.id, (SELECT k.id FROM calls k WHERE k.turn_id = t.id "
+    "ORDER BY k.id LIMIT 1) FROM turns t JOIN conversations c ON c.key = t.conversation_key "
     "WHERE c.id = :conv_id AND t.depth = :t_depth "
     "AND t.parent_id IS NOT DISTINCT FROM CAST(:t_parent_id AS bigint) "
     "AND t.created_at = :t_created_at AND t.content = :t_content"

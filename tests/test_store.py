@@ -1000,6 +1000,80 @@ def test_a_one_turn_write_that_fails_part_way_leaves_nothing_written(
         assert (turns, count, calls) == (before[0] + 1, before[2][0][0] + 1, [])
 
 
+def test_a_postgresql_write_cut_off_on_the_client_side_while_the_server_still_runs_it_is_stored_once(
+    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A network or proxy failure can cut the client off while the server goes on running the
+    statement, here waiting on the branch lock: run again at once, it would queue behind its
+    own orphan, which would then write the turn and leave the rerun calling the branch moved.
+    The orphan is ended and waited for first, so the rerun is the only write."""
+    import os
+    import socket
+    import threading
+    from datetime import UTC, datetime, timedelta
+
+    import psycopg
+
+    from convo.store import FirstCall
+
+    with Store(fresh_pg_url, upgrade=True) as store:
+        conv = store.create(MODEL)
+        conv.add_user("hello")
+        conv.add_assistant("hi")
+        head = store.get(conv.id).turns()[-1].id
+        libpq = fresh_pg_url.replace("postgresql+psycopg://", "postgresql://")
+        holder = psycopg.connect(libpq)  # another writer, holding the branch's row lock
+        holder.execute(
+            "SELECT b.head_id FROM branches b JOIN conversations c ON c.key = b.conversation_key "
+            "WHERE c.id = %s FOR UPDATE OF b", (conv.id,),
+        )
+        watcher = psycopg.connect(libpq, autocommit=True)
+        writers: list[Any] = []
+        real_pid = db._backend_pid
+        monkeypatch.setattr(db, "_backend_pid", lambda conn: writers.append(conn) or real_pid(conn))
+        out: list[Any] = []
+
+        def send() -> None:
+            try:
+                out.append(store.storage.begin_send(
+                    conv.id, "main", head, [NewTurn("user", "user", [{"type": "text", "text": "cut off"}])],
+                    owner="me:1:cut", hold=timedelta(minutes=5), head_depth=1,
+                    first_call=FirstCall(datetime.now(UTC), MODEL, False),
+                ))
+            except BaseException as e:  # checked below
+                out.append(e)
+
+        thread = threading.Thread(target=send)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while True:  # the write is waiting for the lock, on the server
+                assert time.monotonic() < deadline, "the write never waited on the lock"
+                waiting = watcher.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH locked%'"
+                ).fetchall()
+                if waiting:
+                    break
+                time.sleep(0.01)
+            [orphan] = [c for c in writers if c.info.backend_pid == waiting[0][0]]
+            socket.socket(fileno=os.dup(orphan.fileno())).shutdown(socket.SHUT_RDWR)  # cut
+            time.sleep(0.3)  # the client finds out, and looks on a new connection
+        finally:
+            holder.commit()  # the other writer is done: the branch is free
+            thread.join(30)
+            holder.close()
+            watcher.close()
+        [result] = out
+        assert not isinstance(result, BaseException), result
+        (user_id,), call_id = result
+        turns = store.get(conv.id).turns()
+        assert [t.content[0]["text"] for t in turns] == ["hello", "hi", "cut off"]
+        assert turns[-1].id == user_id
+        calls = conv.calls()
+        assert [(c["id"], c["turn_id"], c["status"]) for c in calls] == [(call_id, user_id, "pending")]
+        assert store.storage.conversation(conv.id).turn_count == 3
+
+
 def test_a_postgresql_one_statement_write_the_server_refuses_leaves_nothing_and_its_connection_usable(
     fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
