@@ -347,7 +347,7 @@ def _set_up_sqlite(conn: Any) -> None:
     # Let convo, not the driver, decide when a transaction starts (see the `begin` hook).
     conn.isolation_level = None
     cur = conn.cursor()
-    cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    # (The busy timeout is the driver's `timeout` argument: see Database.)
     cur.execute("PRAGMA foreign_keys = ON")
     _enable_wal(cur)
     cur.execute("PRAGMA synchronous = NORMAL")

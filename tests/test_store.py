@@ -842,6 +842,8 @@ def test_reads_and_one_turn_appends_build_no_engine_and_other_writes_take_their_
             if database.name == "sqlite":
                 assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
                 assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+                assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+                assert c.exec_driver_sql("PRAGMA busy_timeout").scalar() == db.SQLITE_BUSY_TIMEOUT_MS
             else:
                 assert reads_connection.autocommit is False  # the Reader put it back
         assert _texts(store.get(conv.id)) == ["hello", "hi", "a write"]
