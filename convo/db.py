@@ -361,9 +361,14 @@ def _install_sqlite_hooks(engine: Engine) -> None:
 
 
 @contextmanager
-def write(engine: Engine) -> Iterator[Connection]:
-    """One write transaction: committed on success, rolled back on any error."""
+def write(engine: Engine, *, autocommit: bool = False) -> Iterator[Connection]:
+    """One write transaction: committed on success, rolled back on any error. `autocommit`:
+    none, each statement its own (for work whose only write is one statement)."""
     with _connect(engine) as conn:
+        if autocommit:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
+            return
         conn.info[_WRITE] = True
         try:
             with conn.begin():

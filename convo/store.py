@@ -40,6 +40,7 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
+from sqlalchemy.sql.elements import TextClause
 
 from convo import db
 from convo.content import BlobData, blob_refs, extract_blobs
@@ -219,13 +220,20 @@ _PG_FORK = text(
     "WITH new_branch AS (INSERT INTO branches (conversation_key, name, head_id, created_at) "
     "VALUES (:key, :name, :head_id, :ts)) " + _PG_CREATE.format(count="")
 )
-_PG_EDIT = text(
-    f"WITH {_PG_NEW_TURN}, "
-    "new_branch AS (INSERT INTO branches (conversation_key, name, head_id, created_at) "
-    "SELECT :key, :name, id, :ts FROM new_turn) "
-    + _PG_CREATE.format(count=", turn_count = turn_count + 1, has_media = has_media OR :media")
-    + " RETURNING (SELECT id FROM new_turn)"
-)
+
+
+@lru_cache(maxsize=16)
+def _pg_edit(blobs: int) -> TextClause:
+    """An edit's statement, with the `blobs` media its turn holds written by it too (:b<i>_*),
+    so that the whole edit is one statement (see `Storage.branching`)."""
+    media = "".join(f"blob_{i} AS ({_INSERT_BLOB.replace(':', f':b{i}_')}), " for i in range(blobs))
+    return text(
+        f"WITH {media}{_PG_NEW_TURN}, "
+        "new_branch AS (INSERT INTO branches (conversation_key, name, head_id, created_at) "
+        "SELECT :key, :name, id, :ts FROM new_turn) "
+        + _PG_CREATE.format(count=", turn_count = turn_count + 1, has_media = has_media OR :media")
+        + " RETURNING (SELECT id FROM new_turn)"
+    )
 
 
 # A branch's row locked for a one-turn write on PostgreSQL, and `ok`: its conversation's key if
@@ -1141,8 +1149,11 @@ class Storage:
 
     @contextmanager
     def branching(self, conv_id: str) -> Iterator[Branching]:
-        """One write transaction for a fork or an edit: resolve, check, name, write."""
-        with db.write(self.engine) as conn:
+        """A fork or an edit: resolve, check, name, write. One transaction on SQLite; on
+        PostgreSQL, where the write is one statement (`Branching.create`), none: each read and
+        the write are a round trip each, with no BEGIN and COMMIT around them (the reads saw
+        no more of one snapshot inside a READ COMMITTED transaction either)."""
+        with db.write(self.engine, autocommit=self.dialect == "postgresql") as conn:
             yield Branching(self, conn, conv_id)
 
     def _tail(
@@ -1564,7 +1575,9 @@ class Branching:
         head, and one update of the conversation (count, checkout)."""
         ts = now()
         key = self.key
-        if self._s.dialect == "postgresql" and len(turns) <= 1:
+        if self._s.dialect == "postgresql":
+            if len(turns) > 1:  # not one statement, and `Storage.branching` runs no transaction
+                raise InvalidInput("a branch is created with at most one new turn")
             return self._create_in_one_statement(key, name, parent_id, turns, parent_depth, checkout, ts)
         ids, media = self._s._write_turns(self._conn, key, parent_id, turns, parent_depth, ts)
         head = ids[-1] if ids else parent_id
@@ -1592,15 +1605,24 @@ class Branching:
         checkout: bool,
         ts: datetime,
     ) -> list[int]:
-        """`create` on PostgreSQL for a fork or an edit: the new turn, the branch row and the
-        conversation's update in one statement, one round trip instead of three."""
-        rows, media = self._s._turn_rows(db.OnConnection(self._conn), key, parent_id, turns, parent_depth, ts)
+        """`create` on PostgreSQL for a fork or an edit: the new turn and its media, the branch
+        row and the conversation's update in one statement (which `Storage.branching` runs in
+        autocommit, as all it writes)."""
         params = {"key": key, "name": name, "ts": ts, "checkout": checkout}  # ts: aware (now())
-        if not rows:
+        if not turns:
             self._conn.execute(_PG_FORK, {**params, "head_id": parent_id})
             return []
-        params.update(_turn_params(rows[0]), media=media)
-        return [int(self._conn.execute(_PG_EDIT, params).scalar_one())]
+        depth = -1
+        if parent_id is not None:
+            depth = parent_depth if parent_depth is not None else int(
+                self._conn.execute(text(_DEPTH_SQL), {"id": parent_id}).scalar_one()
+            )
+        rows, blobs = _chain_rows(key, parent_id, turns, depth, ts)
+        params.update(_turn_params(rows[0]), media=bool(blobs))
+        for i, b in enumerate(blobs):
+            params.update({f"b{i}_sha256": b.sha256, f"b{i}_media_type": b.media_type,
+                           f"b{i}_size": len(b.data), f"b{i}_data": b.data, f"b{i}_created_at": ts})
+        return [int(self._conn.execute(_pg_edit(len(blobs)), params).scalar_one())]
 
 
 def _chain_rows(

@@ -288,6 +288,38 @@ def test_edit_refuses_bad_content_and_writes_nothing(store: Store, conv: Convers
     assert conv.branch == "main"
 
 
+def test_an_edit_carrying_an_image_stores_the_image_with_its_turn_or_neither(
+    store: Store, conv: Conversation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a fork or an edit runs no transaction: its one write statement carries
+    the edited turn's media too. Made to fail at that statement (the branch name's own check
+    skipped, so the write meets a taken name), it leaves neither the image nor the turn."""
+    import base64
+
+    from test_content import make_png
+
+    from convo.store import Branching
+
+    ids = exchange(conv, 2)
+    data = base64.b64encode(make_png(3, 3)).decode()
+    blocks = [
+        {"type": "text", "text": "look at this"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+    ]
+    before = row_counts(store)
+    monkeypatch.setattr(Branching, "name_taken", lambda self, name: False)
+    with pytest.raises(convo.StoreError, match="refused a value"):
+        conv.edit(ids[2], blocks, name="main")
+    assert row_counts(store) == before
+    monkeypatch.undo()
+    new = conv.edit(ids[2], blocks, name="with-image")
+    after = row_counts(store)
+    assert (after["blobs"], after["turns"]) == (before["blobs"] + 1, before["turns"] + 1)
+    assert conv.branch == "with-image" and conv.turns()[-1].id == new
+    sent = conv.request("and?")["messages"][-1]["content"]
+    assert sent[:2] == blocks and conv.info.has_media
+
+
 def test_edit_a_tool_result_into_plain_text_is_refused(store: Store, conv: Conversation) -> None:
     conv.add_user("What's the weather in Paris?")
     conv.add_assistant([TOOL_USE])

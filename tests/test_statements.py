@@ -110,6 +110,33 @@ def test_fork_and_edit_run_the_same_statements_at_depth_3_and_60(db_url: str) ->
         store.close()
 
 
+def test_a_postgresql_fork_or_edit_runs_no_transaction_around_its_statements(fresh_pg_url: str) -> None:
+    """Its write is one statement, so a fork or an edit on PostgreSQL runs in autocommit: no
+    BEGIN and COMMIT round trips. The connection goes back to the pool as it came."""
+    store = Store(fresh_pg_url, upgrade=True)
+    try:
+        conv = thread(store, 3)
+        path = store.storage.path(conv.id).turns
+        modes: list[bool] = []
+
+        def hook(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if statement.lstrip().upper().startswith(DATA):
+                modes.append(conn.connection.driver_connection.autocommit)
+
+        event.listen(Engine, "before_cursor_execute", hook)
+        try:
+            conv.fork(path[-1].id, name="f")
+            conv.edit(path[-2].id, "question, edited", name="e")
+        finally:
+            event.remove(Engine, "before_cursor_execute", hook)
+        assert len(modes) == 4 and all(modes), modes
+        assert sorted(b.name for b in conv.branches()) == ["e", "f", "main"]
+        with store.storage.engine.connect() as c:
+            assert c.connection.driver_connection.autocommit is False
+    finally:
+        store.close()
+
+
 def test_a_send_runs_the_same_statements_at_every_length(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     transactions: list[Writer] = []
     begin = Writer._begin
