@@ -567,7 +567,7 @@ def write_once(
     params: Mapping[str, Any],
     landed: Callable[[Reader, Mapping[str, Any]], Any],
 ) -> Any:
-    """One write statement in autocommit, its first row: on PostgreSQL the statement is its own
+    """One write statement in autocommit on PostgreSQL, its first row: the statement is its own
     transaction, with no BEGIN or COMMIT round trips around it.
 
     A statement whose connection is lost may or may not have committed, so it is not simply

@@ -1522,7 +1522,7 @@ class Storage:
 
 
 class Branching:
-    """What a fork or an edit needs, inside one write transaction (see Storage.branching)."""
+    """What a fork or an edit needs, on one connection (see Storage.branching)."""
 
     def __init__(self, storage: Storage, conn: Connection, conv_id: str) -> None:
         self._s, self._conn, self.conv_id = storage, conn, conv_id

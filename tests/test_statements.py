@@ -118,10 +118,12 @@ def test_a_postgresql_fork_or_edit_runs_no_transaction_around_its_statements(fre
         conv = thread(store, 3)
         path = store.storage.path(conv.id).turns
         modes: list[bool] = []
+        used: list[Any] = []
 
         def hook(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
             if statement.lstrip().upper().startswith(DATA):
-                modes.append(conn.connection.driver_connection.autocommit)
+                used.append(conn.connection.driver_connection)
+                modes.append(used[-1].autocommit)
 
         event.listen(Engine, "before_cursor_execute", hook)
         try:
@@ -131,8 +133,7 @@ def test_a_postgresql_fork_or_edit_runs_no_transaction_around_its_statements(fre
             event.remove(Engine, "before_cursor_execute", hook)
         assert len(modes) == 4 and all(modes), modes
         assert sorted(b.name for b in conv.branches()) == ["e", "f", "main"]
-        with store.storage.engine.connect() as c:
-            assert c.connection.driver_connection.autocommit is False
+        assert [c.autocommit for c in used] == [False] * 4  # back in the pool as they came
     finally:
         store.close()
 
