@@ -1058,7 +1058,8 @@ def test_a_postgresql_write_cut_off_on_the_client_side_while_the_server_still_ru
                     break
                 time.sleep(0.01)
             [orphan] = [c for c in writers if c.info.backend_pid == waiting[0][0]]
-            socket.socket(fileno=os.dup(orphan.fileno())).shutdown(socket.SHUT_RDWR)  # cut
+            with socket.socket(fileno=os.dup(orphan.fileno())) as cut:
+                cut.shutdown(socket.SHUT_RDWR)  # the client's side of the connection only
             time.sleep(0.3)  # the client finds out, and looks on a new connection
         finally:
             holder.commit()  # the other writer is done: the branch is free
