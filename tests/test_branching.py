@@ -302,7 +302,7 @@ def test_an_edit_carrying_an_image_stores_the_image_with_its_turn_or_neither(
 
     ids = exchange(conv, 2)
     data = base64.b64encode(make_png(3, 3)).decode()
-    blocks = [
+    blocks: list[dict[str, Any]] = [
         {"type": "text", "text": "look at this"},
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
     ]

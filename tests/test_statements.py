@@ -141,7 +141,12 @@ def test_a_postgresql_fork_or_edit_runs_no_transaction_around_its_statements(fre
 def test_a_send_runs_the_same_statements_at_every_length(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     transactions: list[Writer] = []
     begin = Writer._begin
-    monkeypatch.setattr(Writer, "_begin", lambda self: transactions.append(self) or begin(self))
+
+    def beginning(self: Writer) -> None:
+        transactions.append(self)
+        begin(self)
+
+    monkeypatch.setattr(Writer, "_begin", beginning)
     counts = []
     for exchanges in (2, 40):
         conv = thread(store, exchanges)

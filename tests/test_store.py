@@ -983,7 +983,7 @@ def test_a_one_turn_write_that_fails_part_way_leaves_nothing_written(
         return real_run(self, sql, params, **kw)
 
     monkeypatch.setattr(db.Writer, "_run", failing)
-    head = conv.turns()[-1].id
+    head = int(conv.turns()[-1].id)
     with pytest.raises(StoreError) as exc:
         # The head's depth not given: a transaction on both engines (see the next test).
         store.storage.append(conv.id, "main", head, [NewTurn("assistant", "synthetic", [{"type": "text", "text": "never stored"}])])
@@ -1022,7 +1022,7 @@ def test_a_postgresql_write_cut_off_on_the_client_side_while_the_server_still_ru
         conv = store.create(MODEL)
         conv.add_user("hello")
         conv.add_assistant("hi")
-        head = store.get(conv.id).turns()[-1].id
+        head = int(store.get(conv.id).turns()[-1].id)
         libpq = fresh_pg_url.replace("postgresql+psycopg://", "postgresql://")
         holder = psycopg.connect(libpq)  # another writer, holding the branch's row lock
         holder.execute(
@@ -1032,7 +1032,12 @@ def test_a_postgresql_write_cut_off_on_the_client_side_while_the_server_still_ru
         watcher = psycopg.connect(libpq, autocommit=True)
         writers: list[Any] = []
         real_pid = db._backend_pid
-        monkeypatch.setattr(db, "_backend_pid", lambda conn: writers.append(conn) or real_pid(conn))
+
+        def recording(conn: Any) -> int:
+            writers.append(conn)
+            return real_pid(conn)
+
+        monkeypatch.setattr(db, "_backend_pid", recording)
         out: list[Any] = []
 
         def send() -> None:
@@ -1134,13 +1139,18 @@ def test_a_one_turn_write_whose_postgresql_connection_dropped_runs_again_on_a_ne
         conv = store.create(MODEL)
         conv.add_user("hello")
         monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)  # back a moment ago: no ping
-        head = store.get(conv.id).turns()[-1].id
+        head = int(store.get(conv.id).turns()[-1].id)
         pids = _drop_pooled(store, fresh_pg_url, 3)  # all of them: the write cannot miss one
         # (Storage directly: the service reads first, and that read would clear the pool.)
         turn = NewTurn("assistant", "synthetic", [{"type": "text", "text": "after the drop"}])
         transactions: list[db.Writer] = []
         begin = db.Writer._begin
-        monkeypatch.setattr(db.Writer, "_begin", lambda self: transactions.append(self) or begin(self))
+
+        def beginning(self: db.Writer) -> None:
+            transactions.append(self)
+            begin(self)
+
+        monkeypatch.setattr(db.Writer, "_begin", beginning)
         store.storage.append(conv.id, "main", head, [turn], head_depth=0 if depth_known else None)
         assert len(transactions) == (0 if depth_known else 2)  # the first lost its connection
         assert _texts(store.get(conv.id)) == ["hello", "after the drop"]
@@ -1154,7 +1164,7 @@ def test_a_one_turn_write_whose_postgresql_connection_drops_after_it_began_write
         conv = store.create(MODEL)
         conv.add_user("hello")
         before = _state(store, conv.id)
-        head = store.get(conv.id).turns()[-1].id
+        head = int(store.get(conv.id).turns()[-1].id)
         real_run = db.Writer._run
         calls: list[str] = []
 
