@@ -1,11 +1,13 @@
 """Queries and transactions over the tables: no HTTP, no request building, no printing.
 
-Every public method is one transaction. Writes that must agree with what was read (appending at
-a branch head) re-read the head inside the write transaction and raise `Conflict` when another
-writer moved it, so no history is ever silently interleaved.
+Every public write is all or nothing: one transaction, or on PostgreSQL, where a send's writes,
+a one-turn append, a fork and an edit are each one statement, that statement. Writes that must
+agree with what was read (appending at a branch head) re-read the head inside the write and
+raise `Conflict` when another writer moved it, so no history is ever silently interleaved.
 
 The hot paths (a resume's reads, a send's two writes, any one-turn append) run prebuilt SQL
-text on the driver (`db.Reader`, `db.Writer`); everything else goes through SQLAlchemy Core.
+text on the driver (`db.Reader`, `db.Writer`, on PostgreSQL `db.write_once`); everything else
+goes through SQLAlchemy Core.
 """
 
 from __future__ import annotations
