@@ -1047,16 +1047,7 @@ class Storage:
         written already), and whether any of them holds an image or document."""
         if not turns:
             return [], False
-        depth = -1
-        if parent_id is not None:
-            if parent_depth is not None:
-                depth = parent_depth
-            else:
-                found = x.first(_DEPTH_SQL, {"id": parent_id})
-                if found is None:
-                    raise NotFound(f"no turn with id {parent_id!r}")
-                depth = int(found[0])
-        rows, blobs = _chain_rows(conv_key, parent_id, turns, depth, ts)
+        rows, blobs = _chain_rows(conv_key, parent_id, turns, _depth_of(x, parent_id, parent_depth), ts)
         if blobs:
             self._insert_blobs(x, blobs, ts)
         return rows, bool(blobs)
@@ -1614,17 +1605,25 @@ class Branching:
         if not turns:
             self._conn.execute(_PG_FORK, {**params, "head_id": parent_id})
             return []
-        depth = -1
-        if parent_id is not None:
-            depth = parent_depth if parent_depth is not None else int(
-                self._conn.execute(text(_DEPTH_SQL), {"id": parent_id}).scalar_one()
-            )
+        depth = _depth_of(db.OnConnection(self._conn), parent_id, parent_depth)
         rows, blobs = _chain_rows(key, parent_id, turns, depth, ts)
         params.update(_turn_params(rows[0]), media=bool(blobs))
         for i, b in enumerate(blobs):
             params.update({f"b{i}_sha256": b.sha256, f"b{i}_media_type": b.media_type,
                            f"b{i}_size": len(b.data), f"b{i}_data": b.data, f"b{i}_created_at": ts})
         return [int(self._conn.execute(_pg_edit(len(blobs)), params).scalar_one())]
+
+
+def _depth_of(x: db.Writer | db.OnConnection, parent_id: int | None, parent_depth: int | None) -> int:
+    """The depth of the turn a chain is written under (-1 for a root), read if not given."""
+    if parent_id is None:
+        return -1
+    if parent_depth is not None:
+        return parent_depth
+    found = x.first(_DEPTH_SQL, {"id": parent_id})
+    if found is None:
+        raise NotFound(f"no turn with id {parent_id!r}")
+    return int(found[0])
 
 
 def _chain_rows(
