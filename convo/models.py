@@ -168,7 +168,8 @@ class Branch(Base):
         KEY, ForeignKey("conversations.key", ondelete="CASCADE")
     )
     name: Mapped[str] = mapped_column(String(200))
-    head_id: Mapped[int | None] = mapped_column(KEY, ForeignKey("turns.id"))
+    # Indexed: deleting a turn looks for a branch that still points at it (migration 0004).
+    head_id: Mapped[int | None] = mapped_column(KEY, ForeignKey("turns.id"), index=True)
     # A send holds the branch from its user turn to its reply, so two writers never interleave.
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires: Mapped[datetime | None] = mapped_column(Timestamp())

@@ -123,6 +123,34 @@ def test_models_and_migrations_differ_is_detected(engine: Engine) -> None:
     assert any(d[0] == "add_index" and d[1].name == "ix_calls_started_at" for d in diff)
 
 
+
+def unindexed_foreign_keys(e: Engine) -> list[tuple[str, list[str]]]:
+    """Foreign keys whose columns lead no index, primary key or unique constraint of their
+    table: deleting a row they refer to then scans that whole table once per deleted row."""
+    missing = []
+    with e.connect() as conn:
+        insp = inspect(conn)
+        for table in insp.get_table_names():
+            leads = [insp.get_pk_constraint(table)["constrained_columns"]]
+            leads += [list(i["column_names"]) for i in insp.get_indexes(table)]
+            leads += [u["column_names"] for u in insp.get_unique_constraints(table)]
+            for fk in insp.get_foreign_keys(table):
+                cols = fk["constrained_columns"]
+                if not any(cols == lead[: len(cols)] for lead in leads):
+                    missing.append((table, cols))
+    return missing
+
+
+def test_every_foreign_key_is_indexed(engine: Engine) -> None:
+    """Deleting a conversation deletes its turns, and each deleted turn is looked for in every
+    table that refers to turns: without an index that is a scan of the whole store per turn
+    (it was, for branches.head_id, until migration 0004)."""
+    db.upgrade_schema(engine)
+    assert unindexed_foreign_keys(engine) == []
+    with engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_branches_head_id"))
+    assert unindexed_foreign_keys(engine) == [("branches", ["head_id"])]
+
 def test_every_revision_down_to_base_and_up_again(engine: Engine, database: db.Database) -> None:
     db.upgrade_schema(engine)
     head_schema = schema(engine)
