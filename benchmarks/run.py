@@ -751,10 +751,22 @@ def verdict(p: bool | None) -> str:
 
 
 def append_growth(results: list[Result]) -> list[Result]:
-    """Per engine: convo's append at the largest n against its append at the smallest n."""
+    """Per engine, append at the largest n against the smallest.
+
+    The target (the issue's "the 10,000 figure within 1.3x of the 10 figure", in its table of
+    ratios to the floor) is on convo's ratio to the floor: a store whose append falls behind the
+    floor as a thread grows (one that rewrites or re-reads more than it must) fails it. How
+    convo's own time grows, and the floor's, are diagnostics: anything that sends the whole
+    history grows with it, the floor most of all."""
     out = []
     for engine in dict.fromkeys(r.engine for r in results):
-        for measure, label, target in (("append", "append growth", True), ("append writes", "append writes growth", False)):
+        rows = [r for r in results if r.engine == engine and r.measure == "append"]
+        if len(rows) >= 2:
+            lo, hi = rows[0], rows[-1]
+            g = hi.ratio / lo.ratio  # type: ignore[operator]
+            out.append(Result(engine, "append growth", f"{hi.case} vs {lo.case}", hi.ratio, lo.ratio, "x",
+                              f"<= {APPEND_GROWTH_MAX}x", g <= APPEND_GROWTH_MAX, g))
+        for measure, label in (("append", "append growth, own time"), ("append writes", "append writes growth")):
             rows = [r for r in results if r.engine == engine and r.measure == measure]
             if len(rows) < 2:
                 continue
@@ -762,8 +774,7 @@ def append_growth(results: list[Result]) -> list[Result]:
             g = hi.convo / lo.convo  # type: ignore[operator]
             fg = hi.floor / lo.floor  # type: ignore[operator]
             out.append(Result(engine, label, f"{hi.case} vs {lo.case}", hi.convo, lo.convo, "s",
-                              f"<= {APPEND_GROWTH_MAX}x" if target else "diagnostic",
-                              g <= APPEND_GROWTH_MAX if target else None, g, extra={"floor_growth": fg}))
+                              "diagnostic", None, g, extra={"floor_growth": fg}))
     return out
 
 
@@ -786,7 +797,7 @@ def rerender(path: Path) -> int:
     saved = json.loads(path.read_text())
     results = []
     for d in saved["results"]:
-        if d["measure"].endswith("growth"):
+        if "growth" in d["measure"]:
             continue
         r = Result(**d)
         timing = r.extra.get("timing")
@@ -813,7 +824,13 @@ def table(results: list[Result]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        if r.measure in ("append growth", "append writes growth"):
+        if r.measure == "append growth":
+            lines.append(
+                f"| {r.engine} | {r.measure} (convo/floor) | {r.case} | {r.convo:.2f}x vs {r.floor:.2f}x | "
+                f"— | {r.ratio:.2f}x | {r.target} | {verdict(r.passed)} |"
+            )
+            continue
+        if r.measure in ("append growth, own time", "append writes growth"):
             lines.append(
                 f"| {r.engine} | {r.measure} | {r.case} | {fmt_time(r.convo)} vs {fmt_time(r.floor)} | "
                 f"floor grew {r.extra['floor_growth']:.1f}x | {r.ratio:.1f}x | {r.target} | {verdict(r.passed)} |"
@@ -828,7 +845,7 @@ def table(results: list[Result]) -> str:
 
 
 def ordered(results: list[Result]) -> list[Result]:
-    order = ["resume", "resume, Store kept open", "resume, bare SQLAlchemy", "resume, bare driver on convo's tables", "append", "append growth", "append, floor with a send's two commits and HTTP request", "append writes", "append writes growth", "fork", "edit", "checkout", "audit", "size", "resume (20 images)"]
+    order = ["resume", "resume, Store kept open", "resume, bare SQLAlchemy", "resume, bare driver on convo's tables", "append", "append growth", "append growth, own time", "append, floor with a send's two commits and HTTP request", "append writes", "append writes growth", "fork", "edit", "checkout", "audit", "size", "resume (20 images)"]
     engines = list(dict.fromkeys(r.engine for r in results))
     return sorted(results, key=lambda r: (engines.index(r.engine), order.index(r.measure)))
 
