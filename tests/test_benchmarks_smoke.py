@@ -57,6 +57,7 @@ def test_quick_benchmark_checks_pass_on_both_engines(tmp_path: Path) -> None:
             "resume",
             "append",
             "append growth",
+            "append growth, own time",
             "fork",
             "edit",
             "checkout",
@@ -64,6 +65,12 @@ def test_quick_benchmark_checks_pass_on_both_engines(tmp_path: Path) -> None:
             "size",
         ):
             assert (engine, measure) in measured, (engine, measure)
+    # Growth is judged on the ratio to the floor: the largest n's against the smallest's.
+    for engine in engines:
+        appends = [r for r in report["results"] if (r["engine"], r["measure"]) == (engine, "append")]
+        (growth,) = [r for r in report["results"] if (r["engine"], r["measure"]) == (engine, "append growth")]
+        assert growth["ratio"] == pytest.approx(appends[-1]["ratio"] / appends[0]["ratio"])
+        assert growth["passed"] == (growth["ratio"] <= 1.3)
     # Raw samples are kept for every timed measure.
     resume = [r for r in report["results"] if r["measure"] == "resume"]
     assert all(r["convo_samples"] and r["floor_samples"] for r in resume)
