@@ -56,8 +56,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _scrub(text: str) -> str:
     """Never let the API key reach the terminal, whatever a lower layer put in a message."""
-    key = os.environ.get(config.API_KEY_ENV)
-    if key and len(key) >= 4:
+    key = (os.environ.get(config.API_KEY_ENV) or "").strip()  # as the client reads it
+    if len(key) >= 4:
         text = text.replace(key, "[api key]")
     return text
 

@@ -33,6 +33,7 @@ from convo.errors import (
     APIError,
     APIStatusError,
     APITimeoutError,
+    ConfigError,
     InvalidInput,
     MissingApiKey,
     api_error_for,
@@ -159,10 +160,18 @@ class Client:
     ) -> None:
         # A missing key is reported by the first request, not here, so that commands that never
         # call the API (listing, exporting) work without one.
-        self._api_key = api_key if api_key is not None else os.environ.get("ANTHROPIC_API_KEY")
+        key = api_key if api_key is not None else os.environ.get("ANTHROPIC_API_KEY")
+        # A key read from a file often ends in a newline (or a CR, from Windows): no key has
+        # whitespace at either end, and a header carrying it would be refused, echoing it.
+        self._api_key = key.strip() if key else key
         self.base_url = (
             base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL
         ).rstrip("/")
+        try:
+            url: httpx.URL | None = httpx.URL(self.base_url)
+        except httpx.InvalidURL:
+            url = None
+        self._base_url_ok = url is not None and url.scheme in ("http", "https") and bool(url.host)
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self.policy = policy
         self.sleep = sleep
@@ -228,9 +237,18 @@ class Client:
     # -- one request ----------------------------------------------------------------------
 
     def require_key(self) -> None:
-        """Raise MissingApiKey now, so a caller can refuse before writing anything."""
+        """Raise MissingApiKey (or ConfigError for a key or endpoint no request could use) now,
+        so a caller can refuse before writing anything: retrying would never mend either."""
         if not self._api_key:
             raise MissingApiKey()
+        if not all("!" <= c <= "~" for c in self._api_key):
+            # Never the key itself, nor where in it: an error message may be logged.
+            raise ConfigError(
+                "ANTHROPIC_API_KEY holds a character no HTTP header can carry (a space, a "
+                "control character or a non-ASCII letter): check how it was set"
+            )
+        if not self._base_url_ok:
+            raise ConfigError("ANTHROPIC_BASE_URL is not an http:// or https:// URL with a host")
 
     def _headers(self, api_key: str) -> dict[str, str]:
         headers = {
@@ -248,8 +266,7 @@ class Client:
         self, path: str, payload: dict[str, Any], *, stream: bool
     ) -> Iterator[httpx.Response]:
         """Send one request; yield the successful response, raise the typed error otherwise."""
-        if not self._api_key:
-            raise MissingApiKey()
+        self.require_key()
         request = self._http.build_request(
             "POST",
             self.base_url + path,

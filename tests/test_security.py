@@ -32,7 +32,7 @@ from helpers.kit import (
 from helpers.stall import StallServer
 
 from convo import APIError, Store
-from convo.errors import AuthenticationError, NotFound
+from convo.errors import AuthenticationError, ConfigError, NotFound
 from convo.standin import StandIn
 from convo.types import text_of
 
@@ -210,6 +210,49 @@ def test_api_key_never_printed_by_the_cli(tmp_path: Path, standin: StandIn) -> N
         _no_key(res.stdout + res.stderr, f"`convo {' '.join(args[2:4])}`")
         assert "Traceback" not in res.stderr
     _assert_db_has_no_key(url)
+
+
+def test_a_key_read_with_its_line_ending_is_sent_without_it(db_url: str, standin: StandIn) -> None:
+    """A key read from a file keeps the file's CR LF; a header cannot carry it (h11 refuses it
+    and repeats the value, key included, in its message), and no key has whitespace at its ends."""
+    with make_store(db_url, standin.base_url, key=f"  {KEY}\r\n") as store:
+        store.create("claude-sonnet-4-5").send("Hello")
+    assert [r["headers"].get("x-api-key") for r in standin.requests] == [KEY]
+
+
+@pytest.mark.parametrize(
+    "key, base_url",
+    [
+        (f"{KEY}\r\nX-Other: 1", None),  # a control character inside
+        (f"{KEY[:8]} {KEY[8:]}", None),  # a space inside
+        (f"{KEY}\u00e9", None),  # not ASCII
+        ("  \t ", None),  # only whitespace: no key at all
+        (KEY, "not a url"),
+        (KEY, "ftp://127.0.0.1:9"),
+        (KEY, "http://"),
+    ],
+    ids=["control", "space", "non-ascii", "blank", "no-scheme", "ftp", "no-host"],
+)
+def test_a_key_or_endpoint_no_request_could_use_is_refused_before_anything_is_written(
+    db_url: str, standin: StandIn, key: str, base_url: str | None
+) -> None:
+    """Each of these failed as a connection error after the user's turn was written, was
+    retried as if the network could mend it, and (with a control character) put the key in
+    the error and the ledger. Now: ConfigError at once, one line, no key, nothing written."""
+    with make_store(db_url, base_url or standin.base_url, key=key) as store:
+        conv = store.create("claude-sonnet-4-5")
+        with pytest.raises(ConfigError) as info:
+            conv.send("Hello")
+        with pytest.raises(ConfigError):
+            for _ in conv.stream("Hello"):
+                pass
+        message = str(info.value)
+        assert "\n" not in message
+        _no_key(message, "the error")
+        assert key.strip() == "" or key.strip() not in message
+        assert conv.turns() == [] and conv.calls() == []
+    assert standin.requests == []
+    _assert_db_has_no_key(db_url)
 
 
 # -- file modes -----------------------------------------------------------------------------------
