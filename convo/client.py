@@ -267,6 +267,7 @@ class Client:
     ) -> Iterator[httpx.Response]:
         """Send one request; yield the successful response, raise the typed error otherwise."""
         self.require_key()
+        assert self._api_key is not None  # (require_key has checked it)
         request = self._http.build_request(
             "POST",
             self.base_url + path,
