@@ -33,6 +33,8 @@ INTERRUPTED_SAVED = "[interrupted: your turn is saved; `convo retry` asks again]
 RETRY_HINT = "your turn is saved; `convo retry` asks again"
 EXIT_INTERRUPTED = 130
 DEFAULT_LIST_LIMIT = 50
+# The largest integer an option takes: what JSON encoders and a PostgreSQL bigint carry.
+MAX_INT = 2**63 - 1
 # `--usd off` / `--max-input-tokens off` remove a limit.
 _OFF = "off"
 
@@ -625,6 +627,8 @@ def _positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer: {value!r}")
+    if n > MAX_INT:
+        raise argparse.ArgumentTypeError(f"too large (at most {MAX_INT}): {value!r}")
     return n
 
 

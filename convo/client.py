@@ -136,8 +136,12 @@ def encode_body(payload: dict[str, Any]) -> bytes:
 def check_settings_json(payload: Mapping[str, Any]) -> None:
     """Refuse a body whose settings, tools or system are not strict JSON (NaN, an infinity, a
     value JSON has no form for): InvalidInput, before anything is written or sent."""
+    settings = {k: v for k, v in payload.items() if k != "messages"}
     try:
-        json.dumps({k: v for k, v in payload.items() if k != "messages"}, allow_nan=False)
+        # json refuses NaN and the infinities, orjson what it cannot encode (an integer past
+        # 64 bits): the body is sent by orjson, after the user's turn is written.
+        json.dumps(settings, allow_nan=False)
+        orjson.dumps(settings)
     except (TypeError, ValueError) as e:
         detail = (str(e).splitlines() or [type(e).__name__])[0]
         raise InvalidInput(f"the request is not valid JSON: {detail}") from None

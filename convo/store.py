@@ -365,7 +365,12 @@ def now() -> datetime:
 
 
 def dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    """A value as the JSON text stored for it: InvalidInput for what JSON cannot hold (an
+    integer past 64 bits, say), before any row is written."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError as e:
+        raise InvalidInput(f"not valid JSON: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 @dataclass(frozen=True)

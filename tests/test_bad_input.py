@@ -321,8 +321,10 @@ def test_values_that_are_not_json(db_url: str, standin: StandIn, store: Store) -
         {"metadata": {"user_id": float("inf")}},
         {"metadata": {"user_id": b"bytes"}},
         {"stop_sequences": ["ok", float("-inf")]},
+        {"max_tokens": 2**70},  # json writes it; orjson, which sends the body, cannot
+        {"metadata": {"user_id": -(2**64)}},
     ],
-    ids=["nan-temperature", "inf-metadata", "bytes-metadata", "inf-stop-sequence"],
+    ids=["nan-temperature", "inf-metadata", "bytes-metadata", "inf-stop-sequence", "huge-max-tokens", "huge-metadata"],
 )
 def test_settings_that_are_not_json_refuse_the_send(
     db_url: str, standin: StandIn, store: Store, overrides: dict[str, Any]
@@ -335,6 +337,16 @@ def test_settings_that_are_not_json_refuse_the_send(
     with pytest.raises(InvalidInput, match="not valid JSON"):
         conv.request("again", **overrides)
     assert conv.send("again").text  # the same send with valid settings goes through
+
+
+def test_settings_stored_with_a_conversation_that_are_not_json(
+    db_url: str, standin: StandIn, store: Store
+) -> None:
+    """A conversation's settings are stored as JSON: what JSON cannot hold is refused with
+    nothing written (it was a bare TypeError)."""
+    refused(db_url, standin, lambda: store.create(max_tokens=2**70), InvalidInput, "not valid JSON")
+    conv = store.create()
+    refused(db_url, standin, lambda: conv.set_limits(max_input_tokens=2**70), InvalidInput, "not valid JSON")
 
 
 # -- library: images --------------------------------------------------------------------------------
@@ -749,6 +761,8 @@ def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(
         (["import", str(tmp_path / "missing.json")], None, "cannot read"),
         (["import", "-"], export[:-1], "not JSON"),
         (["import", str(tmp_path / "duplicate_branches.json")], None, "branch"),
+        (["new", "--max-tokens", "99999999999999999999"], None, "too large"),
+        (["send", "-C", a.id, "--max-tokens", str(2**64), "big"], None, "too large"),
     ]
     argv_bytes = [
         "send",
