@@ -53,6 +53,23 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+class _CommandParser(_Parser):
+    """A command's parser: options may come between its positionals (`edit 55 --name x TEXT`).
+    Plain argparse fills every positional at the first run of them, and TEXT after an option
+    was then an unrecognized argument."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._intermixing:  # parse_known_intermixed_args's own passes
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 # -- output helpers ----------------------------------------------------------------------------
 
 
@@ -796,7 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="conversation id or unique prefix (default: the most recently used)",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
 
     def command(
         name: str, func: Callable[[argparse.Namespace], int], help: str, *, conv: bool = True

@@ -686,6 +686,25 @@ def test_branching_commands(db_url: str, api: StandIn, store_for: Any) -> None:
     assert [t.id for t in conv.turns()[:3]] == [u1, r1, u2]
 
 
+def test_options_may_come_between_a_commands_positionals(tmp_path: Path, api: StandIn, store_for: Any) -> None:
+    """`edit TURN --name N TEXT`: argparse alone fills TURN and TEXT at the first run of
+    positionals, and TEXT after an option was an "unrecognized argument"."""
+    url = f"sqlite:///{tmp_path / 'order.db'}"
+    conv = store_for(url).create(title="order")
+    turn = str(conv.add_user("Original"))
+    runs = [
+        ["edit", turn, "--name", "named", "Named text"],
+        ["edit", turn, "-C", conv.id, "Text after -C"],
+        ["edit", "--name", "first", turn, "Options first"],
+    ]
+    for args in runs:
+        res = convo(url, *args, standin=api)
+        new_id = int(ok(res).out.strip())
+        assert conv.turn(new_id).content == [{"type": "text", "text": args[-1]}], args
+    assert {"named", "first"} <= {b.name for b in conv.branches()}
+    one_error(convo(url, "edit", turn, "one", "two", standin=api), 2, "unrecognized arguments: two")
+
+
 @pytest.mark.slow
 def test_usage_totals_match_the_calls(
     db_url: str, api: StandIn, store_for: Any
