@@ -804,9 +804,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="database URL (default: $CONVO_DATABASE_URL, else SQLite in the user data dir)",
     )
     # Accepted after the command too (`convo show --db URL`); SUPPRESS keeps the global value.
-    common = _Parser(add_help=False)
+    # (Parents of command parsers, so of their class.)
+    common = _CommandParser(add_help=False)
     common.add_argument("--db", metavar="URL", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    per_conv = _Parser(add_help=False, parents=[common])
+    per_conv = _CommandParser(add_help=False, parents=[common])
     per_conv.add_argument(
         "-C",
         "--conversation",
