@@ -35,6 +35,8 @@ EXIT_INTERRUPTED = 130
 DEFAULT_LIST_LIMIT = 50
 # The largest integer an option takes: what JSON encoders and a PostgreSQL bigint carry.
 MAX_INT = 2**63 - 1
+# Python's json parser recurses once per level: past its limit a file is refused as not JSON.
+TOO_DEEP = "nested too deeply"
 # `--usd off` / `--max-input-tokens off` remove a limit.
 _OFF = "off"
 
@@ -365,6 +367,8 @@ def _load_tools(path: str) -> list[Any]:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise InvalidInput(f"tools file {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidInput(f"tools file {path} is not valid JSON: {TOO_DEEP}") from None
     if isinstance(data, dict) and "tools" in data:
         data = data["tools"]
     if isinstance(data, dict):
@@ -720,6 +724,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
         raise InvalidInput(f"{args.file} is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise InvalidInput(f"{args.file} is not JSON: {TOO_DEEP}") from None
     with _store(args) as store:
         _out(store.import_(data).id)
     return 0

@@ -140,8 +140,8 @@ def check_settings_json(payload: Mapping[str, Any]) -> None:
     try:
         # json refuses NaN and the infinities, orjson what it cannot encode (an integer past
         # 64 bits): the body is sent by orjson, after the user's turn is written.
+        orjson.dumps(settings)  # (first: it stops at 255 levels, json at Python's limit)
         json.dumps(settings, allow_nan=False)
-        orjson.dumps(settings)
     except (TypeError, ValueError) as e:
         detail = (str(e).splitlines() or [type(e).__name__])[0]
         raise InvalidInput(f"the request is not valid JSON: {detail}") from None

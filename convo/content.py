@@ -181,8 +181,10 @@ def check_json(value: Any, where: str) -> None:
     """Refuse what JSON cannot carry exactly (NaN, sets, bytes, huge ints, lone surrogates,
     non-string keys): stored history must be byte-for-byte what is sent."""
     try:
-        json.dumps(value, allow_nan=False)
+        # orjson first: it refuses nesting past 255 levels (convo could never send it), where
+        # json would recurse until Python's own limit.
         orjson.dumps(value)
+        json.dumps(value, allow_nan=False)
     except (TypeError, ValueError, OverflowError, orjson.JSONEncodeError) as e:
         raise ContentError(f"{where}: not valid JSON content ({str(e).splitlines()[0][:120]})") from None
 

@@ -23,6 +23,7 @@ import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
+from convo.content import check_json
 from convo.errors import InvalidInput
 
 __all__ = [
@@ -220,6 +221,7 @@ def tool_definition(obj: Tool | Mapping[str, Any] | Callable[..., Any]) -> dict[
     if isinstance(obj, Tool):
         return obj.definition()
     if isinstance(obj, Mapping):
+        check_json(dict(obj), "tool definition")  # (before copying: it bounds the nesting)
         definition = copy.deepcopy(dict(obj))
         _check_name(definition.get("name"))
         if definition.get("type") not in (None, "custom"):

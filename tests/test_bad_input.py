@@ -349,6 +349,29 @@ def test_settings_stored_with_a_conversation_that_are_not_json(
     refused(db_url, standin, lambda: conv.set_limits(max_input_tokens=2**70), InvalidInput, "not valid JSON")
 
 
+def _deep_tool(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": {}}
+    inner = schema
+    for _ in range(levels):
+        inner["properties"]["a"] = {"type": "object", "properties": {}}
+        inner = inner["properties"]["a"]
+    return {"name": "deep", "description": "d", "input_schema": schema}
+
+
+def test_values_nested_deeper_than_can_be_sent(db_url: str, standin: StandIn, store: Store) -> None:
+    """orjson, which sends every body, stops at 255 levels; json and copying went on until
+    Python's recursion limit, a RecursionError instead of a clear refusal."""
+    deep: Any = "x"
+    for _ in range(5000):
+        deep = [deep]
+    conv = store.create()
+    block = {"type": "text", "text": "a", "citations": deep}
+    refused(db_url, standin, lambda: conv.add_user([block]), ContentError, "Recursion limit")
+    refused(db_url, standin, lambda: conv.send("x", metadata={"user_id": deep}), InvalidInput, "Recursion limit")
+    refused(db_url, standin, lambda: store.create(tools=[_deep_tool(300)]), InvalidInput, "Recursion limit")
+    assert store.create(tools=[_deep_tool(20)]).send("fine").text
+
+
 # -- library: images --------------------------------------------------------------------------------
 
 
@@ -726,6 +749,8 @@ def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(
             )
         ).encode(),
     }
+    files["deep"] = b"[" * 100_000  # json.loads recursed past Python's limit
+    files["deep_tools"] = json.dumps([_deep_tool(300)]).encode()  # and so did copying it
     for name, data in files.items():
         (tmp_path / f"{name}.json").write_bytes(data)
     env = cli_env(standin.base_url, tmp_path)
@@ -762,6 +787,9 @@ def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(
         (["import", "-"], export[:-1], "not JSON"),
         (["import", str(tmp_path / "duplicate_branches.json")], None, "branch"),
         (["new", "--max-tokens", "99999999999999999999"], None, "too large"),
+        (["import", str(tmp_path / "deep.json")], None, "nested too deeply"),
+        (["new", "--tools", str(tmp_path / "deep.json")], None, "nested too deeply"),
+        (["new", "--tools", str(tmp_path / "deep_tools.json")], None, "Recursion limit"),
         (["send", "-C", a.id, "--max-tokens", str(2**64), "big"], None, "too large"),
     ]
     argv_bytes = [
