@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import time
 
+from convo.errors import InvalidInput
+
 ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 LENGTH = 26
 
@@ -37,3 +39,16 @@ def prefix_range(prefix: str) -> tuple[str, str]:
     Ids use only [0-9a-z], whose order is the same under byte and locale collations.
     """
     return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+BRANCH_NAME_MAX = 200
+
+
+def check_branch_name(name: str) -> None:
+    """Refuse a branch name that cannot be shown and typed back: one line of printable text
+    (a newline split the rows of `branches` and `tree`), no spaces at either end."""
+    if not name.strip() or name != name.strip() or len(name) > BRANCH_NAME_MAX or not name.isprintable():
+        raise InvalidInput(
+            f"invalid branch name {name!r}: printable text, at most {BRANCH_NAME_MAX} "
+            "characters, no spaces at either end"
+        )

@@ -45,6 +45,7 @@ from convo.history import (
     check_structure,
     count_cache_markers,
 )
+from convo.ids import check_branch_name
 from convo.pricing import PriceTable, load_prices
 from convo.retry import RetryPolicy
 from convo.store import (
@@ -826,6 +827,8 @@ class Conversation:
 
     def fork(self, at: int | str, name: str | None = None, *, checkout: bool = True) -> str:
         """A new branch whose head is turn `at` (its id): one row, whatever the depth."""
+        if name is not None:
+            check_branch_name(name)  # before it is a query's parameter (PostgreSQL refuses NUL)
         with self.store.storage.branching(self.id) as tx:
             turn = tx.turn(at, name=name)
             _check_local(tx, turn, [], final_pending_ok=False)
@@ -840,6 +843,8 @@ class Conversation:
         edited text, and the original reply's call stays in the audit. Returns the new turn id.
         Constant time and two rows, whatever the depth.
         """
+        if name is not None:
+            check_branch_name(name)
         with self.store.storage.branching(self.id) as tx:
             old = tx.turn(turn, name=name)
             if old.role == "user":
@@ -998,8 +1003,7 @@ def _branch_name(tx: Branching, name: str | None, prefix: str) -> str:
     """The given name, checked, or a readable free one (`fork-1`, `edit-2`, ...)."""
     if name is None:
         return tx.free_name(prefix)
-    if not name.strip() or name != name.strip() or len(name) > 200:
-        raise InvalidInput(f"invalid branch name {name!r}")
+    check_branch_name(name)
     if tx.name_taken(name):
         raise InvalidInput(f"branch {name!r} already exists (or did, and has calls in the audit)")
     return name

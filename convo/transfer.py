@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from convo.content import check_json, inline_blobs, normalize
 from convo.errors import InvalidInput
 from convo.history import TurnRecord, check_structure
+from convo.ids import check_branch_name
 from convo.models import ROLE_OF_KIND
 from convo.store import Storage
 
@@ -151,6 +152,11 @@ def parse_export(data: Any) -> Export:
         if t.parent_id is not None and t.parent_id not in ids:
             raise InvalidInput(f"not a convo export: turn {t.id} has an unknown parent")
     names = [b.name for b in export.branches]
+    for name in names:
+        try:
+            check_branch_name(name)
+        except InvalidInput as e:
+            raise InvalidInput(f"not a convo export: {e}") from None
     if len(set(names)) != len(names):
         raise InvalidInput("not a convo export: two branches share a name")
     for b in export.branches:

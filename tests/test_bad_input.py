@@ -372,6 +372,22 @@ def test_values_nested_deeper_than_can_be_sent(db_url: str, standin: StandIn, st
     assert store.create(tools=[_deep_tool(20)]).send("fine").text
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["", "  ", " lead", "trail ", "x" * 201, "two\nlines", "tab\there", "\x1b[31mred", "nul\x00"],
+    ids=["empty", "blank", "lead", "trail", "long", "newline", "tab", "escape", "nul"],
+)
+def test_branch_names_that_cannot_be_shown_on_one_line(
+    db_url: str, standin: StandIn, store: Store, name: str
+) -> None:
+    conv = store.create()
+    conv.send("hello")
+    reply = conv.turns()[-1].id
+    refused(db_url, standin, lambda: conv.fork(reply, name), InvalidInput, "invalid branch name")
+    refused(db_url, standin, lambda: conv.edit(conv.turns()[0].id, "again", name=name), InvalidInput, "invalid branch name")
+    assert conv.fork(reply, "with spaces inside, and ünïcode") == "with spaces inside, and ünïcode"
+
+
 # -- library: images --------------------------------------------------------------------------------
 
 
@@ -503,6 +519,10 @@ def test_malformed_import_is_refused_whole(
         "extra key": _mutated(good, _set(("conversation", "api_key"), KEY)),
         "duplicate branch names": _mutated(
             good, lambda d: d["branches"].append(dict(d["branches"][0]))
+        ),
+        "a branch name on two lines": _mutated(
+            _mutated(good, _set(("branches", 0, "name"), "two\nlines")),
+            _set(("conversation", "current_branch"), "two\nlines"),
         ),
         # turns no root leads to would be silently left out: not "whole or not at all"
         "unreachable cycle": _mutated(
