@@ -12,6 +12,7 @@ to the most recently used conversation.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import os
@@ -703,13 +704,24 @@ def cmd_export(args: argparse.Namespace) -> int:
         conv = _conversation(store, args.conversation)
         text = render.to_json(store.export(conv.id))
     if args.output:
-        try:
-            Path(args.output).write_text(text + "\n", encoding="utf-8")
-        except OSError as e:
-            raise InvalidInput(f"cannot write {args.output}: {e.strerror or e}") from None
+        _write_private(args.output, text + "\n")
     else:
         _out(text)
     return 0
+
+
+def _write_private(path: str, text: str) -> None:
+    """Write a file only its owner can read, as the database is: an export holds every turn.
+    A path that cannot be written is bad input; a disk that fills up is not."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        message = f"cannot write {path}: {e.strerror or e}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
+            raise ConvoError(message) from None
+        raise InvalidInput(message) from None
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -989,7 +1001,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             raise _UsageError("a command is required (see `convo --help`)")
-        return args.func(args)
+        code: int = args.func(args)
+        sys.stdout.flush()  # (here, so a full disk is reported like any other failure)
+        return code
     except _UsageError as e:
         _error_line(str(e))
         return 2
@@ -1008,6 +1022,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())
         except OSError:
             pass
+        return 1
+    except OSError as e:  # the system refused (stdout on a full disk, say): not a bug
+        where = f": {e.filename}" if e.filename else ""
+        _error_line(f"{e.strerror or e}{where}")
         return 1
     except Exception as e:  # a bug: one line, unless CONVO_DEBUG asks for the traceback
         if os.environ.get("CONVO_DEBUG"):

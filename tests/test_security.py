@@ -16,6 +16,7 @@ import os
 import stat
 import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers.kit import (
@@ -312,6 +313,43 @@ def test_default_sqlite_file_from_the_cli_is_private(
     )
     assert out.returncode == 0, out.stderr
     _check_modes(Path(env["XDG_DATA_HOME"]))
+
+
+@pytest.mark.slow
+def test_an_export_file_is_private_and_a_full_disk_is_a_runtime_error(
+    tmp_path: Path, standin: StandIn
+) -> None:
+    """An export holds every turn: it is created 0600 like the database, whatever the umask.
+    A full disk is exit 1 with one line (it was exit 2 for an export, a Python error for
+    `show`); a path that cannot be written stays bad input, exit 2."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    with make_store(url, standin.base_url) as store:
+        conv = store.create(title="private")
+        conv.add_user("Private words")
+    env = cli_env(standin.base_url, tmp_path)
+    out = tmp_path / "export.json"
+
+    def run(*args: str, stdout: Any = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", "-c", 'umask 000 && exec "$0" -m convo "$@"', sys.executable, "--db", url, *args],
+            env=env, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )
+
+    assert run("export", "-C", conv.id, "-o", str(out)).returncode == 0
+    assert _mode(out) == 0o600 and "Private words" in out.read_text()
+    results = [
+        (run("export", "-C", conv.id, "-o", "/dev/full"), 1, "No space left"),
+        (run("export", "-C", conv.id, "-o", str(tmp_path / "no" / "such.json")), 2, "No such file"),
+    ]
+    with open("/dev/full", "w") as full:
+        results.append((run("show", "-C", conv.id, stdout=full), 1, "No space left"))
+    for res, code, fragment in results:
+        assert res.returncode == code, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("convo: error: ") and fragment in lines[0], res.stderr
 
 
 # -- SQL and shell metacharacters -----------------------------------------------------------------
