@@ -501,6 +501,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
     by = args.by or ("branch" if args.conversation else "conversation")
     since = _day(args.since, "--since")
     until = _day(args.until, "--until")
+    if since is not None and until is not None and since > until:
+        raise InvalidInput(f"--since {args.since} is after --until {args.until}")
     if until is not None:
         until += timedelta(days=1)  # --until is inclusive: the whole day counts
     with _store(args) as store:

@@ -228,6 +228,8 @@ class Store:
         until: datetime | None = None,
         by: str = "conversation",
     ) -> UsageReport:
+        if since is not None and until is not None and since > until:
+            raise InvalidInput(f"since ({since.isoformat()}) is after until ({until.isoformat()})")
         cid = self.storage.conversation(conversation).id if conversation else None
         return self.storage.usage(conversation=cid, branch=branch, since=since, until=until, by=by)
 

@@ -354,6 +354,8 @@ def parse_turn_id(ref: int | str) -> int:
         raise NotFound(f"no turn with id {ref!r}")
     if isinstance(ref, int):
         return ref
+    if not isinstance(ref, str):
+        raise InvalidInput(f"a turn id is an int or its digits, not {type(ref).__name__}: {ref!r}")
     text_ref = ref.strip().removeprefix("#")
     if not text_ref.isascii() or not text_ref.isdigit() or len(text_ref) > 18:
         raise NotFound(f"no turn with id {ref!r}")

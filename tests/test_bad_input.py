@@ -17,6 +17,7 @@ import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -386,6 +387,19 @@ def test_branch_names_that_cannot_be_shown_on_one_line(
     refused(db_url, standin, lambda: conv.fork(reply, name), InvalidInput, "invalid branch name")
     refused(db_url, standin, lambda: conv.edit(conv.turns()[0].id, "again", name=name), InvalidInput, "invalid branch name")
     assert conv.fork(reply, "with spaces inside, and ünïcode") == "with spaces inside, and ünïcode"
+
+
+def test_a_turn_id_of_the_wrong_type_and_a_window_that_ends_before_it_starts(
+    db_url: str, standin: StandIn, store: Store
+) -> None:
+    conv = store.create()
+    conv.send("hello")
+    for ref in (42.0, None, [1]):
+        refused(db_url, standin, lambda ref=ref: conv.fork(ref), InvalidInput, "a turn id is an int")
+    start = datetime(2026, 1, 2, tzinfo=UTC)
+    refused(db_url, standin, lambda: store.usage(since=start, until=start - timedelta(seconds=1)),
+            InvalidInput, "is after until")
+    assert store.usage(since=start, until=start).rows == []  # an empty window is not an error
 
 
 # -- library: images --------------------------------------------------------------------------------
@@ -807,6 +821,7 @@ def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(
         (["import", "-"], export[:-1], "not JSON"),
         (["import", str(tmp_path / "duplicate_branches.json")], None, "branch"),
         (["new", "--max-tokens", "99999999999999999999"], None, "too large"),
+        (["usage", "--since", "2020-01-01", "--until", "2019-12-31"], None, "is after --until"),
         (["import", str(tmp_path / "deep.json")], None, "nested too deeply"),
         (["new", "--tools", str(tmp_path / "deep.json")], None, "nested too deeply"),
         (["new", "--tools", str(tmp_path / "deep_tools.json")], None, "Recursion limit"),
