@@ -644,6 +644,18 @@ def _budget_value(value: str) -> float | str:
     return x
 
 
+def _given(what: str) -> Callable[[str], str]:
+    """An argparse type for a value that names something: given empty, it would quietly mean
+    the default (the latest conversation, the default model) instead of what was meant."""
+
+    def check(value: str) -> str:
+        if not value.strip():
+            raise argparse.ArgumentTypeError(f"empty {what}")
+        return value.strip()
+
+    return check
+
+
 def _positive_int(value: str) -> int:
     try:
         n = int(value)
@@ -831,6 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
     per_conv.add_argument(
         "-C",
         "--conversation",
+        type=_given("conversation id"),
         metavar="ID",
         help="conversation id or unique prefix (default: the most recently used)",
     )
@@ -845,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("new", cmd_new, "start a conversation; prints its id", conv=False)
-    p.add_argument("--model", help="model id (default: claude-sonnet-4-5)")
+    p.add_argument("--model", type=_given("model id"), help="model id (default: claude-sonnet-4-5)")
     p.add_argument("--system", metavar="S", help="system prompt (- reads stdin)")
     p.add_argument("--max-tokens", type=_positive_int, metavar="N", help="default max_tokens (1024)")
     p.add_argument("--title", metavar="T")
@@ -867,7 +880,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", metavar="P", help="start Claude's reply with P (models that accept it)")
     p.add_argument("--no-stream", action="store_true", help="wait for the whole reply")
     p.add_argument("--max-tokens", type=_positive_int, metavar="N")
-    p.add_argument("--model", metavar="M")
+    p.add_argument("--model", type=_given("model id"), metavar="M")
     p.add_argument("--image", action="append", metavar="PATH", help="attach an image (repeatable)")
 
     p = command("retry", cmd_retry, "ask again for the reply a failed or interrupted send did not get")
@@ -883,7 +896,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", metavar="P")
     p.add_argument("--image", action="append", metavar="PATH")
     p.add_argument("--max-tokens", type=_positive_int, metavar="N")
-    p.add_argument("--model", metavar="M")
+    p.add_argument("--model", type=_given("model id"), metavar="M")
 
     p = command(
         "show",

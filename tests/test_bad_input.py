@@ -822,6 +822,8 @@ def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(
         (["import", str(tmp_path / "duplicate_branches.json")], None, "branch"),
         (["new", "--max-tokens", "99999999999999999999"], None, "too large"),
         (["usage", "--since", "2020-01-01", "--until", "2019-12-31"], None, "is after --until"),
+        (["send", "-C", "", "hello"], None, "empty conversation id"),  # not "the latest"
+        (["new", "--model", " "], None, "empty model id"),  # not "the default"
         (["import", str(tmp_path / "deep.json")], None, "nested too deeply"),
         (["new", "--tools", str(tmp_path / "deep.json")], None, "nested too deeply"),
         (["new", "--tools", str(tmp_path / "deep_tools.json")], None, "Recursion limit"),
