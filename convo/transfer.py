@@ -151,6 +151,14 @@ def parse_export(data: Any) -> Export:
     for t in export.turns:
         if t.parent_id is not None and t.parent_id not in ids:
             raise InvalidInput(f"not a convo export: turn {t.id} has an unknown parent")
+        if t.source_id is not None and t.source_id not in ids:
+            raise InvalidInput(f"not a convo export: turn {t.id} edits an unknown turn")
+    # Every turn a call names is in the file (turns leave only with their conversation): an
+    # unknown one would be imported as no turn at all, and the audit would lose the link.
+    for n, c in enumerate(export.calls):
+        for ref in (c.turn_id, c.reply_id):
+            if ref is not None and ref not in ids:
+                raise InvalidInput(f"not a convo export: call {n + 1} refers to an unknown turn {ref}")
     names = [b.name for b in export.branches]
     for name in names:
         try:

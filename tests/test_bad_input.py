@@ -534,6 +534,9 @@ def test_malformed_import_is_refused_whole(
         "duplicate branch names": _mutated(
             good, lambda d: d["branches"].append(dict(d["branches"][0]))
         ),
+        "a call's unknown turn": _mutated(good, _set(("calls", 0, "turn_id"), "nope")),
+        "a call's unknown reply": _mutated(good, _set(("calls", 0, "reply_id"), 999_999)),
+        "an edit of an unknown turn": _mutated(good, _set(("turns", 0, "source_id"), "nope")),
         "a branch name on two lines": _mutated(
             _mutated(good, _set(("branches", 0, "name"), "two\nlines")),
             _set(("conversation", "current_branch"), "two\nlines"),
