@@ -555,7 +555,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
         conv = _conversation(store, args.conversation)
         text: str | None
         if args.editor:
-            text = _edit_in_editor(_editable_text(conv.turn(args.turn)))
+            old = _editable_text(conv.turn(args.turn))
+            text = _edit_in_editor(old)
+            if text == old.rstrip():  # quitting the editor is not an edit
+                raise InvalidInput("the text is unchanged: edit aborted")
         else:
             text = _text(args.text)
         assert text is not None

@@ -930,18 +930,20 @@ def test_edit_in_the_editor(tmp_path: Path, api: StandIn, store_for: Any) -> Non
     script = "import sys; p = sys.argv[-1]; t = open(p).read(); open(p, 'w').write({!r}.format(t))"
     rewrite = f'{sys.executable} -c "{script.format("{} (edited)")}"'
     blank = f'{sys.executable} -c "{script.format("  ")}"'
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        edited, aborted = pool.map(
+    untouched = "true"  # quits without saving anything new
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        edited, aborted, unchanged = pool.map(
             lambda editor: convo(
                 url, "edit", str(first), "--editor", env={**child_env(api), "EDITOR": editor}
             ),
-            [rewrite, blank],
+            [rewrite, blank, untouched],
         )
     new_id = int(ok(edited).out.strip())
     assert conv.turn(new_id).content == [
         {"type": "text", "text": "Original question (edited)"}
     ]
     one_error(aborted, 2, "empty text: edit aborted")
+    one_error(unchanged, 2, "unchanged: edit aborted")
     assert len(conv.branches()) == 2
 
 
