@@ -767,22 +767,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
         pass
     with _store(args) as store:
         conv = _conversation(store, args.conversation)
+        store.client.require_key()  # before the first prompt, not after the first message
         info = conv.info
         _err(
             f"chatting in {conv.id} on branch {info.current_branch} ({info.model}); "
             "/quit or Ctrl-D leaves, /retry asks again, /branches lists branches"
         )
+        # 1 while the last message is unanswered because its send failed (a script feeding
+        # the chat learns that); a refused command, or a reply since, leaves or makes it 0.
+        status = 0
         while True:
             try:
                 line = input("you> ")
             except EOFError:
                 _out()
-                return 0
+                return status
             command = line.strip()
             if not command:
                 continue
             if command in ("/quit", "/exit", "/q"):
-                return 0
+                return status
             try:
                 if command == "/branches":
                     _out(_branches_table(conv))
@@ -801,10 +805,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 _deliver(
                     conv, start, stream=True, lead=lead, continuing=continuing, prefix="claude> "
                 )
+                status = 0
             except _Exit:
                 continue  # Ctrl-C stopped the reply; the note is printed; back to the prompt
             except ConvoError as e:
+                if getattr(e, "convo_hint", None) == RETRY_HINT:
+                    e.convo_hint = "your turn is saved; /retry asks again"  # type: ignore[attr-defined]
                 _report(e)
+                if not isinstance(e, InvalidInput):
+                    status = 1
 
 
 def cmd_standin(args: argparse.Namespace) -> int:

@@ -891,6 +891,18 @@ def test_chat_loop(tmp_path: Path, api: StandIn, store_for: Any) -> None:
     assert "nothing to retry" in run.err and "unknown command /nope" in run.err
     assert [t.role for t in conv.turns()] == ["user", "assistant"]
 
+    # A send that fails: its hint is the chat's own /retry, and the chat's exit status says
+    # the last message is unanswered, until a reply comes.
+    api.fail_next(400)  # (not retried: no backoff to wait through)
+    failed = convo(url, "chat", standin=api, input=b"Fails\n/quit\n")
+    assert failed.code == 1 and "/retry asks again" in failed.err and "`convo retry`" not in failed.err
+    api.fail_next(400)
+    mended = ok(convo(url, "chat", standin=api, input=b"Fails again\n/retry\n"))
+    assert "You said: Fails Fails again" in mended.out  # (two user turns, one message)
+    no_key = convo(url, "chat", standin=api, input=b"Hello\n", env={**child_env(api), "ANTHROPIC_API_KEY": ""})
+    one_error(no_key, 2, "no API key")
+    assert "you>" not in no_key.out + no_key.err
+
 
 def _check_demo_output(out: str) -> None:
     assert out.startswith(
