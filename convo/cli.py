@@ -628,6 +628,8 @@ def cmd_db(args: argparse.Namespace) -> int:
             rev = db.schema_revision(database)
             if rev == db.HEAD:
                 _out(f"{rev} (head)")
+            elif database.name == "sqlite":  # (upgraded by the first command that opens it)
+                _out(f"{rev or 'none'} (this convo's head is {db.HEAD}: the next command upgrades it)")
             else:
                 _out(f"{rev or 'none'} (this convo's head is {db.HEAD}: run `convo db upgrade`)")
     finally:

@@ -835,6 +835,14 @@ def test_no_conversation_yet_and_db_commands(db_url: str, api: StandIn) -> None:
     assert "(head)" in ok(upgrade).out
 
 
+def test_db_current_says_what_brings_an_old_schema_to_head(tmp_path: Path, fresh_pg_url: str) -> None:
+    """The embedded SQLite file upgrades itself; a PostgreSQL database is upgraded on purpose."""
+    lite = ok(convo(f"sqlite:///{tmp_path / 'new.db'}", "db", "current")).out.strip()
+    assert lite.startswith("none") and "the next command upgrades it" in lite
+    pg = ok(convo(fresh_pg_url, "db", "current")).out.strip()
+    assert pg.startswith("none") and "run `convo db upgrade`" in pg
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_a_reply_keeps_the_turn(
     tmp_path: Path, api: StandIn, store_for: Any
