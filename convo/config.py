@@ -7,6 +7,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from convo.errors import ConfigError
+
 DATABASE_URL_ENV = "CONVO_DATABASE_URL"
 API_KEY_ENV = "ANTHROPIC_API_KEY"
 BASE_URL_ENV = "ANTHROPIC_BASE_URL"
@@ -30,6 +32,8 @@ def default_database_path(env: Mapping[str, str] = os.environ) -> Path:
 
 def database_url(url: str | None = None, env: Mapping[str, str] = os.environ) -> str:
     """The caller's URL, else CONVO_DATABASE_URL, else the embedded SQLite default."""
+    if url is not None and not isinstance(url, str):
+        raise ConfigError(f"a database URL is a string, not {type(url).__name__}")
     if url:
         return url
     if env.get(DATABASE_URL_ENV):

@@ -92,8 +92,9 @@ def _parse(url: str) -> URL:
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         database = parsed.database or ""
-        if not database:
-            # SQLAlchemy would open a private in-memory database and lose everything on exit.
+        if not database or database == ":memory:":
+            # An in-memory database is private to one connection (convo uses several: each
+            # would see an empty one) and is lost on exit.
             raise ConfigError("a sqlite URL needs a file path: sqlite:///path/to/convo.db")
         if database.startswith("~"):
             # Expand here, so the file prepared below is the very one SQLite opens.

@@ -352,4 +352,10 @@ def build_request(
         body["cache_control"] = (
             {"type": "ephemeral"} if cache == "5m" else {"type": "ephemeral", "ttl": "1h"}
         )
+    markers = count_cache_markers(body.get("tools"), body.get("system")) + ("cache_control" in body)
+    if markers > MAX_CACHE_BREAKPOINTS:
+        raise InvalidInput(
+            f"{markers} cache_control markers (tools, system and the automatic one of cache="
+            f"{cache!r}): the API takes at most {MAX_CACHE_BREAKPOINTS}"
+        )
     return body

@@ -27,6 +27,8 @@ def new_id(now_ms: int | None = None) -> str:
 
 def normalize_prefix(prefix: str) -> str | None:
     """Lowercase and map Crockford's look-alikes; None when it cannot be the start of an id."""
+    if not isinstance(prefix, str):
+        return None
     p = prefix.strip().lower().replace("o", "0").replace("i", "1").replace("l", "1")
     if not p or len(p) > LENGTH or any(c not in ALPHABET for c in p):
         return None
@@ -47,6 +49,8 @@ BRANCH_NAME_MAX = 200
 def check_branch_name(name: str) -> None:
     """Refuse a branch name that cannot be shown and typed back: one line of printable text
     (a newline split the rows of `branches` and `tree`), no spaces at either end."""
+    if not isinstance(name, str):
+        raise InvalidInput(f"a branch name is a string, not {type(name).__name__}")
     if not name.strip() or name != name.strip() or len(name) > BRANCH_NAME_MAX or not name.isprintable():
         raise InvalidInput(
             f"invalid branch name {name!r}: printable text, at most {BRANCH_NAME_MAX} "

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from convo.errors import InvalidInput, OutputInvalid
-from convo.tools import Tool, json_schema_for, tool_definition
+from convo.tools import Tool, json_schema_for
 from convo.types import Block, ToolUse
 
 if TYPE_CHECKING:
@@ -37,10 +37,11 @@ def run(
     stop_reason "tool_use") is returned and its tool uses stay unanswered on the branch.
     A tool that raises becomes an `is_error` result carrying its message.
     """
-    if max_steps < 1:
-        raise InvalidInput("max_steps must be at least 1")
-    by_name = {t.name: t for t in tools}
-    overrides = {"tools": [tool_definition(t) for t in tools], **overrides}
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise InvalidInput("max_steps must be an integer of at least 1")
+    runnable = _runnable(tools)
+    by_name = {t.name: t for t in runnable}
+    overrides = {"tools": [t.definition() for t in runnable], **overrides}
     if content is None:
         _answer(conv, conv.pending_tool_uses(), by_name)  # resume a run cut short
     reply = conv.send(content, **overrides)
@@ -54,6 +55,26 @@ def run(
         _answer(conv, pending, by_name)
         reply = conv.send(**overrides)
     return reply
+
+
+def _runnable(tools: Any) -> list[Tool]:
+    """Tools that `run` can call: Tool objects, and plain functions made into them (as
+    `create(tools=...)` takes them). A dict is a definition only: nothing to call."""
+    if isinstance(tools, str | bytes | Mapping) or not isinstance(tools, Sequence):
+        raise InvalidInput("tools must be a list of Tool objects or functions")
+    out = []
+    for t in tools:
+        if isinstance(t, Tool):
+            out.append(t)
+        elif callable(t):
+            out.append(Tool.from_function(t))
+        else:
+            name = t.get("name") if isinstance(t, Mapping) else None
+            raise InvalidInput(
+                f"run() calls its tools: {name or type(t).__name__!r} is a definition with no "
+                "function (give a Tool or a function, or send with tools= and answer it yourself)"
+            )
+    return out
 
 
 def _answer(conv: Conversation, uses: Sequence[ToolUse], by_name: Mapping[str, Tool]) -> None:

@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path as FilePath
 from typing import Any, Literal, overload
 
@@ -196,14 +196,16 @@ class Store:
         )
         if system is not None:
             _check_system(system)
-        if count_cache_markers(settings.get("tools"), system) > MAX_CACHE_BREAKPOINTS:
+        # The automatic marker (cache on) takes one of the API's slots too.
+        automatic = int(settings.get("cache") is not None)
+        if count_cache_markers(settings.get("tools"), system) + automatic > MAX_CACHE_BREAKPOINTS:
             raise InvalidInput(
-                f"at most {MAX_CACHE_BREAKPOINTS} cache_control markers in tools and system"
+                f"at most {MAX_CACHE_BREAKPOINTS} cache_control markers in tools and system, "
+                "counting the automatic one when cache is on"
             )
         extra = {k: v for k, v in (("budget_usd", budget_usd), ("max_input_tokens", max_input_tokens)) if v is not None}
         _check_limits(extra)
-        if not isinstance(model, str) or not model.strip() or len(model) > 200:
-            raise InvalidInput("model must be a non-empty string of at most 200 characters")
+        _check_model(model)
         row = self.storage.create_conversation(
             model=model, system=system, params={**settings, **extra}, title=title
         )
@@ -228,6 +230,7 @@ class Store:
         until: datetime | None = None,
         by: str = "conversation",
     ) -> UsageReport:
+        since, until = _instant(since, "since"), _instant(until, "until")
         if since is not None and until is not None and since > until:
             raise InvalidInput(f"since ({since.isoformat()}) is after until ({until.isoformat()})")
         cid = self.storage.conversation(conversation).id if conversation else None
@@ -264,6 +267,20 @@ def _tool_defs(tools: Sequence[Any] | None) -> list[dict[str, Any]] | None:
     return [tool_definition(t) for t in tools]
 
 
+def _instant(value: Any, name: str) -> datetime | None:
+    """A usage window's end as an aware datetime (naive means UTC, as the store keeps time)."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise InvalidInput(f"{name} must be a datetime, not {type(value).__name__}")
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, str) or not model.strip() or len(model) > 200:
+        raise InvalidInput("model must be a non-empty string of at most 200 characters")
+
+
 def _check_system(system: Any) -> None:
     if isinstance(system, str):
         return
@@ -277,8 +294,12 @@ def _check_system(system: Any) -> None:
 
 def _check_limits(values: Mapping[str, Any]) -> None:
     for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise InvalidInput(f"{key} must be a positive number")
+        # (Finite: stored as JSON, an infinity or NaN would come back as null, no limit at all.)
+        if (
+            isinstance(value, bool) or not isinstance(value, int | float)
+            or not 0 < value < float("inf")
+        ):
+            raise InvalidInput(f"{key} must be a positive, finite number")
 
 
 def _check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -307,6 +328,8 @@ def _check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if key == "tool_choice":
             _check_tool_choice(value)
+        if key in ("metadata", "thinking") and not isinstance(value, dict):
+            raise InvalidInput(f"{key} must be an object")
         out[key] = value
     return out
 
@@ -538,13 +561,23 @@ class Conversation:
         **overrides: Any,
     ) -> Reply | ReplyStream:
         """Send the branch head again after a failed send: no turn is added or duplicated."""
-        path = self.store.storage.path(self.id)
+        return self._retry(None, stream, on_retry, overrides)
+
+    def _retry(
+        self,
+        branch: str | None,
+        stream: bool,
+        on_retry: Callable[[RetryNotice], None] | None,
+        overrides: Mapping[str, Any],
+    ) -> Reply | ReplyStream:
+        """`retry` on `branch` (default: the checked-out one, read now)."""
+        path = self.store.storage.path(self.id, branch)
         if not path.turns:
             raise InvalidInput("nothing to retry: the branch has no turns")
         last = path.turns[-1]
         if last.role == "assistant" and last.kind == "reply" and last.stop_reason != "pause_turn":
             raise InvalidInput("nothing to retry: the last turn already has its reply")
-        steps = self._send_steps(None, None, (), overrides, streaming=stream)
+        steps = self._send_steps(None, None, (), overrides, streaming=stream, branch=branch)
         return ReplyStream(steps, on_retry) if stream else _drain(steps, on_retry)
 
     def _send_steps(
@@ -555,6 +588,7 @@ class Conversation:
         overrides: Mapping[str, Any],
         *,
         streaming: bool,
+        branch: str | None = None,
     ) -> Generator[str | RetryNotice, None, Reply]:
         storage = self.store.storage
         new = self._new_turns(content, prefill, images)
@@ -562,7 +596,7 @@ class Conversation:
         deadline = time.monotonic() + self.store.wait_for_branch
         wait = 0.02
         while True:
-            info, path = storage.snapshot(self.id, for_send=True)
+            info, path = storage.snapshot(self.id, branch, for_send=True)
             if not new:
                 self._check_continuable(path)
             body = self._build(info, path, new, overrides)
@@ -834,8 +868,10 @@ class Conversation:
         with self.store.storage.branching(self.id) as tx:
             turn = tx.turn(at, name=name)
             _check_local(tx, turn, [], final_pending_ok=False)
-            name = _branch_name(tx, name, "fork")
-            tx.create(name, turn.id, checkout=checkout)
+            name, _ = tx.create(
+                _branch_name(tx, name, "fork"), turn.id, checkout=checkout,
+                rename_as=None if name else "fork",
+            )
         return name
 
     def edit(self, turn: int | str, content: str | list[Block], *, name: str | None = None) -> int:
@@ -869,8 +905,11 @@ class Conversation:
                 [TurnRecord("(edited turn)", new.role, new.kind, new.content)],
                 final_pending_ok=old.role == "assistant" or kind == "tool_result",
             )
-            name = _branch_name(tx, name, "edit")
-            return tx.create(name, old.parent_id, [new], parent_depth=old.depth - 1)[0]
+            _, ids = tx.create(
+                _branch_name(tx, name, "edit"), old.parent_id, [new], parent_depth=old.depth - 1,
+                rename_as=None if name else "edit",
+            )
+            return ids[0]
 
     @overload
     def regenerate(
@@ -906,7 +945,7 @@ class Conversation:
             if last is not None and not (last.role == "assistant" and last.kind == "reply"):
                 # Nothing answered the branch's last turn yet (after an edit, say): answering
                 # it is the reply to generate, here, with nothing to keep on another branch.
-                return self.retry(stream=stream, on_retry=on_retry, **overrides)  # type: ignore[call-overload,no-any-return]
+                return self._retry(path.branch, stream, on_retry, overrides)
             replies = [t for t in path.turns if t.role == "assistant" and t.kind == "reply"]
             if not replies:
                 raise InvalidInput("nothing to regenerate: the branch has no reply yet")
@@ -927,8 +966,9 @@ class Conversation:
             if tail[-1].role == "assistant" and tail[-1].kind == "reply":
                 raise InvalidInput(f"turn {at} is a reply: regenerate answers a user turn")
             _check_local(tx, at, [], final_pending_ok=False)
-            tx.create(_branch_name(tx, name, "regen"), at)
-        return self.retry(stream=stream, on_retry=on_retry, **overrides)  # type: ignore[call-overload,no-any-return]
+            name, _ = tx.create(_branch_name(tx, name, "regen"), at, rename_as=None if name else "regen")
+        # On the new branch, whatever another process checks out meanwhile.
+        return self._retry(name, stream, on_retry, overrides)
 
     def set_limits(
         self, *, budget_usd: float | None | object = KEEP, max_input_tokens: int | None | object = KEEP
@@ -982,8 +1022,15 @@ class Conversation:
 
     # -- spend -----------------------------------------------------------------------------
 
-    def usage(self, by: str = "branch", **kw: Any) -> UsageReport:
-        return self.store.storage.usage(conversation=self.id, by=by, **kw)
+    def usage(
+        self,
+        by: str = "branch",
+        *,
+        branch: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> UsageReport:
+        return self.store.usage(self.id, branch=branch, since=since, until=until, by=by)
 
     def calls(self) -> list[dict[str, Any]]:
         return self.store.storage.calls(self.id)
@@ -1017,7 +1064,14 @@ def _records(new: Sequence[NewTurn]) -> list[TurnRecord]:
 
 
 def _normalize_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-request settings, checked as `create` checks a conversation's (a bad one would
+    otherwise reach the API, after the user's turn is written)."""
     out = dict(overrides)
+    _check_settings({k: v for k, v in out.items() if k not in ("model", "system", "tools")})
+    if out.get("model") is not None:
+        _check_model(out["model"])
+    if out.get("system") is not None:
+        _check_system(out["system"])
     if out.get("cache") in ("off", False):
         out["cache"] = None
     if "tools" in out and out["tools"] is not None:

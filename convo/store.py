@@ -42,6 +42,7 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.elements import TextClause
 
 from convo import db
@@ -59,6 +60,10 @@ BL = cast(Table, Blob.__table__)
 S = cast(Table, Setting.__table__)
 
 STORE_BUDGET_KEY = "budget_usd"
+# The unique (conversation, name) of branches (models.NAMING_CONVENTION names it), and how many
+# names a PostgreSQL fork tries when other writers take the free ones first.
+BRANCH_NAME_CONSTRAINT = "uq_branches_conversation_key"
+NAME_ATTEMPTS = 20
 
 # The statements every resume runs, as SQL strings run straight on the driver (`db.Reader`):
 # portable SQL, the same on SQLite and PostgreSQL, run by every resume test on both. A fresh
@@ -353,6 +358,8 @@ def parse_turn_id(ref: int | str) -> int:
     if isinstance(ref, bool):
         raise NotFound(f"no turn with id {ref!r}")
     if isinstance(ref, int):
+        if not 0 < ref < 2**63:  # (a key column's range: past it SQLite's driver overflows)
+            raise NotFound(f"no turn with id {ref!r}")
         return ref
     if not isinstance(ref, str):
         raise InvalidInput(f"a turn id is an int or its digits, not {type(ref).__name__}: {ref!r}")
@@ -1570,15 +1577,33 @@ class Branching:
         *,
         parent_depth: int | None = None,
         checkout: bool = True,
-    ) -> list[int]:
+        rename_as: str | None = None,
+    ) -> tuple[str, list[int]]:
         """A branch at `parent_id`, extended by `turns`: the turns, one branch row at their
-        head, and one update of the conversation (count, checkout)."""
+        head, and one update of the conversation (count, checkout). Returns the branch's name
+        and the new turns' ids.
+
+        On PostgreSQL, where nothing holds the name between choosing it and writing it,
+        another writer may take it first: a name convo chose (`rename_as`, its prefix) moves
+        on to the next free one; a name the caller gave is InvalidInput, as it is when taken
+        already. (SQLite's write transaction holds the whole fork.)"""
         ts = now()
         key = self.key
         if self._s.dialect == "postgresql":
             if len(turns) > 1:  # not one statement, and `Storage.branching` runs no transaction
                 raise InvalidInput("a branch is created with at most one new turn")
-            return self._create_in_one_statement(key, name, parent_id, turns, parent_depth, checkout, ts)
+            for _ in range(NAME_ATTEMPTS):
+                try:
+                    return name, self._create_in_one_statement(
+                        key, name, parent_id, turns, parent_depth, checkout, ts
+                    )
+                except sa_exc.IntegrityError as e:  # (one statement: nothing was written)
+                    if _constraint(e) != BRANCH_NAME_CONSTRAINT:
+                        raise
+                    if rename_as is None:
+                        raise InvalidInput(f"branch {name!r} already exists") from None
+                    name = self.free_name(rename_as)
+            raise Conflict(f"no free branch name after {NAME_ATTEMPTS} tries: try again")
         ids, media = self._s._write_turns(self._conn, key, parent_id, turns, parent_depth, ts)
         head = ids[-1] if ids else parent_id
         self._conn.execute(
@@ -1593,7 +1618,7 @@ class Branching:
             values["current_branch"] = name
         if values:
             self._conn.execute(update(C).where(C.c.key == key).values(updated_at=ts, **values))
-        return ids
+        return name, ids
 
     def _create_in_one_statement(
         self,
@@ -1619,6 +1644,12 @@ class Branching:
             params.update({f"b{i}_sha256": b.sha256, f"b{i}_media_type": b.media_type,
                            f"b{i}_size": len(b.data), f"b{i}_data": b.data, f"b{i}_created_at": ts})
         return [int(self._conn.execute(_pg_edit(len(blobs)), params).scalar_one())]
+
+
+def _constraint(e: sa_exc.IntegrityError) -> str | None:
+    """The name of the constraint a driver's integrity error names (psycopg and psycopg2)."""
+    diag = getattr(e.orig, "diag", None)
+    return getattr(diag, "constraint_name", None)
 
 
 def _depth_of(x: db.Writer | db.OnConnection, parent_id: int | None, parent_depth: int | None) -> int:

@@ -334,8 +334,11 @@ def test_settings_that_are_not_json_refuse_the_send(
     around it are held to json's strictness, before anything is written or sent."""
     conv = store.create()
     conv.add_user("hello")
-    refused(db_url, standin, lambda: conv.send("again", **overrides), InvalidInput, "not valid JSON")
-    with pytest.raises(InvalidInput, match="not valid JSON"):
+    # (A NaN temperature or a stop sequence that is not a string is refused for its type
+    # first, by the check every per-request setting now goes through.)
+    why = "must be" if {"temperature", "stop_sequences"} & set(overrides) else "not valid JSON"
+    refused(db_url, standin, lambda: conv.send("again", **overrides), InvalidInput, why)
+    with pytest.raises(InvalidInput, match=why):
         conv.request("again", **overrides)
     assert conv.send("again").text  # the same send with valid settings goes through
 
@@ -400,6 +403,90 @@ def test_a_turn_id_of_the_wrong_type_and_a_window_that_ends_before_it_starts(
     refused(db_url, standin, lambda: store.usage(since=start, until=start - timedelta(seconds=1)),
             InvalidInput, "is after until")
     assert store.usage(since=start, until=start).rows == []  # an empty window is not an error
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"model": 5},
+        {"model": " "},
+        {"system": 5},
+        {"max_tokens": True},
+        {"temperature": 5},
+        {"top_k": -1},
+        {"stop_sequences": "END"},
+        {"tool_choice": "auto"},
+        {"metadata": "x"},
+        {"thinking": "on"},
+    ],
+    ids=lambda o: next(iter(o)) + "=" + repr(next(iter(o.values()))),
+)
+def test_per_request_settings_are_checked_as_a_conversations_are(
+    db_url: str, standin: StandIn, store: Store, overrides: dict[str, Any]
+) -> None:
+    """They reached the API unchecked, after the user's turn was written (a 400, or worse)."""
+    conv = store.create()
+    refused(db_url, standin, lambda: conv.send("hello", **overrides), InvalidInput, "")
+    with pytest.raises(InvalidInput):
+        conv.request("hello", **overrides)
+
+
+def test_cache_markers_count_the_automatic_one(db_url: str, standin: StandIn, store: Store) -> None:
+    """The API takes four cache_control markers in all; with cache on, convo adds one."""
+    marked = [{"type": "text", "text": f"part {i}", "cache_control": {"type": "ephemeral"}} for i in range(5)]
+    refused(db_url, standin, lambda: store.create(system=marked[:4]), InvalidInput, "automatic")
+    conv = store.create(system=marked[:4], cache=None)  # four, and no automatic marker: fine
+    assert "cache_control" not in conv.request("hi")
+    refused(db_url, standin, lambda: conv.send("hi", system=marked), InvalidInput, "at most 4")
+    refused(db_url, standin, lambda: conv.send("hi", cache="5m"), InvalidInput, "at most 4")
+    assert conv.send("hi").text
+
+
+def test_limits_must_be_finite(db_url: str, standin: StandIn, store: Store) -> None:
+    """An infinite or NaN budget was stored as JSON null: no limit at all, or (the store's)
+    a TypeError at every later send."""
+    conv = store.create()
+    for bad in (float("inf"), float("nan")):
+        refused(db_url, standin, lambda bad=bad: store.set_budget(bad), InvalidInput, "finite")
+        refused(db_url, standin, lambda bad=bad: store.create(budget_usd=bad), InvalidInput, "finite")
+        refused(db_url, standin, lambda bad=bad: conv.set_limits(max_input_tokens=bad), InvalidInput, "finite")
+    assert store.budget is None and conv.send("still fine").text
+
+
+def test_run_takes_plain_functions_and_refuses_what_it_cannot_call(
+    db_url: str, standin: StandIn, store: Store
+) -> None:
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "18 C"
+
+    conv = store.create()
+    reply = conv.run("Weather in Paris?", tools=[get_weather])  # it was an AttributeError
+    assert "get_weather: 18 C" in reply.text
+    definition = {"name": "w", "input_schema": {"type": "object", "properties": {}}}
+    refused(db_url, standin, lambda: conv.run("x", tools=[definition]), InvalidInput, "no function")
+    refused(db_url, standin, lambda: conv.run("x", tools=5), InvalidInput, "list of Tool")  # type: ignore[arg-type]
+
+
+def test_library_misuse_is_a_typed_error(db_url: str, standin: StandIn, store: Store, tmp_path: Path) -> None:
+    """Each of these was a bare AttributeError, OverflowError, TypeError or SQLAlchemy error."""
+    from convo.errors import ConfigError
+
+    conv = store.create()
+    conv.send("hello")
+    reply = conv.turns()[-1].id
+    for url in ("sqlite:///:memory:", 5):  # an in-memory database is one connection's own
+        with pytest.raises(ConfigError):
+            Store(url)  # type: ignore[arg-type]
+    for ref in (5, None):
+        refused(db_url, standin, lambda ref=ref: store.get(ref), NotFound, "no conversation")  # type: ignore[arg-type]
+    refused(db_url, standin, lambda: conv.fork(reply, name=5), InvalidInput, "branch name is a string")  # type: ignore[arg-type]
+    for ref in (2**63, -1):
+        refused(db_url, standin, lambda ref=ref: conv.fork(ref), NotFound, "no turn")
+    refused(db_url, standin, lambda: store.usage(since="2024-01-01"), InvalidInput, "datetime")  # type: ignore[arg-type]
+    naive, aware = datetime(2020, 1, 1), datetime(2100, 1, 1, tzinfo=UTC)
+    assert store.usage(since=naive, until=aware).total.calls == 1  # naive is UTC
+    assert conv.usage(since=naive).total.calls == 1
 
 
 # -- library: images --------------------------------------------------------------------------------

@@ -205,3 +205,60 @@ def test_turn_ids_are_never_handed_out_twice_under_concurrent_writers(db_url: st
                 # the added user turn sits on the branch that was checked out (edit-1)
                 assert got[: len(contents)] == contents
         assert store.storage.integrity_problems() == []
+
+
+# -- branch names chosen at once -------------------------------------------------------------------
+
+
+def test_forks_edits_and_regenerates_at_once_each_get_a_branch(db_url: str, standin: StandIn) -> None:
+    """On PostgreSQL a fork runs no transaction, so two forks could choose the same free name
+    and the second one's write failed on the unique name (a StoreError for 5 of 8 edits at
+    once). A name convo chose now moves on to the next free one; a name the caller gave that
+    another writer took first is InvalidInput, as a name already taken always was."""
+    import threading
+
+    from convo.errors import ConvoError, InvalidInput
+
+    with make_store(db_url, standin.base_url) as store:
+        conv = store.create()
+        conv.send("hello")
+        first, reply = (t.id for t in conv.turns())
+    outcomes: list[Any] = []
+
+    def work(i: int, how: str) -> None:
+        with make_store(db_url, standin.base_url) as own:
+            c = own.get(conv.id)
+            try:
+                if how == "edit":
+                    outcomes.append(("edit", c.edit(first, f"edit {i}")))
+                elif how == "fork":
+                    outcomes.append(("fork", c.fork(reply, checkout=False)))
+                elif how == "regen":
+                    outcomes.append(("regen", c.regenerate(first).text))
+                else:
+                    outcomes.append(("same", c.fork(reply, "same", checkout=False)))
+            except ConvoError as e:
+                outcomes.append((how, e))
+
+    threads = [
+        threading.Thread(target=work, args=(i, how))
+        for how in ("edit", "fork", "regen", "same") for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [(how, r) for how, r in outcomes if isinstance(r, ConvoError)]
+    assert len(outcomes) == 16
+    assert all(how == "same" and isinstance(e, InvalidInput) and "already exists" in str(e) for how, e in errors)
+    assert len(errors) == 3  # one "same" fork won
+    with make_store(db_url, standin.base_url) as store:
+        names = sorted(b.name for b in store.get(conv.id).branches())
+        assert names == sorted(
+            ["main", "same"] + [f"{p}-{n}" for p in ("edit", "fork", "regen") for n in range(1, 5)]
+        )
+        # each regenerate's reply is on its own branch, answering the first turn
+        for n in range(1, 5):
+            turns = store.get(conv.id).turns(f"regen-{n}")
+            assert [t.kind for t in turns] == ["user", "reply"] and turns[0].id == first
+        assert store.storage.integrity_problems() == []
