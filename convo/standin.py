@@ -279,6 +279,10 @@ def _validate(body: Any, *, counting: bool = False) -> None:
             _check_cc(t["cache_control"], f"tools.{j}")
             breakpoints += 1
     choice = body.get("tool_choice")
+    if choice is not None and not (
+        isinstance(choice, dict) and choice.get("type") in ("auto", "any", "tool", "none")
+    ):
+        raise _ApiError("tool_choice: Input should be an object with type auto, any, tool or none")
     if (isinstance(choice, dict) and choice.get("type") == "tool"
             and choice.get("name") not in {t["name"] for t in tools}):
         raise _ApiError(f"tool_choice.name: Tool '{choice.get('name')}' not found in "

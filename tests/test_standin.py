@@ -222,6 +222,10 @@ def test_prefill_trailing_whitespace(client: httpx.Client) -> None:
         {"role": "user", "content": "again"}]},
      ("messages.1: all messages must have non-empty content except for the optional final "
       "assistant message")),
+    # (a string tool_choice crashed the handler: the connection dropped, no answer)
+    ({"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}],
+      "tool_choice": "auto"},
+     "tool_choice: Input should be an object with type auto, any, tool or none"),
 ])
 def test_validation_errors(client: httpx.Client, payload: dict[str, Any], expected: str) -> None:
     assert error_of(client.post("/v1/messages", json=payload)) == expected
