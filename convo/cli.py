@@ -131,8 +131,9 @@ def _text(value: str | None, what: str = "TEXT") -> str | None:
 
 
 def _edit_in_editor(initial: str) -> str:
-    """Open $EDITOR (default vi) on `initial`; the saved text, trailing whitespace removed."""
-    editor = os.environ.get("EDITOR") or os.environ.get("VISUAL") or "vi"
+    """Open $VISUAL, else $EDITOR (as git and less choose), else vi, on `initial`; the saved
+    text, trailing whitespace removed."""
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
     fd, name = tempfile.mkstemp(prefix="convo-edit-", suffix=".txt")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -283,13 +283,17 @@ def _check_model(model: Any) -> None:
 
 def _check_system(system: Any) -> None:
     if isinstance(system, str):
-        return
-    if isinstance(system, list) and all(
+        texts = [system]
+    elif isinstance(system, list) and all(
         isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
         for b in system
     ):
-        return
-    raise InvalidInput("system must be a string or a list of text blocks")
+        texts = [b["text"] for b in system]
+    else:
+        raise InvalidInput("system must be a string or a list of text blocks")
+    # (`echo | convo new --system -` gave "\n": the API refuses a blank text block.)
+    if not texts or any(not t.strip() for t in texts):
+        raise InvalidInput("the system prompt is empty or only whitespace")
 
 
 def _check_limits(values: Mapping[str, Any]) -> None:

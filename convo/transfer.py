@@ -198,7 +198,7 @@ def _check_conversation(conv: ConversationExport) -> None:
     try:
         _check_limits({k: v for k, v in limits.items() if v is not None})
         _check_settings(params)
-        if conv.system is not None:
+        if conv.system not in (None, ""):  # ("": no system, as convo once stored it)
             _check_system(conv.system)
     except InvalidInput as e:
         raise InvalidInput(f"not a convo export: conversation settings: {e}") from None

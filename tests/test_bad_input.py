@@ -442,6 +442,14 @@ def test_cache_markers_count_the_automatic_one(db_url: str, standin: StandIn, st
     assert conv.send("hi").text
 
 
+@pytest.mark.parametrize("system", ["", "\n", "   ", [{"type": "text", "text": " "}], []])
+def test_a_blank_system_prompt_is_refused(db_url: str, standin: StandIn, store: Store, system: Any) -> None:
+    """`echo | convo new --system -` stored "\n", and the API refuses a blank text block."""
+    refused(db_url, standin, lambda: store.create(system=system), InvalidInput, "system prompt is empty")
+    conv = store.create()
+    refused(db_url, standin, lambda: conv.send("hi", system=system), InvalidInput, "system prompt is empty")
+
+
 def test_limits_must_be_finite(db_url: str, standin: StandIn, store: Store) -> None:
     """An infinite or NaN budget was stored as JSON null: no limit at all, or (the store's)
     a TypeError at every later send."""

@@ -958,6 +958,9 @@ def test_edit_in_the_editor(tmp_path: Path, api: StandIn, store_for: Any) -> Non
             ),
             [rewrite, blank, untouched],
         )
+    # $VISUAL wins over $EDITOR, as in git
+    visual = convo(url, "edit", str(first), "--editor", env={**child_env(api), "VISUAL": blank, "EDITOR": rewrite})
+    one_error(visual, 2, "empty text: edit aborted")
     new_id = int(ok(edited).out.strip())
     assert conv.turn(new_id).content == [
         {"type": "text", "text": "Original question (edited)"}
