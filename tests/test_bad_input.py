@@ -194,7 +194,7 @@ def test_unknown_and_ambiguous_ids(db_url: str, standin: StandIn, store: Store) 
     common = os.path.commonprefix([a.id, b.id, c.id])
     assert common  # ids start with their creation time: a shared prefix
     for ref in ("zzzzzzzzzz", "!!", "0" * 27, "u"):  # 'u' is not in the id alphabet
-        refused(db_url, standin, partial(store.get, ref), NotFound, "no conversation")
+        refused(db_url, standin, partial(store.get, ref), NotFound, "no conversation")  # type: ignore[arg-type]
     refused(db_url, standin, lambda: store.get(common), AmbiguousId, "ambiguous")
     # Turn ids are whole numbers: no prefixes, so nothing is ambiguous, and text that is not a
     # number names no turn.
@@ -398,7 +398,7 @@ def test_a_turn_id_of_the_wrong_type_and_a_window_that_ends_before_it_starts(
     conv = store.create()
     conv.send("hello")
     for ref in (42.0, None, [1]):
-        refused(db_url, standin, lambda ref=ref: conv.fork(ref), InvalidInput, "a turn id is an int")
+        refused(db_url, standin, partial(conv.fork, ref), InvalidInput, "a turn id is an int")  # type: ignore[arg-type]
     start = datetime(2026, 1, 2, tzinfo=UTC)
     refused(db_url, standin, lambda: store.usage(since=start, until=start - timedelta(seconds=1)),
             InvalidInput, "is after until")
@@ -455,9 +455,9 @@ def test_limits_must_be_finite(db_url: str, standin: StandIn, store: Store) -> N
     a TypeError at every later send."""
     conv = store.create()
     for bad in (float("inf"), float("nan")):
-        refused(db_url, standin, lambda bad=bad: store.set_budget(bad), InvalidInput, "finite")
-        refused(db_url, standin, lambda bad=bad: store.create(budget_usd=bad), InvalidInput, "finite")
-        refused(db_url, standin, lambda bad=bad: conv.set_limits(max_input_tokens=bad), InvalidInput, "finite")
+        refused(db_url, standin, partial(store.set_budget, bad), InvalidInput, "finite")
+        refused(db_url, standin, partial(store.create, budget_usd=bad), InvalidInput, "finite")
+        refused(db_url, standin, partial(conv.set_limits, max_input_tokens=bad), InvalidInput, "finite")
     assert store.budget is None and conv.send("still fine").text
 
 
@@ -487,10 +487,10 @@ def test_library_misuse_is_a_typed_error(db_url: str, standin: StandIn, store: S
         with pytest.raises(ConfigError):
             Store(url)  # type: ignore[arg-type]
     for ref in (5, None):
-        refused(db_url, standin, lambda ref=ref: store.get(ref), NotFound, "no conversation")  # type: ignore[arg-type]
+        refused(db_url, standin, partial(store.get, ref), NotFound, "no conversation")  # type: ignore[arg-type]
     refused(db_url, standin, lambda: conv.fork(reply, name=5), InvalidInput, "branch name is a string")  # type: ignore[arg-type]
     for ref in (2**63, -1):
-        refused(db_url, standin, lambda ref=ref: conv.fork(ref), NotFound, "no turn")
+        refused(db_url, standin, partial(conv.fork, ref), NotFound, "no turn")
     refused(db_url, standin, lambda: store.usage(since="2024-01-01"), InvalidInput, "datetime")  # type: ignore[arg-type]
     naive, aware = datetime(2020, 1, 1), datetime(2100, 1, 1, tzinfo=UTC)
     assert store.usage(since=naive, until=aware).total.calls == 1  # naive is UTC

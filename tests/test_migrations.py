@@ -132,7 +132,7 @@ def unindexed_foreign_keys(e: Engine) -> list[tuple[str, list[str]]]:
         insp = inspect(conn)
         for table in insp.get_table_names():
             leads = [insp.get_pk_constraint(table)["constrained_columns"]]
-            leads += [list(i["column_names"]) for i in insp.get_indexes(table)]
+            leads += [[str(c) for c in i["column_names"]] for i in insp.get_indexes(table)]
             leads += [u["column_names"] for u in insp.get_unique_constraints(table)]
             for fk in insp.get_foreign_keys(table):
                 cols = fk["constrained_columns"]
