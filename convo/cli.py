@@ -59,12 +59,14 @@ class _Parser(argparse.ArgumentParser):
 class _CommandParser(_Parser):
     """A command's parser: options may come between its positionals (`edit 55 --name x TEXT`).
     Plain argparse fills every positional at the first run of them, and TEXT after an option
-    was then an unrecognized argument."""
+    was then an unrecognized argument. After `--` it parses plainly: intermixed parsing drops
+    the `--` (Python 3.11), and `send -- -x` must send "-x"."""
 
     _intermixing = False
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        if self._intermixing:  # parse_known_intermixed_args's own passes
+        if self._intermixing or (args is not None and "--" in args):
+            # (parse_known_intermixed_args's own passes, or text after `--`)
             return super().parse_known_args(args, namespace)
         self._intermixing = True
         try:
@@ -629,6 +631,8 @@ def cmd_db(args: argparse.Namespace) -> int:
             rev = db.schema_revision(database)
             if rev == db.HEAD:
                 _out(f"{rev} (head)")
+            elif rev is not None and rev not in db.KNOWN_REVISIONS:
+                _out(f"{rev} (newer than this convo's head, {db.HEAD}: upgrade convo)")
             elif database.name == "sqlite":  # (upgraded by the first command that opens it)
                 _out(f"{rev or 'none'} (this convo's head is {db.HEAD}: the next command upgrades it)")
             else:
@@ -776,8 +780,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             f"chatting in {conv.id} on branch {info.current_branch} ({info.model}); "
             "/quit or Ctrl-D leaves, /retry asks again, /branches lists branches"
         )
-        # 1 while the last message is unanswered because its send failed (a script feeding
-        # the chat learns that); a refused command, or a reply since, leaves or makes it 0.
+        # 1 while the last message has no reply because its send failed (the API, a budget, a
+        # busy branch): a script feeding the chat learns that. A refused command (bad input)
+        # leaves it as it was; a reply makes it 0.
         status = 0
         while True:
             try:

@@ -169,8 +169,8 @@ class Client:
         # whitespace at either end, and a header carrying it would be refused, echoing it.
         self._api_key = key.strip() if key else key
         self.base_url = (
-            base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL
-        ).rstrip("/")
+            (base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL).strip().rstrip("/")
+        )
         try:
             url: httpx.URL | None = httpx.URL(self.base_url)
         except httpx.InvalidURL:
@@ -252,7 +252,10 @@ class Client:
                 "control character or a non-ASCII letter): check how it was set"
             )
         if not self._base_url_ok:
-            raise ConfigError("ANTHROPIC_BASE_URL is not an http:// or https:// URL with a host")
+            raise ConfigError(
+                "the API base URL (ANTHROPIC_BASE_URL, or base_url=) is not an http:// or "
+                "https:// URL with a host"
+            )
 
     def _headers(self, api_key: str) -> dict[str, str]:
         headers = {

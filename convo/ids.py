@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import unicodedata
 
 from convo.errors import InvalidInput
 
@@ -46,13 +47,22 @@ def prefix_range(prefix: str) -> tuple[str, str]:
 BRANCH_NAME_MAX = 200
 
 
+# Control characters, and line and paragraph separators: what splits a row of `branches` or
+# `tree`, or rewrites the terminal. (Not str.isprintable(): it also refuses the joiners and
+# marks that Persian, Devanagari or emoji sequences need, and characters newer than Python.)
+_NOT_IN_A_NAME = frozenset(("Cc", "Zl", "Zp"))
+
+
 def check_branch_name(name: str) -> None:
-    """Refuse a branch name that cannot be shown and typed back: one line of printable text
-    (a newline split the rows of `branches` and `tree`), no spaces at either end."""
+    """Refuse a branch name that cannot be shown on one line and typed back: no control
+    characters or line breaks, no spaces at either end, at most BRANCH_NAME_MAX characters."""
     if not isinstance(name, str):
         raise InvalidInput(f"a branch name is a string, not {type(name).__name__}")
-    if not name.strip() or name != name.strip() or len(name) > BRANCH_NAME_MAX or not name.isprintable():
+    if (
+        not name.strip() or name != name.strip() or len(name) > BRANCH_NAME_MAX
+        or any(unicodedata.category(c) in _NOT_IN_A_NAME for c in name)
+    ):
         raise InvalidInput(
-            f"invalid branch name {name!r}: printable text, at most {BRANCH_NAME_MAX} "
-            "characters, no spaces at either end"
+            f"invalid branch name {name!r}: one line with no control characters, at most "
+            f"{BRANCH_NAME_MAX} characters, no spaces at either end"
         )

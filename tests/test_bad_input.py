@@ -378,8 +378,9 @@ def test_values_nested_deeper_than_can_be_sent(db_url: str, standin: StandIn, st
 
 @pytest.mark.parametrize(
     "name",
-    ["", "  ", " lead", "trail ", "x" * 201, "two\nlines", "tab\there", "\x1b[31mred", "nul\x00"],
-    ids=["empty", "blank", "lead", "trail", "long", "newline", "tab", "escape", "nul"],
+    ["", "  ", " lead", "trail ", "x" * 201, "two\nlines", "tab\there", "\x1b[31mred", "nul\x00",
+     "line\u2028separator"],
+    ids=["empty", "blank", "lead", "trail", "long", "newline", "tab", "escape", "nul", "line-separator"],
 )
 def test_branch_names_that_cannot_be_shown_on_one_line(
     db_url: str, standin: StandIn, store: Store, name: str
@@ -389,7 +390,11 @@ def test_branch_names_that_cannot_be_shown_on_one_line(
     reply = conv.turns()[-1].id
     refused(db_url, standin, lambda: conv.fork(reply, name), InvalidInput, "invalid branch name")
     refused(db_url, standin, lambda: conv.edit(conv.turns()[0].id, "again", name=name), InvalidInput, "invalid branch name")
-    assert conv.fork(reply, "with spaces inside, and ünïcode") == "with spaces inside, and ünïcode"
+    # Every script's names stay valid: joiners, marks and non-ASCII spaces are not control
+    # characters (str.isprintable() refused these).
+    for good in ("with spaces inside, and ünïcode", "می\u200cخواهم", "क्\u200dष",
+                 "family-\U0001f468\u200d\U0001f469\u200d\U0001f467", "a\u00a0b", "\U0001fae8"):
+        assert conv.fork(reply, good, checkout=False) == good
 
 
 def test_a_turn_id_of_the_wrong_type_and_a_window_that_ends_before_it_starts(

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -703,6 +704,12 @@ def test_options_may_come_between_a_commands_positionals(tmp_path: Path, api: St
         assert conv.turn(new_id).content == [{"type": "text", "text": args[-1]}], args
     assert {"named", "first"} <= {b.name for b in conv.branches()}
     one_error(convo(url, "edit", turn, "one", "two", standin=api), 2, "unrecognized arguments: two")
+    # Text after `--` is text, even when it looks like an option.
+    for text in ("-x", "--model", "-h"):
+        added = int(ok(convo(url, "add", "--role", "user", "-C", conv.id, "--", text, standin=api)).out)
+        assert conv.turn(added).content == [{"type": "text", "text": text}]
+    body = json.loads(ok(convo(url, "request", "-C", conv.id, "--", "-y", standin=api)).out)
+    assert body["messages"][-1]["content"][-1] == {"type": "text", "text": "-y"}
 
 
 @pytest.mark.slow
@@ -841,6 +848,13 @@ def test_db_current_says_what_brings_an_old_schema_to_head(tmp_path: Path, fresh
     assert lite.startswith("none") and "the next command upgrades it" in lite
     pg = ok(convo(fresh_pg_url, "db", "current")).out.strip()
     assert pg.startswith("none") and "run `convo db upgrade`" in pg
+    # A schema from a newer convo: no command here brings it to this head.
+    newer = tmp_path / "newer.db"
+    ok(convo(f"sqlite:///{newer}", "list"))
+    with sqlite3.connect(newer) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0099'")
+    out = ok(convo(f"sqlite:///{newer}", "db", "current")).out.strip()
+    assert out.startswith("0099") and "upgrade convo" in out and "next command" not in out
 
 
 @pytest.mark.slow

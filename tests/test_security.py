@@ -216,7 +216,7 @@ def test_api_key_never_printed_by_the_cli(tmp_path: Path, standin: StandIn) -> N
 def test_a_key_read_with_its_line_ending_is_sent_without_it(db_url: str, standin: StandIn) -> None:
     """A key read from a file keeps the file's CR LF; a header cannot carry it (h11 refuses it
     and repeats the value, key included, in its message), and no key has whitespace at its ends."""
-    with make_store(db_url, standin.base_url, key=f"  {KEY}\r\n") as store:
+    with make_store(db_url, standin.base_url + "\n", key=f"  {KEY}\r\n") as store:  # (and the URL's)
         store.create("claude-sonnet-4-5").send("Hello")
     assert [r["headers"].get("x-api-key") for r in standin.requests] == [KEY]
 
