@@ -108,12 +108,19 @@ class MessageStream:
             raise APIConnectionError("the stream ended before message_stop")
 
     def _decode(self, sse: ServerSentEvent) -> dict[str, Any]:
+        if sse.event and sse.event not in STREAM_EVENTS:
+            # ping, and event types newer than convo: ignored, as the API asks, unread (their
+            # data need not even be JSON).
+            return {"type": sse.event}
         try:
             event = json.loads(sse.data)
         except ValueError:
             event = None
         if not isinstance(event, dict):
-            raise APIConnectionError(f"undecodable {sse.event or 'message'} event in the stream")
+            if sse.event == "error":  # (the data is the message: an error all the same)
+                event = {"type": "error", "error": {"type": "api_error", "message": sse.data[:500]}}
+            else:
+                raise APIConnectionError(f"undecodable {sse.event or 'message'} event in the stream")
         if sse.event == "error" or event.get("type") == "error":
             err = error_from_event(event, request_id=self.info.request_id)
             err.message = self._client._scrub(err.message)
@@ -121,6 +128,13 @@ class MessageStream:
             err.body = None  # it may echo what was sent, key included
             raise err
         return event
+
+
+# The stream events convo reads; any other (ping, or one newer than convo) is passed on unread.
+STREAM_EVENTS = frozenset((
+    "message_start", "content_block_start", "content_block_delta", "content_block_stop",
+    "message_delta", "message_stop", "error",
+))
 
 
 def encode_body(payload: dict[str, Any]) -> bytes:

@@ -65,7 +65,7 @@ from convo.store import (
     now,
 )
 from convo.stream import MessageAccumulator
-from convo.tokens import estimate_input_tokens
+from convo.tokens import estimate_input_tokens, estimate_text_tokens
 from convo.types import Block, ToolUse, Usage, text_of, tool_uses_of
 
 DEFAULT_MODEL = "claude-sonnet-4-5"
@@ -784,6 +784,13 @@ class Conversation:
             fields["http_status"] = http_status
             fields["request_id"] = request_id
         if started:
+            if not acc.final_usage:
+                # Cut before the cumulative count: message_start's placeholder would bill the
+                # text received as one token. The estimate (4 bytes a token) says so.
+                estimate = estimate_text_tokens(acc.generated)
+                if estimate > usage.output_tokens:
+                    usage = usage.model_copy(update={"output_tokens": estimate})
+                    fields["error_message"] = f"{fields['error_message'][:440]} (output tokens estimated)"
             fields.update(self._usage_fields(model, usage))
             fields["partial_text"] = acc.text or None
         self.store.storage.finish_call(call_id, started_at=started_at, **fields)

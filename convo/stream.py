@@ -60,6 +60,9 @@ class MessageAccumulator:
         self._stopped: set[int] = set()
         self.unknown_deltas: list[tuple[int, dict[str, Any]]] = []
         self.complete = False
+        # Whether a message_delta brought the cumulative output count: until then the usage
+        # holds message_start's placeholder (output_tokens 1, say).
+        self.final_usage = False
 
     def feed(self, event: dict[str, Any]) -> str | None:
         """Apply one event. Returns the text it added, if any, so callers can print as it comes."""
@@ -77,6 +80,7 @@ class MessageAccumulator:
         elif kind == "content_block_stop":
             self._stop_block(_index_of(event))
         elif kind == "message_delta":
+            self.final_usage = True
             self._shell.update(event.get("delta") or {})
             for key, value in (event.get("usage") or {}).items():
                 if value is not None:
@@ -108,7 +112,8 @@ class MessageAccumulator:
             # The signature arrives whole, once, just before the block stops (as in the SDK).
             block["signature"] = delta.get("signature", "")
         elif kind == "citations_delta":
-            block.setdefault("citations", []).append(delta.get("citation"))
+            # (A text block may start with "citations": null, as recorded streams show.)
+            block["citations"] = [*(block.get("citations") or []), delta.get("citation")]
         else:
             self.unknown_deltas.append((index, delta))
         return None
@@ -162,6 +167,20 @@ class MessageAccumulator:
     @property
     def usage(self) -> Usage:
         return Usage.from_api(self._usage)
+
+    @property
+    def generated(self) -> str:
+        """Everything generated so far as text: text, thinking and tool input (finished or
+        not), for estimating what a stream cut before its final usage was billed for."""
+        parts = []
+        for index in sorted(self._blocks):
+            block = self._blocks[index]
+            parts += [str(block.get(k) or "") for k in ("text", "thinking")]
+            if index in self._partial_json:
+                parts.append(self._partial_json[index])
+            elif block.get("type") in ("tool_use", "server_tool_use") and block.get("input"):
+                parts.append(json.dumps(block["input"], ensure_ascii=False))
+        return "".join(parts)
 
     @property
     def stop_reason(self) -> str | None:

@@ -592,6 +592,25 @@ def test_undecodable_stream_event_is_a_connection_error(h: Harness) -> None:
         list(stream)
 
 
+def test_ping_and_unknown_events_are_passed_on_unread(h: Harness) -> None:
+    """The API asks clients to ignore event types they do not know; convo parsed their data
+    first, so one that was not JSON (or an empty ping) failed the stream, and was retried."""
+    data = sse(*EVENTS[:2]) + b"event: ping\ndata:\n\nevent: future_thing\ndata: not json\n\n" + sse(*EVENTS[2:])
+    with h.client(FakeAPI(streamed(data))).stream_message_once(BODY) as stream:
+        seen = list(stream)
+    assert seen == [*EVENTS[:2], {"type": "ping"}, {"type": "future_thing"}, *EVENTS[2:]]
+
+
+def test_an_error_event_whose_data_is_not_json_is_still_a_typed_error(h: Harness) -> None:
+    api = FakeAPI(streamed(sse(*EVENTS[:2]) + b"event: error\ndata: upstream went away\n\n"))
+    with (
+        pytest.raises(APIStatusError, match="upstream went away") as info,
+        h.client(api).stream_message_once(BODY) as stream,
+    ):
+        list(stream)
+    assert info.value.error_type == "api_error" and info.value.status_code is None
+
+
 def test_stream_is_closed_on_exit_even_when_abandoned(h: Harness) -> None:
     response = streamed(sse(*EVENTS))
     body = response.stream

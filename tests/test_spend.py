@@ -329,6 +329,24 @@ def test_usage_groupings_match_the_ledger(busy_store: tuple[Store, Any, Any]) ->
     assert store.usage(conversation=b.id[:20]).total.calls == 2
 
 
+def test_a_stream_cut_before_its_final_usage_bills_an_estimate_of_what_it_sent(
+    store: Store, standin: StandIn
+) -> None:
+    """The cumulative output count comes only in message_delta: a stream cut before it kept
+    message_start's placeholder (1 token) however much text had arrived, and audits and
+    budgets undercounted it. The received text now sets an estimate, marked as one."""
+    from convo.tokens import estimate_text_tokens
+
+    conv = store.create(SONNET)
+    standin.cut_stream_next(after_events=12)
+    conv.stream("Tell me about the weather in Paris in the spring").until_done()
+    (cut,) = [c for c in conv.calls() if c["status"] == "cut"]
+    assert len(cut["partial_text"]) > 20
+    assert cut["output_tokens"] == estimate_text_tokens(cut["partial_text"]) > 1
+    assert cut["error_message"].endswith("(output tokens estimated)")
+    assert cut["cost_usd"] > 0
+
+
 def test_cut_stream_usage_is_counted(busy_store: tuple[Store, Any, Any]) -> None:
     store, a, _ = busy_store
     (cut,) = [c for c in a.calls() if c["status"] == "cut"]

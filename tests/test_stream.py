@@ -267,6 +267,40 @@ def test_citations_delta_appends_to_the_block() -> None:
     ]
 
 
+def test_citations_delta_on_a_block_that_starts_with_null_citations() -> None:
+    """Recorded API streams start text blocks with "citations": null; setdefault kept the
+    None and the first citation raised AttributeError, losing the reply."""
+    cite = {"type": "char_location", "cited_text": "The sky is blue.", "document_index": 0}
+    acc = fold(
+        [
+            MESSAGE_START,
+            block_start(0, {"type": "text", "text": "", "citations": None}),
+            delta(0, type="citations_delta", citation=cite),
+            delta(0, type="text_delta", text="blue"),
+            stop(0),
+        ]
+    )
+    assert acc.content == [{"type": "text", "text": "blue", "citations": [cite]}]
+
+
+def test_generated_text_counts_text_thinking_and_tool_input_so_far() -> None:
+    """What a stream cut before its final usage had produced, for estimating its billing."""
+    acc = fold(
+        [
+            MESSAGE_START,
+            block_start(0, {"type": "thinking", "thinking": ""}),
+            delta(0, type="thinking_delta", thinking="hmm"),
+            stop(0),
+            block_start(1, {"type": "text", "text": ""}),
+            delta(1, type="text_delta", text="Hi"),
+            stop(1),
+            block_start(2, {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}),
+            delta(2, type="input_json_delta", partial_json='{"a": 1'),
+        ]
+    )
+    assert acc.generated == 'hmmHi{"a": 1' and not acc.final_usage
+
+
 def test_unknown_block_is_kept_as_given_and_unknown_delta_recorded() -> None:
     odd = {"type": "hologram", "payload": {"x": [1, 2]}, "text": "not really text"}
     acc = fold(
