@@ -276,6 +276,19 @@ def _instant(value: Any, name: str) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
+def _worst_input_price(price: Any, body: Mapping[str, Any]) -> float:
+    """USD per million input tokens at worst: a cache write's price if the body caches."""
+    found: list[Any] = [body.get("cache_control")]
+    for part in (body.get("system"), body.get("tools")):
+        if isinstance(part, list):
+            found += [b.get("cache_control") for b in part if isinstance(b, dict)]
+    marks = [m for m in found if isinstance(m, dict)]
+    if not marks:
+        return float(price.input)
+    write = price.cache_write_1h if any(m.get("ttl") == "1h" for m in marks) else price.cache_write_5m
+    return float(max(price.input, write))
+
+
 def _check_model(model: Any) -> None:
     if not isinstance(model, str) or not model.strip() or len(model) > 200:
         raise InvalidInput("model must be a non-empty string of at most 200 characters")
@@ -629,7 +642,7 @@ class Conversation:
         target = _Target(path.branch, last_id, last_depth, owner, prefill_text)
         stored = False
         try:
-            reply = yield from self._call(target, body, streaming, first_call, first_call_id)
+            reply = yield from self._call(target, body, streaming, first_call, first_call_id, info)
             stored = True
             return reply
         finally:
@@ -652,17 +665,26 @@ class Conversation:
         if last.role == "assistant" and last.kind == "reply" and last.stop_reason != "pause_turn":
             raise InvalidInput("nothing to send: the branch ends with Claude's reply; give text")
 
-    def _check_budget(self, info: ConversationRow, body: dict[str, Any]) -> None:
+    def _check_budget(
+        self, info: ConversationRow, body: dict[str, Any], *, retrying: BaseException | None = None
+    ) -> None:
+        """Refuse a request whose worst case would pass a budget or the input cap, counting
+        what was spent so far (`retrying`: another attempt after that failure, which may have
+        been billed; the refusal then says the turn is kept)."""
         budget = info.params.get("budget_usd")
         cap = info.params.get("max_input_tokens")
         store_budget = info.store_budget_usd
         if budget is None and cap is None and store_budget is None:
             return
         estimate = self._estimate_tokens(body)
+        outcome = (
+            f"not retried after {type(retrying).__name__}; your turn is saved"
+            if retrying is not None else "nothing was sent"
+        )
         if cap is not None and estimate > cap:
             raise BudgetExceeded(
                 f"this request's input is about {estimate:,} tokens, over the conversation's "
-                f"cap of {cap:,}; nothing was sent"
+                f"cap of {cap:,}; {outcome}"
             )
         price = self.store.prices.lookup(body["model"])
         if price is None:
@@ -672,7 +694,9 @@ class Conversation:
                 f"a budget is set but convo has no price for model {body['model']}: add one "
                 "with CONVO_PRICES; nothing was sent"
             )
-        worst = (estimate * price.input + body["max_tokens"] * price.output) / 1_000_000
+        # Input at the price of writing it to the cache when the request caches (1.25x, or
+        # 2x for the 1-hour TTL): the worst case is a prefix nothing has cached yet.
+        worst = (estimate * _worst_input_price(price, body) + body["max_tokens"] * price.output) / 1_000_000
         for limit, scope in ((budget, "conversation"), (store_budget, "store")):
             if limit is None:
                 continue
@@ -682,7 +706,7 @@ class Conversation:
             if spent + worst > limit:
                 raise BudgetExceeded(
                     f"the {scope} budget of ${limit:.4f} would be exceeded: ${spent:.4f} spent, "
-                    f"this request may cost up to ${worst:.4f}; nothing was sent"
+                    f"this request may cost up to ${worst:.4f}; {outcome}"
                 )
 
     def _estimate_tokens(self, body: dict[str, Any]) -> int:
@@ -694,10 +718,11 @@ class Conversation:
 
     def _call(
         self, target: _Target, body: dict[str, Any], streaming: bool, first_call: FirstCall,
-        first_call_id: int,
+        first_call_id: int, info: ConversationRow,
     ) -> Generator[str | RetryNotice, None, Reply]:
         """Attempts under the retry policy, each a ledger row (the first one was written with
-        the user turn, in the same transaction)."""
+        the user turn, in the same transaction). Each retry is held to the budgets again: a
+        cut attempt was billed."""
         store = self.store
         storage = store.storage
         client = store.client
@@ -741,6 +766,7 @@ class Conversation:
             except APIError as e:
                 self._record_failure(call_id, started, model, acc, e, request_id, http_status, streaming)
                 if attempt < policy.max_retries and policy.should_retry(e):
+                    self._check_budget(info, body, retrying=e)
                     delay = policy.delay(attempt, e, random.random())
                     yield RetryNotice(attempt + 1, e, delay)
                     store.sleep(delay)

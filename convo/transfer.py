@@ -70,7 +70,7 @@ class CallExport(BaseModel):
     attempt: Int32 = 0
     model: str = Field(max_length=200)
     streamed: Int32 = 0
-    status: str = Field(max_length=16)
+    status: Literal["pending", "ok", "error", "cut", "cancelled", "abandoned"]
     http_status: Int32 | None = None
     error_type: str | None = Field(default=None, max_length=64)
     error_message: str | None = None
@@ -85,8 +85,9 @@ class CallExport(BaseModel):
     cache_read_input_tokens: Int32 = 0
     cache_creation_5m_input_tokens: Int32 | None = None
     cache_creation_1h_input_tokens: Int32 | None = None
-    cost_usd: float | None = Field(default=None, allow_inf_nan=False)
-    uncached_cost_usd: float | None = Field(default=None, allow_inf_nan=False)
+    # (Never below zero: a negative cost would lower every audit and budget it counts in.)
+    cost_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    uncached_cost_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     started_at: datetime
     finished_at: datetime | None = None
     duration_ms: float | None = None

@@ -635,6 +635,8 @@ def test_malformed_import_is_refused_whole(
             good, lambda d: d["branches"].append(dict(d["branches"][0]))
         ),
         "a call's unknown turn": _mutated(good, _set(("calls", 0, "turn_id"), "nope")),
+        "a negative cost": _mutated(good, _set(("calls", 0, "cost_usd"), -5.0)),  # lowered budgets
+        "an unknown call status": _mutated(good, _set(("calls", 0, "status"), "made-up")),
         "a call's unknown reply": _mutated(good, _set(("calls", 0, "reply_id"), 999_999)),
         "an edit of an unknown turn": _mutated(good, _set(("turns", 0, "source_id"), "nope")),
         "a branch name on two lines": _mutated(

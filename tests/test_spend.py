@@ -422,7 +422,7 @@ def test_conversation_budget_counts_what_was_spent(store: Store, standin: StandI
     conv.send("First question")  # about $0.006 of cache writes
     spent = conv.calls()[0]["cost_usd"]
     estimate = prompt_tokens(conv.request("Second question"))
-    worst = (estimate * 3 + 20 * 15) / 1e6
+    worst = (estimate * 3.75 + 20 * 15) / 1e6  # input at the 5-minute cache write price
     assert spent < 0.008 < spent + worst
     n = len(posts(standin))
     with pytest.raises(BudgetExceeded):
@@ -454,7 +454,8 @@ def test_store_budget_boundary(store: Store, standin: StandIn) -> None:
     conv = store.create(SONNET, system=SYSTEM, max_tokens=20)
     conv.send("First question")
     spent = store.usage().total.cost_usd
-    worst = (prompt_tokens(conv.request("Second question")) * 3 + 20 * 15) / 1e6
+    # Input at the 5-minute cache write price (the request caches): the worst case.
+    worst = (prompt_tokens(conv.request("Second question")) * 3.75 + 20 * 15) / 1e6
     n = len(posts(standin))
 
     store.set_budget(spent + worst - 1e-7)
@@ -471,6 +472,42 @@ def test_store_budget_boundary(store: Store, standin: StandIn) -> None:
     store.set_budget(None)
     conv.send("Third question")
     assert len(posts(standin)) == n + 2
+
+
+def test_the_worst_case_prices_input_as_a_cache_write_when_the_request_caches() -> None:
+    """A prefix nothing has cached yet is billed at the write price (1.25x for 5 minutes, 2x
+    for an hour): a budget checked at the plain input price let a send cost up to twice what
+    it allowed for."""
+    from convo.pricing import Price
+    from convo.service import _worst_input_price
+
+    price = Price(input=3, output=15)
+    plain = {"model": SONNET, "messages": []}
+    assert _worst_input_price(price, plain) == 3
+    assert _worst_input_price(price, {**plain, "cache_control": {"type": "ephemeral"}}) == 3.75
+    one_hour = {"type": "text", "text": "s", "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+    assert _worst_input_price(price, {**plain, "system": [one_hour]}) == 6
+    assert _worst_input_price(price, {**plain, "tools": [{"name": "t", "cache_control": {"type": "ephemeral"}}]}) == 3.75
+
+
+def test_a_retry_is_held_to_the_budget_the_failed_attempt_spent_into(
+    store: Store, standin: StandIn
+) -> None:
+    """Each automatic retry of a cut stream is billed again: retries were never checked, and
+    a send spent three times its budget. The retry that would pass the budget is not made;
+    the turn is kept for `retry` once the budget allows."""
+    conv = store.create(SONNET, system=SYSTEM, max_tokens=20)
+    worst = (prompt_tokens(conv.request("Tell me about Paris")) * 3.75 + 20 * 15) / 1e6
+    conv.set_limits(budget_usd=worst * 1.2)
+    standin.cut_stream_next(after_events=12, times=2)
+    with pytest.raises(BudgetExceeded, match="not retried after .*your turn is saved"):
+        conv.stream("Tell me about Paris").until_done()
+    assert [c["status"] for c in conv.calls()] == ["cut"]
+    assert len(posts(standin)) == 1
+    assert [t.kind for t in conv.turns()] == ["user"]  # kept, unanswered
+    conv.set_limits(budget_usd=None)
+    standin.reset_faults()  # (the second cut was never asked for)
+    assert conv.retry().text
 
 
 def test_store_budget_spans_conversations_and_conversation_budget_does_not(
