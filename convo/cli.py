@@ -507,7 +507,10 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if since is not None and until is not None and since > until:
         raise InvalidInput(f"--since {args.since} is after --until {args.until}")
     if until is not None:
-        until += timedelta(days=1)  # --until is inclusive: the whole day counts
+        try:
+            until += timedelta(days=1)  # --until is inclusive: the whole day counts
+        except OverflowError:  # (--until 9999-12-31: no end at all)
+            until = None
     with _store(args) as store:
         report = store.usage(
             conversation=args.conversation, since=since, until=until, by=by

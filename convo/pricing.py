@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -139,7 +140,10 @@ class PriceTable:
             if not isinstance(model, str) or not model.strip():
                 raise ConfigError(f"price override key must be a model id, got {model!r}")
             price = entry if isinstance(entry, Price) else Price.from_mapping(entry)
-            merged[model.strip()] = price
+            # Under the spelling the table uses (lowercase, "4-5" for "4.5"): an override
+            # written "Claude-Sonnet-4.5" sat beside the default entry, which lookups found
+            # first, and was silently ignored.
+            merged[re.sub(r"(?<=\d)\.(?=\d)", "-", model.strip().lower())] = price
         return PriceTable(merged)
 
     def lookup(self, model: str) -> Price | None:

@@ -312,7 +312,8 @@ def _usage_cells(row: Any, key: str | None = None) -> tuple[str, ...]:
         fmt_int(row.cache_creation_input_tokens),
         fmt_int(row.cache_read_input_tokens),
         fmt_int(row.output_tokens),
-        fmt_usd(row.cost_usd),
+        # "+?": calls whose model has no price are not in the sum (it is not their cost).
+        fmt_usd(row.cost_usd) + ("+?" if getattr(row, "unpriced_calls", 0) else ""),
     )
 
 
@@ -358,6 +359,7 @@ def _usage_row_json(row: Any) -> dict[str, Any]:
         "cache_read_input_tokens": row.cache_read_input_tokens,
         "cost_usd": row.cost_usd,
         "uncached_cost_usd": row.uncached_cost_usd,
+        "unpriced_calls": row.unpriced_calls,
     }
 
 
@@ -383,6 +385,7 @@ USAGE_CSV_COLUMNS = (
     "cache_read_input_tokens",
     "cost_usd",
     "uncached_cost_usd",
+    "unpriced_calls",
 )
 
 

@@ -483,6 +483,8 @@ class UsageRow:
     cache_read_input_tokens: int
     cost_usd: float
     uncached_cost_usd: float
+    # Billed calls with no known price: `cost_usd` leaves them out, so it is a lower bound.
+    unpriced_calls: int = 0
 
 
 @dataclass(frozen=True)
@@ -1374,7 +1376,8 @@ class Storage:
                     ).scalars()
                 )
         rows = [
-            UsageRow(str(r[0]), r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5]), float(r[6]), float(r[7]))
+            UsageRow(str(r[0]), r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5]), float(r[6]), float(r[7]),
+                     int(r[8] or 0))
             for r in result
         ]
         total = UsageRow(
@@ -1386,8 +1389,9 @@ class Storage:
             sum(r.cache_read_input_tokens for r in rows),
             sum(r.cost_usd for r in rows),
             sum(r.uncached_cost_usd for r in rows),
+            sum(r.unpriced_calls for r in rows),
         )
-        return UsageReport(by, rows, total, sum(int(r[8] or 0) for r in result), missing)
+        return UsageReport(by, rows, total, total.unpriced_calls, missing)
 
     # -- import ----------------------------------------------------------------------------
 

@@ -842,6 +842,14 @@ def test_no_conversation_yet_and_db_commands(db_url: str, api: StandIn) -> None:
     assert "(head)" in ok(upgrade).out
 
 
+def test_usage_until_the_last_day_there_is(tmp_path: Path, api: StandIn, store_for: Any) -> None:
+    """--until is inclusive, so a day is added: 9999-12-31 overflowed (unexpected OverflowError)."""
+    url = f"sqlite:///{tmp_path / 'until.db'}"
+    store_for(url).create().send("hello")
+    out = ok(convo(url, "usage", "--until", "9999-12-31", "--json", standin=api)).out
+    assert json.loads(out)["total"]["calls"] == 1
+
+
 def test_db_current_says_what_brings_an_old_schema_to_head(tmp_path: Path, fresh_pg_url: str) -> None:
     """The embedded SQLite file upgrades itself; a PostgreSQL database is upgraded on purpose."""
     lite = ok(convo(f"sqlite:///{tmp_path / 'new.db'}", "db", "current")).out.strip()

@@ -148,6 +148,14 @@ def test_dated_override_covers_only_that_snapshot(table: PriceTable) -> None:
     assert custom.lookup("claude-sonnet-4-5") == Price(3, 15)
 
 
+@pytest.mark.parametrize("key", ["Claude-Sonnet-4-5", "claude-sonnet-4.5", " claude-sonnet-4-5 "])
+def test_an_override_in_another_spelling_replaces_the_default(table: PriceTable, key: str) -> None:
+    """It was kept beside the default entry, which every lookup found first."""
+    custom = table.with_overrides({key: {"input": 2, "output": 10}})
+    for model in ("claude-sonnet-4-5", "claude-sonnet-4-5-20250929", "Claude-Sonnet-4.5"):
+        assert custom.lookup(model) == Price(2, 10), model
+
+
 def test_default_table_is_not_mutated() -> None:
     PriceTable.default().with_overrides({"x": {"input": 1, "output": 1}})
     assert "x" not in DEFAULT_PRICES

@@ -221,6 +221,15 @@ def test_unknown_model_is_recorded_without_cost(store: Store, standin: StandIn) 
     rows = {r.key: r for r in report.rows}
     assert rows["acme-llm-1"].calls == 1 and rows["acme-llm-1"].cost_usd == 0.0
     assert report.total.cost_usd == pytest.approx(priced.calls()[0]["cost_usd"])
+    # Each row says how many of its calls its cost leaves out: a bare $0.0000 read as free.
+    assert (rows["acme-llm-1"].unpriced_calls, rows[SONNET].unpriced_calls) == (1, 0)
+    assert report.total.unpriced_calls == 1
+    from convo import render
+
+    table = render.usage_table(report)
+    assert [line for line in table.splitlines() if "+?" in line][0].startswith("acme-llm-1")
+    assert render.usage_json(report)["rows"][0]["unpriced_calls"] in (0, 1)
+    assert "unpriced_calls" in render.usage_csv(report).splitlines()[0]
     # the conversation's own report says the same
     own = store.usage(conversation=conv.id)
     assert own.unpriced_calls == 1 and own.models_without_price == ["acme-llm-1"]
