@@ -702,9 +702,9 @@ def cmd_budget(args: argparse.Namespace) -> int:
             if args.usd is not None:
                 store.set_budget(None if args.usd == _OFF else args.usd)
             limit = store.budget
-            spent = store.usage(by="conversation").total.cost_usd
+            total = store.usage(by="conversation").total
             shown = render.fmt_usd(limit) if limit is not None else "none"
-            _out(f"store budget {shown} (spent {render.fmt_usd(spent)})")
+            _out(f"store budget {shown} (spent {render.fmt_cost(total.cost_usd, total.unpriced_calls)})")
             return 0
         conv = _conversation(store, args.conversation)
         changes = {
@@ -715,12 +715,12 @@ def cmd_budget(args: argparse.Namespace) -> int:
         if changes:
             conv.set_limits(**changes)
         limits = conv.limits
-        spent = conv.usage(by="conversation").total.cost_usd
+        total = conv.usage(by="conversation").total
         budget, cap = limits["budget_usd"], limits["max_input_tokens"]
         _out(
             f"conversation {conv.id}: budget "
             f"{render.fmt_usd(budget) if budget is not None else 'none'} "
-            f"(spent {render.fmt_usd(spent)}), max input tokens "
+            f"(spent {render.fmt_cost(total.cost_usd, total.unpriced_calls)}), max input tokens "
             f"{render.fmt_int(cap) if cap is not None else 'none'}"
         )
     return 0

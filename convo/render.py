@@ -245,7 +245,7 @@ def conversations_table(
             fmt_int(s.turn_count),
             fmt_int(s.input_tokens),
             fmt_int(s.output_tokens),
-            fmt_usd(s.cost_usd),
+            fmt_cost(s.cost_usd, s.unpriced_calls),
             local_minute(s.updated_at, tz),
         )
         for s in summaries
@@ -274,6 +274,7 @@ def conversations_json(
             "input_tokens": s.input_tokens,
             "output_tokens": s.output_tokens,
             "cost_usd": s.cost_usd,
+            "unpriced_calls": s.unpriced_calls,
             "created_at": s.created_at.isoformat(),
             "updated_at": s.updated_at.isoformat(),
         }
@@ -304,6 +305,12 @@ def branches_table(
 # -- usage -------------------------------------------------------------------------------------
 
 
+def fmt_cost(usd: float, unpriced_calls: int = 0) -> str:
+    """A cost, "+?" after it when calls with no known price are left out of it: a bare sum
+    would read as their cost being nothing."""
+    return fmt_usd(usd) + ("+?" if unpriced_calls else "")
+
+
 def _usage_cells(row: Any, key: str | None = None) -> tuple[str, ...]:
     return (
         key if key is not None else row.key,
@@ -312,8 +319,7 @@ def _usage_cells(row: Any, key: str | None = None) -> tuple[str, ...]:
         fmt_int(row.cache_creation_input_tokens),
         fmt_int(row.cache_read_input_tokens),
         fmt_int(row.output_tokens),
-        # "+?": calls whose model has no price are not in the sum (it is not their cost).
-        fmt_usd(row.cost_usd) + ("+?" if getattr(row, "unpriced_calls", 0) else ""),
+        fmt_cost(row.cost_usd, row.unpriced_calls),
     )
 
 

@@ -60,6 +60,12 @@ BL = cast(Table, Blob.__table__)
 S = cast(Table, Setting.__table__)
 
 STORE_BUDGET_KEY = "budget_usd"
+# A call the API billed: any tokens at all (a call refused before the model ran has none). One
+# with no cost is then unpriced, not free.
+_BILLED = or_(
+    K.c.input_tokens > 0, K.c.output_tokens > 0,
+    K.c.cache_creation_input_tokens > 0, K.c.cache_read_input_tokens > 0,
+)
 # The unique (conversation, name) of branches (models.NAMING_CONVENTION names it), and how many
 # names a PostgreSQL fork tries when other writers take the free ones first.
 BRANCH_NAME_CONSTRAINT = "uq_branches_conversation_key"
@@ -471,6 +477,8 @@ class ConversationSummary:
     cost_usd: float = 0.0
     # The first words of the first user turn, for untitled conversations.
     preview: str | None = None
+    # Billed calls with no known price, left out of `cost_usd`.
+    unpriced_calls: int = 0
 
 
 @dataclass(frozen=True)
@@ -607,6 +615,7 @@ class Storage:
                 func.sum(K.c.input_tokens + K.c.cache_creation_input_tokens + K.c.cache_read_input_tokens).label("inp"),
                 func.sum(K.c.output_tokens).label("out"),
                 func.sum(K.c.cost_usd).label("cost"),
+                func.sum(case((and_(K.c.cost_usd.is_(None), _BILLED), 1), else_=0)).label("unpriced"),
             )
             .group_by(K.c.conversation_key)
             .subquery()
@@ -619,7 +628,7 @@ class Storage:
             .scalar_subquery()
         )
         q = (
-            select(C, spend.c.calls, spend.c.inp, spend.c.out, spend.c.cost, first.label("first"))
+            select(C, spend.c.calls, spend.c.inp, spend.c.out, spend.c.cost, spend.c.unpriced, first.label("first"))
             .outerjoin(spend, spend.c.conversation_key == C.c.key)
             .order_by(C.c.updated_at.desc(), C.c.id.desc())
         )
@@ -641,6 +650,7 @@ class Storage:
                 output_tokens=int(r.out or 0),
                 cost_usd=float(r.cost or 0.0),
                 preview=_preview(r.first),
+                unpriced_calls=int(r.unpriced or 0),
             )
             for r in rows
         ]
@@ -1341,7 +1351,7 @@ class Storage:
             conds.append(K.c.started_at >= since)
         if until is not None:
             conds.append(K.c.started_at < until)
-        billed = or_(K.c.input_tokens > 0, K.c.output_tokens > 0)
+        billed = _BILLED
         unpriced = func.sum(case((and_(K.c.cost_usd.is_(None), billed), 1), else_=0))
         sums = select(
             *group,

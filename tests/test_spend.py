@@ -230,6 +230,9 @@ def test_unknown_model_is_recorded_without_cost(store: Store, standin: StandIn) 
     assert [line for line in table.splitlines() if "+?" in line][0].startswith("acme-llm-1")
     assert render.usage_json(report)["rows"][0]["unpriced_calls"] in (0, 1)
     assert "unpriced_calls" in render.usage_csv(report).splitlines()[0]
+    listed = {c.id: c for c in store.list()}  # `convo list` and `convo budget` say so too
+    assert (listed[conv.id].unpriced_calls, listed[priced.id].unpriced_calls) == (1, 0)
+    assert render.fmt_cost(0.0, 1) == "$0.0000+?" and render.fmt_cost(0.5) == "$0.5000"
     # the conversation's own report says the same
     own = store.usage(conversation=conv.id)
     assert own.unpriced_calls == 1 and own.models_without_price == ["acme-llm-1"]
