@@ -618,7 +618,7 @@ class Conversation:
                 self._check_continuable(path)
             body = self._build(info, path, new, overrides)
             self.store.client.require_key()
-            self._check_budget(info, body)
+            estimate = self._check_budget(info, body)
             try:
                 first_call = FirstCall(now(), body["model"], streaming)
                 ids, first_call_id = storage.begin_send(
@@ -642,7 +642,9 @@ class Conversation:
         target = _Target(path.branch, last_id, last_depth, owner, prefill_text)
         stored = False
         try:
-            reply = yield from self._call(target, body, streaming, first_call, first_call_id, info)
+            reply = yield from self._call(
+                target, body, streaming, first_call, first_call_id, info, estimate
+            )
             stored = True
             return reply
         finally:
@@ -666,17 +668,24 @@ class Conversation:
             raise InvalidInput("nothing to send: the branch ends with Claude's reply; give text")
 
     def _check_budget(
-        self, info: ConversationRow, body: dict[str, Any], *, retrying: BaseException | None = None
-    ) -> None:
+        self,
+        info: ConversationRow,
+        body: dict[str, Any],
+        *,
+        retrying: BaseException | None = None,
+        estimate: int | None = None,
+    ) -> int | None:
         """Refuse a request whose worst case would pass a budget or the input cap, counting
         what was spent so far (`retrying`: another attempt after that failure, which may have
-        been billed; the refusal then says the turn is kept)."""
+        been billed; the refusal then says the turn is kept). Returns the input estimate it
+        used, for the retries' checks (None when nothing is limited)."""
         budget = info.params.get("budget_usd")
         cap = info.params.get("max_input_tokens")
         store_budget = info.store_budget_usd
         if budget is None and cap is None and store_budget is None:
-            return
-        estimate = self._estimate_tokens(body)
+            return None
+        if estimate is None:  # (count_tokens is a request: a retry's check reuses the first's)
+            estimate = self._estimate_tokens(body)
         outcome = (
             f"not retried after {type(retrying).__name__}; your turn is saved"
             if retrying is not None else "nothing was sent"
@@ -689,7 +698,7 @@ class Conversation:
         price = self.store.prices.lookup(body["model"])
         if price is None:
             if budget is None and store_budget is None:
-                return
+                return estimate
             raise BudgetExceeded(
                 f"a budget is set but convo has no price for model {body['model']}: add one "
                 "with CONVO_PRICES; nothing was sent"
@@ -708,6 +717,7 @@ class Conversation:
                     f"the {scope} budget of ${limit:.4f} would be exceeded: ${spent:.4f} spent, "
                     f"this request may cost up to ${worst:.4f}; {outcome}"
                 )
+        return estimate
 
     def _estimate_tokens(self, body: dict[str, Any]) -> int:
         """count_tokens where the API is reachable, the local estimate otherwise."""
@@ -718,7 +728,7 @@ class Conversation:
 
     def _call(
         self, target: _Target, body: dict[str, Any], streaming: bool, first_call: FirstCall,
-        first_call_id: int, info: ConversationRow,
+        first_call_id: int, info: ConversationRow, estimate: int | None,
     ) -> Generator[str | RetryNotice, None, Reply]:
         """Attempts under the retry policy, each a ledger row (the first one was written with
         the user turn, in the same transaction). Each retry is held to the budgets again: a
@@ -766,7 +776,7 @@ class Conversation:
             except APIError as e:
                 self._record_failure(call_id, started, model, acc, e, request_id, http_status, streaming)
                 if attempt < policy.max_retries and policy.should_retry(e):
-                    self._check_budget(info, body, retrying=e)
+                    self._check_budget(info, body, retrying=e, estimate=estimate)
                     delay = policy.delay(attempt, e, random.random())
                     yield RetryNotice(attempt + 1, e, delay)
                     store.sleep(delay)

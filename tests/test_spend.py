@@ -516,6 +516,10 @@ def test_a_retry_is_held_to_the_budget_the_failed_attempt_spent_into(
         conv.stream("Tell me about Paris").until_done()
     assert [c["status"] for c in conv.calls()] == ["cut"]
     assert len(posts(standin)) == 1
+    # The retry's check reused the send's estimate: one count_tokens request, not one a try
+    # (a request that may be failing for the same reason, with retries of its own).
+    counted = [r for r in standin.requests if r["path"].endswith("/count_tokens")]
+    assert len(counted) == 1
     assert [t.kind for t in conv.turns()] == ["user"]  # kept, unanswered
     conv.set_limits(budget_usd=None)
     standin.reset_faults()  # (the second cut was never asked for)
