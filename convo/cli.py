@@ -65,9 +65,20 @@ class _CommandParser(_Parser):
     _intermixing = False
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        if self._intermixing or (args is not None and "--" in args):
-            # (parse_known_intermixed_args's own passes, or text after `--`)
+        if self._intermixing:  # parse_known_intermixed_args's own passes
             return super().parse_known_args(args, namespace)
+        if args is not None and "--" in args:
+            ns, extras = super().parse_known_args(args, namespace)
+            if "--" in extras:
+                # `edit TURN --name N -- -TEXT`: plain argparse filled TURN alone at the first
+                # run of positionals; what follows `--` fills the optional ones still empty.
+                cut = extras.index("--")
+                after = extras[cut + 1 :]
+                for action in self._get_positional_actions():
+                    if after and action.nargs == "?" and getattr(ns, action.dest, None) is None:
+                        setattr(ns, action.dest, after.pop(0))
+                extras = extras[:cut] + after
+            return ns, extras
         self._intermixing = True
         try:
             return self.parse_known_intermixed_args(args, namespace)

@@ -50,7 +50,10 @@ BRANCH_NAME_MAX = 200
 # Control characters, and line and paragraph separators: what splits a row of `branches` or
 # `tree`, or rewrites the terminal. (Not str.isprintable(): it also refuses the joiners and
 # marks that Persian, Devanagari or emoji sequences need, and characters newer than Python.)
-_NOT_IN_A_NAME = frozenset(("Cc", "Zl", "Zp"))
+_NOT_IN_A_NAME = frozenset(("Cc", "Cs", "Zl", "Zp"))  # (Cs: a lone surrogate, not text at all)
+# Bidirectional overrides and isolates: they reorder what follows on screen, so a name could
+# show as another one.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def check_branch_name(name: str) -> None:
@@ -60,7 +63,7 @@ def check_branch_name(name: str) -> None:
         raise InvalidInput(f"a branch name is a string, not {type(name).__name__}")
     if (
         not name.strip() or name != name.strip() or len(name) > BRANCH_NAME_MAX
-        or any(unicodedata.category(c) in _NOT_IN_A_NAME for c in name)
+        or any(unicodedata.category(c) in _NOT_IN_A_NAME or c in _BIDI_CONTROLS for c in name)
     ):
         raise InvalidInput(
             f"invalid branch name {name!r}: one line with no control characters, at most "

@@ -140,9 +140,10 @@ class PriceTable:
             if not isinstance(model, str) or not model.strip():
                 raise ConfigError(f"price override key must be a model id, got {model!r}")
             price = entry if isinstance(entry, Price) else Price.from_mapping(entry)
-            # Under the spelling the table uses (lowercase, "4-5" for "4.5"): an override
-            # written "Claude-Sonnet-4.5" sat beside the default entry, which lookups found
-            # first, and was silently ignored.
+            # As written, and under the spelling the table uses (lowercase, "4-5" for "4.5"):
+            # an override written "Claude-Sonnet-4.5" sat beside the default entry, which
+            # lookups found first, and was silently ignored.
+            merged[model.strip()] = price
             merged[re.sub(r"(?<=\d)\.(?=\d)", "-", model.strip().lower())] = price
         return PriceTable(merged)
 

@@ -199,12 +199,17 @@ def _check_conversation(conv: ConversationExport) -> None:
     try:
         _check_limits({k: v for k, v in limits.items() if v is not None})
         _check_settings(params)
-        if conv.system not in (None, ""):  # ("": no system, as convo once stored it)
+        if not _blank(conv.system):  # (blank: no system, as convo once stored it)
             _check_system(conv.system)
     except InvalidInput as e:
         raise InvalidInput(f"not a convo export: conversation settings: {e}") from None
     if "max_tokens" not in params:
         raise InvalidInput("not a convo export: conversation settings lack max_tokens")
+
+
+def _blank(system: Any) -> bool:
+    """A system prompt older convo stored from empty input ("", or "\\n" from a pipe)."""
+    return system is None or (isinstance(system, str) and not system.strip())
 
 
 def import_conversation(storage: Storage, data: Any) -> str:
@@ -234,8 +239,11 @@ def import_conversation(storage: Storage, data: Any) -> str:
             if len(path) > len(by_id):
                 raise InvalidInput("not a convo export: the turns form a cycle")
         check_structure(path[::-1], final_pending_ok=True)
+    conversation = export.conversation.model_dump()
+    if _blank(conversation["system"]):
+        conversation["system"] = None  # (it would be sent, and the API refuses a blank one)
     return storage.import_tree(
-        export.conversation.model_dump(),
+        conversation,
         [t.model_dump() for t in export.turns],
         [b.model_dump() for b in export.branches],
         [c.model_dump() for c in export.calls],

@@ -379,8 +379,9 @@ def test_values_nested_deeper_than_can_be_sent(db_url: str, standin: StandIn, st
 @pytest.mark.parametrize(
     "name",
     ["", "  ", " lead", "trail ", "x" * 201, "two\nlines", "tab\there", "\x1b[31mred", "nul\x00",
-     "line\u2028separator"],
-    ids=["empty", "blank", "lead", "trail", "long", "newline", "tab", "escape", "nul", "line-separator"],
+     "line\u2028separator", "lone\udcffsurrogate", "spoof\u202etxt.exe"],
+    ids=["empty", "blank", "lead", "trail", "long", "newline", "tab", "escape", "nul", "line-separator",
+         "surrogate", "bidi-override"],
 )
 def test_branch_names_that_cannot_be_shown_on_one_line(
     db_url: str, standin: StandIn, store: Store, name: str

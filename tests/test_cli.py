@@ -708,6 +708,9 @@ def test_options_may_come_between_a_commands_positionals(tmp_path: Path, api: St
     for text in ("-x", "--model", "-h"):
         added = int(ok(convo(url, "add", "--role", "user", "-C", conv.id, "--", text, standin=api)).out)
         assert conv.turn(added).content == [{"type": "text", "text": text}]
+    # ... and fills the text after the options of a two-positional command too.
+    edited = int(ok(convo(url, "edit", "-C", conv.id, turn, "--name", "dashed", "--", "-z", standin=api)).out)
+    assert conv.turn(edited).content == [{"type": "text", "text": "-z"}]
     body = json.loads(ok(convo(url, "request", "-C", conv.id, "--", "-y", standin=api)).out)
     assert body["messages"][-1]["content"][-1] == {"type": "text", "text": "-y"}
 

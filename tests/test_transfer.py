@@ -115,6 +115,20 @@ def test_an_export_with_text_turn_ids_still_imports(db_url: str, tmp_path: Path)
     store.close()
 
 
+@pytest.mark.parametrize("blank", ["", "\n", "  \t"])
+def test_an_export_with_a_blank_system_prompt_imports_as_none(db_url: str, blank: str) -> None:
+    """Older convo stored "" or (`echo | convo new --system -`) "\n": such an export still
+    imports, as no system prompt, which the API would refuse blank."""
+    store = Store(db_url, upgrade=True)
+    conv = store.create("claude-sonnet-4-5")
+    conv.add_user("hello")
+    data = json.loads(json.dumps(store.export(conv.id)))
+    data["conversation"]["system"] = blank
+    copy = store.import_(data)
+    assert copy.info.system is None and "system" not in copy.request()
+    store.close()
+
+
 def test_an_import_numbers_turns_in_the_order_they_were_made(db_url: str, tmp_path: Path) -> None:
     """Turn ids follow creation order in a copy too: siblings (an original and its edits)
     keep their order, and every turn's id is above its parent's."""
