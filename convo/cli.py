@@ -656,6 +656,18 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _temperature_value(value: str) -> float | str:
+    if value.strip().lower() in (_OFF, "none"):
+        return _OFF
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1: {value!r}")
+    return number
+
+
 def _budget_value(value: str) -> float | str:
     if value.strip().lower() in (_OFF, "none"):
         return _OFF
@@ -734,6 +746,52 @@ def cmd_budget(args: argparse.Namespace) -> int:
             f"(spent {render.fmt_cost(total.cost_usd, total.unpriced_calls)}), max input tokens "
             f"{render.fmt_int(cap) if cap is not None else 'none'}"
         )
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = {}
+    if args.model is not None:
+        changes["model"] = _utf8(args.model, "--model")
+    if args.no_system:
+        changes["system"] = None
+    elif args.system is not None:
+        changes["system"] = _text(args.system, "--system")
+    if args.no_title:
+        changes["title"] = None
+    elif args.title is not None:
+        changes["title"] = _utf8(args.title, "--title")
+    if args.max_tokens is not None:
+        changes["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        changes["temperature"] = None if args.temperature == _OFF else args.temperature
+    if args.no_cache:
+        changes["cache"] = "off"
+    elif args.cache_ttl is not None:
+        changes["cache"] = args.cache_ttl
+    if args.no_tools:
+        changes["tools"] = None
+    elif args.tools is not None:
+        changes["tools"] = _load_tools(args.tools)
+    with _store(args) as store:
+        conv = _conversation(store, args.conversation)
+        if changes:
+            conv.configure(**changes)
+        info = conv.info
+        p = info.params
+        tools = p.get("tools") or []
+        _out(render.settings_line(conv.id, info.title, info.model, info.system, p, len(tools)))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        gone = store.delete(args.id)
+    _out(
+        f"deleted conversation {gone.id}: {render.fmt_int(gone.turns)} turns, "
+        f"{render.fmt_int(gone.branches)} branches, {render.fmt_int(gone.calls)} calls in the ledger"
+        + (f", {render.fmt_int(gone.blobs)} images or documents" if gone.blobs else "")
+    )
     return 0
 
 
@@ -1001,6 +1059,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="input cap per request ('off' removes it)",
     )
     p.add_argument("--store", action="store_true", help="the whole store's budget instead")
+
+    p = command("set", cmd_set, "show or change a conversation's settings for later requests")
+    p.add_argument("--model", type=_given("model id"), metavar="M")
+    system = p.add_mutually_exclusive_group()
+    system.add_argument("--system", metavar="S", help="system prompt (- reads stdin)")
+    system.add_argument("--no-system", action="store_true", help="no system prompt")
+    title = p.add_mutually_exclusive_group()
+    title.add_argument("--title", metavar="T")
+    title.add_argument("--no-title", action="store_true")
+    p.add_argument("--max-tokens", type=_positive_int, metavar="N")
+    p.add_argument("--temperature", type=_temperature_value, metavar="X", help="0 to 1 ('off' removes it)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--no-cache", action="store_true", help="no prompt caching")
+    cache.add_argument("--cache-ttl", choices=("5m", "1h"), help="prompt cache lifetime")
+    tools = p.add_mutually_exclusive_group()
+    tools.add_argument("--tools", metavar="FILE.json", help="tool definitions (a JSON list)")
+    tools.add_argument("--no-tools", action="store_true", help="no tools")
+
+    p = command(
+        "delete", cmd_delete,
+        "delete a conversation: its turns, branches and ledger rows (export it first to keep it)",
+        conv=False,
+    )
+    p.add_argument("id", type=_given("conversation id"), metavar="ID", help="conversation id or unique prefix")
 
     command("chat", cmd_chat, "an interactive chat in a conversation")
 

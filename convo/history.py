@@ -293,13 +293,34 @@ def _check_media(messages: list[dict[str, Any]]) -> int:
     return sum(int(r.get("size", 0)) for r in refs)
 
 
-def count_cache_markers(tools: Any, system: Any) -> int:
-    """cache_control markers a person put on tool definitions or system blocks."""
-    n = 0
-    for item in (tools or []) + (system if isinstance(system, list) else []):
-        if isinstance(item, dict) and "cache_control" in item:
-            n += 1
-    return n
+def _markers(tools: Any, system: Any) -> list[Any]:
+    """The cache_control markers on tools, then on system blocks: the API's order."""
+    items = (tools if isinstance(tools, list) else []) + (system if isinstance(system, list) else [])
+    return [item["cache_control"] for item in items if isinstance(item, dict) and "cache_control" in item]
+
+
+def check_cache_markers(tools: Any, system: Any, cache: Any) -> None:
+    """Refuse cache markers the API would: more than four (the automatic one of `cache`
+    counts), or a 1-hour marker after a 5-minute one (the API reads tools, then system, then
+    messages, where the automatic marker goes, and wants the longer lifetimes first)."""
+    marks = _markers(tools, system)
+    if cache and cache not in ("off", False):
+        marks.append({"ttl": cache})
+    if len(marks) > MAX_CACHE_BREAKPOINTS:
+        raise InvalidInput(
+            f"{len(marks)} cache_control markers (tools, system and the automatic one of cache="
+            f"{cache!r}): the API takes at most {MAX_CACHE_BREAKPOINTS}"
+        )
+    seen_short = False
+    for m in marks:
+        ttl = m.get("ttl", "5m") if isinstance(m, dict) else "5m"
+        if ttl == "1h" and seen_short:
+            raise InvalidInput(
+                "a 1-hour cache marker comes after a 5-minute one (tools, then system, then the "
+                "automatic one of cache): the API refuses that order; use the same lifetime, "
+                "or the longer one first"
+            )
+        seen_short = seen_short or ttl != "1h"
 
 
 def build_request(
@@ -352,10 +373,5 @@ def build_request(
         body["cache_control"] = (
             {"type": "ephemeral"} if cache == "5m" else {"type": "ephemeral", "ttl": "1h"}
         )
-    markers = count_cache_markers(body.get("tools"), body.get("system")) + ("cache_control" in body)
-    if markers > MAX_CACHE_BREAKPOINTS:
-        raise InvalidInput(
-            f"{markers} cache_control markers (tools, system and the automatic one of cache="
-            f"{cache!r}): the API takes at most {MAX_CACHE_BREAKPOINTS}"
-        )
+    check_cache_markers(body.get("tools"), body.get("system"), cache)
     return body

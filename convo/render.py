@@ -94,6 +94,29 @@ def one_line(text: str, width: int = PREVIEW_CHARS) -> str:
     return flat if len(flat) <= width else flat[: max(width - 1, 0)] + "…"
 
 
+def settings_line(
+    conv_id: str, title: str | None, model: str, system: Any, params: Mapping[str, Any], tools: int
+) -> str:
+    """A conversation's settings for later requests, one per line (`convo set`)."""
+    if system is None:
+        shown = "none"
+    else:
+        text = system if isinstance(system, str) else " ".join(b.get("text", "") for b in system)
+        shown = one_line(text)
+    lines = [
+        f"conversation {conv_id}",
+        f"  title:       {title if title is not None else 'none'}",
+        f"  model:       {model}",
+        f"  system:      {shown}",
+        f"  max_tokens:  {fmt_int(params.get('max_tokens'))}",
+        f"  cache:       {params.get('cache') or 'off'}",
+        f"  tools:       {tools if tools else 'none'}",
+    ]
+    others = {k: v for k, v in params.items() if k not in ("max_tokens", "cache", "tools")}
+    lines += [f"  {key + ':':<12} {_compact(value)}" for key, value in sorted(others.items())]
+    return "\n".join(lines)
+
+
 def local_minute(ts: datetime | None, tz: tzinfo | None = None) -> str:
     """A timestamp in local time (or `tz`), to the minute."""
     if ts is None:

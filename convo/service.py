@@ -20,7 +20,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path as FilePath
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 from pydantic import BaseModel, ConfigDict
 
@@ -38,12 +38,11 @@ from convo.errors import (
     InvalidInput,
 )
 from convo.history import (
-    MAX_CACHE_BREAKPOINTS,
     SETTING_KEYS,
     TurnRecord,
     build_request,
+    check_cache_markers,
     check_structure,
-    count_cache_markers,
 )
 from convo.ids import check_branch_name
 from convo.pricing import PriceTable, load_prices
@@ -54,6 +53,7 @@ from convo.store import (
     BranchRow,
     ConversationRow,
     ConversationSummary,
+    Deleted,
     FirstCall,
     NewTurn,
     Path,
@@ -196,13 +196,7 @@ class Store:
         )
         if system is not None:
             _check_system(system)
-        # The automatic marker (cache on) takes one of the API's slots too.
-        automatic = int(settings.get("cache") is not None)
-        if count_cache_markers(settings.get("tools"), system) + automatic > MAX_CACHE_BREAKPOINTS:
-            raise InvalidInput(
-                f"at most {MAX_CACHE_BREAKPOINTS} cache_control markers in tools and system, "
-                "counting the automatic one when cache is on"
-            )
+        check_cache_markers(settings.get("tools"), system, settings.get("cache"))
         extra = {k: v for k, v in (("budget_usd", budget_usd), ("max_input_tokens", max_input_tokens)) if v is not None}
         _check_limits(extra)
         _check_model(model)
@@ -235,6 +229,12 @@ class Store:
             raise InvalidInput(f"since ({since.isoformat()}) is after until ({until.isoformat()})")
         cid = self.storage.conversation(conversation).id if conversation else None
         return self.storage.usage(conversation=cid, branch=branch, since=since, until=until, by=by)
+
+    def delete(self, ref: str) -> Deleted:
+        """Delete a conversation for good: its turns, branches and calls in the ledger (so
+        store-wide usage no longer counts them), and images only it held. Refused (Conflict)
+        while a send is running on it. `export` it first to keep a record."""
+        return self.storage.delete_conversation(self.storage.resolve_conversation(ref))
 
     def export(self, ref: str) -> dict[str, Any]:
         """A conversation's whole tree, branches and ledger as JSON-serializable data."""
@@ -1017,20 +1017,72 @@ class Conversation:
         # On the new branch, whatever another process checks out meanwhile.
         return self._retry(name, stream, on_retry, overrides)
 
+    def configure(
+        self,
+        *,
+        model: str | object = KEEP,
+        system: str | list[Block] | None | object = KEEP,
+        title: str | None | object = KEEP,
+        tools: Sequence[Any] | None | object = KEEP,
+        **settings: Any,
+    ) -> None:
+        """Change what later requests use by default (model, system prompt, title, tools,
+        max_tokens, temperature, cache...); the turns already stored stay as they are. A
+        setting given None is removed, back to the API's default; `cache="off"` stops caching.
+        Checked as `create` checks, all or nothing."""
+        for key in settings:
+            if key in ("budget_usd", "max_input_tokens"):
+                raise InvalidInput(f"{key} is a limit: use set_limits")
+        if settings.get("max_tokens", 0) is None:
+            raise InvalidInput("max_tokens cannot be removed: every request needs one")
+        # (cache="off" removes the setting: no cache is how a conversation says off.)
+        drop = {k for k, v in settings.items() if v is None or (k == "cache" and v in ("off", False))}
+        given = {k: v for k, v in settings.items() if k not in drop}
+        if tools is not KEEP and tools is not None:
+            given["tools"] = _tool_defs(cast(Sequence[Any], tools))
+        given = _check_settings(given)
+        if tools is None:
+            drop.add("tools")
+        if model is not KEEP:
+            _check_model(model)
+        if system is not KEEP and system is not None:
+            _check_system(system)
+        if title is not KEEP and title is not None and not isinstance(title, str):
+            raise InvalidInput("title must be a string or None")
+
+        def change(row: ConversationRow) -> dict[str, Any]:
+            params = {k: v for k, v in row.params.items() if k not in drop}
+            params.update(given)
+            new_system = row.system if system is KEEP else system
+            check_cache_markers(params.get("tools"), new_system, params.get("cache"))
+            fields: dict[str, Any] = {"params": params}
+            if model is not KEEP:
+                fields["model"] = model
+            if system is not KEEP:
+                fields["system"] = system
+            if title is not KEEP:
+                fields["title"] = title
+            return fields
+
+        self.store.storage.change_conversation(self.id, change)
+
     def set_limits(
         self, *, budget_usd: float | None | object = KEEP, max_input_tokens: int | None | object = KEEP
     ) -> None:
         """Set (or, with None, remove) the conversation's budget in USD and input-token cap."""
-        params = dict(self.info.params)
-        for key, value in (("budget_usd", budget_usd), ("max_input_tokens", max_input_tokens)):
-            if value is KEEP:
-                continue
-            if value is None:
-                params.pop(key, None)
-            else:
-                _check_limits({key: value})
-                params[key] = value
-        self.store.storage.update_conversation(self.id, params=params)
+        changes = {
+            key: value
+            for key, value in (("budget_usd", budget_usd), ("max_input_tokens", max_input_tokens))
+            if value is not KEEP
+        }
+        _check_limits({k: v for k, v in changes.items() if v is not None})
+
+        def change(row: ConversationRow) -> dict[str, Any]:
+            params = {k: v for k, v in row.params.items() if changes.get(k, KEEP) is not None}
+            params.update({k: v for k, v in changes.items() if v is not None})
+            return {"params": params}
+
+        self.store.storage.change_conversation(self.id, change)
 
     @property
     def limits(self) -> dict[str, Any]:

@@ -463,6 +463,17 @@ class Path:
 
 
 @dataclass(frozen=True)
+class Deleted:
+    """What deleting a conversation removed."""
+
+    id: str
+    turns: int
+    branches: int
+    calls: int
+    blobs: int
+
+
+@dataclass(frozen=True)
 class ConversationSummary:
     id: str
     title: str | None
@@ -593,19 +604,32 @@ class Storage:
             row = r.first(_MOST_RECENT)
         return _conversation_row(row) if row else None
 
-    def update_conversation(self, conv_id: str, **fields: Any) -> None:
-        values: dict[str, Any] = {}
-        for key, value in fields.items():
-            if key in ("params",):
-                values[key] = dumps(value)
-            elif key == "system":
-                values[key] = None if value is None else dumps(value)
-            elif key in ("title", "model", "current_branch"):
-                values[key] = value
-            else:
-                raise InvalidInput(f"cannot update conversation field {key!r}")
+    def change_conversation(
+        self, conv_id: str, change: Callable[[ConversationRow], Mapping[str, Any]]
+    ) -> ConversationRow:
+        """Write the fields `change` makes of the conversation as it is now, in one transaction
+        that holds its row (two changes at once cannot undo each other); the row written."""
         with db.write(self.engine) as conn:
-            conn.execute(update(C).where(C.c.id == conv_id).values(**values))
+            on = db.OnConnection(conn)
+            lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
+            row = on.first(_CONVERSATION + lock, {"id": conv_id})
+            if row is None:
+                raise NotFound(f"no conversation with id {conv_id!r}")
+            fields = change(_conversation_row(row))
+            values: dict[str, Any] = {}
+            for key, value in fields.items():
+                if key == "params":
+                    values[key] = dumps(value)
+                elif key == "system":
+                    values[key] = None if value is None else dumps(value)
+                elif key in ("title", "model", "current_branch"):
+                    values[key] = value
+                else:
+                    raise InvalidInput(f"cannot update conversation field {key!r}")
+            if values:
+                conn.execute(update(C).where(C.c.key == row[0]).values(**values))
+            row = on.first(_CONVERSATION, {"id": conv_id})
+        return _conversation_row(row)
 
     def list_conversations(self, limit: int | None = None) -> list[ConversationSummary]:
         spend = (
@@ -655,16 +679,52 @@ class Storage:
             for r in rows
         ]
 
-    def delete_conversation(self, conv_id: str) -> None:
+    def delete_conversation(self, conv_id: str) -> Deleted:
+        """Delete a conversation whole, all or nothing: its turns, branches and ledger rows, and
+        the images and documents no other conversation holds (a blob is stored once, shared by
+        content). Conflict while a send holds one of its branches: its reply would be lost."""
         with db.write(self.engine) as conn:
-            key = self._key(conn, conv_id)
+            on = db.OnConnection(conn)
+            row = conn.execute(select(C.c.key, C.c.has_media).where(C.c.id == conv_id)).first()
+            if row is None:
+                raise NotFound(f"no conversation with id {conv_id!r}")
+            key, media = row
+            names = conn.execute(select(B.c.name).where(B.c.conversation_key == key)).scalars().all()
+            for name in names:
+                self._lock_branch(on, conv_id, name, None)  # Conflict while a send is on it
+            shas: set[str] = set()
+            if media:
+                for (content,) in conn.execute(select(T.c.content).where(T.c.conversation_key == key)):
+                    shas.update(r["sha256"] for r in blob_refs(orjson.loads(content)))
             conn.execute(update(B).where(B.c.conversation_key == key).values(head_id=None))
-            conn.execute(delete(K).where(K.c.conversation_key == key))
+            calls = conn.execute(delete(K).where(K.c.conversation_key == key)).rowcount
             # Unlink parents first, so the self-referencing foreign key holds at every statement.
             conn.execute(update(T).where(T.c.conversation_key == key).values(parent_id=None))
-            conn.execute(delete(T).where(T.c.conversation_key == key))
+            turns = conn.execute(delete(T).where(T.c.conversation_key == key)).rowcount
             conn.execute(delete(B).where(B.c.conversation_key == key))
             conn.execute(delete(C).where(C.c.key == key))
+            blobs = self._drop_unused_blobs(conn, sorted(shas)) if shas else 0
+        return Deleted(conv_id, turns=turns, branches=len(names), calls=calls, blobs=blobs)
+
+    def _drop_unused_blobs(self, conn: Connection, shas: Sequence[str]) -> int:
+        """Delete the blobs no remaining turn refers to. On PostgreSQL, first wait out every
+        transaction that may be writing a turn with media: each one writes its blobs in the
+        same transaction (`_INSERT_BLOB`, which would not re-insert a blob it found), so a
+        turn not yet committed could otherwise point at a blob deleted under it."""
+        if self.dialect == "postgresql":
+            conn.exec_driver_sql("LOCK TABLE blobs IN SHARE ROW EXCLUSIVE MODE")
+        dropped = 0
+        for sha in shas:
+            # Only conversations that ever held media can refer to a blob (hex: no LIKE escapes).
+            used = conn.execute(
+                select(T.c.id)
+                .join(C, C.c.key == T.c.conversation_key)
+                .where(C.c.has_media.is_(True), T.c.content.like(f"%{sha}%"))
+                .limit(1)
+            ).first()
+            if used is None:
+                dropped += conn.execute(delete(BL).where(BL.c.sha256 == sha)).rowcount
+        return dropped
 
     def _key(self, x: Connection | db.Writer | db.OnConnection, conv_id: str) -> int:
         """The integer key of a conversation given by its full public id."""

@@ -393,6 +393,8 @@ def test_parser_knows_every_command() -> None:
         ["tool-result", "id", "x"],
         ["db", "current"],
         ["budget", "--usd", "off"],
+        ["set", "--no-cache", "--temperature", "off"],
+        ["delete", "01ab"],
         ["chat"],
         ["standin"],
         ["demo"],

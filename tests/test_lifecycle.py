@@ -1,0 +1,233 @@
+"""A conversation's life after `create`: its settings changed for later requests, and its
+deletion, all or nothing, on both engines; and the `convo set` and `convo delete` commands."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers.kit import dump_rows, row_counts
+from sqlalchemy import select
+from test_content import make_png
+
+from convo import Store
+from convo.errors import AmbiguousId, Conflict, InvalidInput, NotFound
+from convo.models import Blob
+from convo.store import FirstCall, NewTurn, lease_owner_id
+
+SYSTEM_5M = [{"type": "text", "text": "Rules.", "cache_control": {"type": "ephemeral"}}]
+TOOL = {"name": "get_weather", "description": "w", "input_schema": {"type": "object"}}
+
+
+def exchange(conv: Any, n: int = 1) -> None:
+    for i in range(n):
+        conv.add_user(f"question {i}")
+        conv.add_assistant(f"answer {i}")
+
+
+# -- configure ---------------------------------------------------------------------------------
+
+
+def test_configure_changes_later_requests_and_leaves_the_turns(store: Store) -> None:
+    conv = store.create(model="claude-sonnet-4-5", system="Be terse.", title="t", temperature=0.5)
+    exchange(conv, 2)
+    turns = [(t.id, t.content) for t in conv.turns()]
+    conv.configure(model="claude-opus-4-5", system="Be kind.", title="new", max_tokens=77, top_k=5)
+    body = conv.request("next")
+    assert (body["model"], body["system"], body["max_tokens"], body["top_k"]) == (
+        "claude-opus-4-5", "Be kind.", 77, 5
+    )
+    assert body["temperature"] == 0.5  # untouched settings stay
+    assert conv.info.title == "new"
+    assert [(t.id, t.content) for t in conv.turns()] == turns
+    # None removes a setting (the API's default again); temperature 0 is a value, not a removal.
+    conv.configure(temperature=None, system=None, title=None)
+    body = conv.request("next")
+    assert "temperature" not in body and "system" not in body and conv.info.title is None
+    conv.configure(temperature=0)
+    assert conv.request("next")["temperature"] == 0
+    # Another handle (another process) sees the change.
+    with Store(store.url) as other:
+        assert other.get(conv.id).request("next") == conv.request("next")
+
+
+def test_configure_cache_and_tools(store: Store) -> None:
+    conv = store.create(model="claude-sonnet-4-5")
+    assert conv.request("x")["cache_control"] == {"type": "ephemeral"}
+    conv.configure(cache="off", tools=[TOOL])
+    body = conv.request("x")
+    assert "cache_control" not in body and body["tools"] == [TOOL]
+    conv.configure(cache="1h", tools=None)
+    body = conv.request("x")
+    assert body["cache_control"] == {"type": "ephemeral", "ttl": "1h"} and "tools" not in body
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"max_tokens": None}, "max_tokens cannot be removed"),
+        ({"max_tokens": 0}, "max_tokens must be a positive integer"),
+        ({"temperature": 3}, "temperature must be a number from 0 to 1"),
+        ({"model": "  "}, "model must be a non-empty string"),
+        ({"system": "   "}, "system prompt is empty"),
+        ({"budget_usd": 5}, "use set_limits"),
+        ({"stream": True}, "unknown request setting 'stream'"),
+        ({"title": 5}, "title must be a string"),
+        ({"tools": [{"name": "bad name!"}]}, "tool"),
+        # the API reads tools, system, then messages, and refuses a 1h marker after a 5m one
+        ({"system": SYSTEM_5M, "cache": "1h"}, "1-hour cache marker comes after a 5-minute one"),
+    ],
+)
+def test_configure_refuses_bad_settings_and_writes_nothing(
+    store: Store, changes: dict[str, Any], fragment: str
+) -> None:
+    conv = store.create(model="claude-sonnet-4-5", system="Be terse.", title="t")
+    before = dump_rows(store.url)
+    with pytest.raises(InvalidInput, match=fragment):
+        conv.configure(**changes)
+    assert dump_rows(store.url) == before
+
+
+def test_a_1h_cache_after_5m_markers_is_refused_at_create_and_per_request(store: Store) -> None:
+    with pytest.raises(InvalidInput, match="1-hour cache marker"):
+        store.create(model="claude-sonnet-4-5", system=SYSTEM_5M, cache="1h")
+    conv = store.create(model="claude-sonnet-4-5", system=SYSTEM_5M)
+    before = dump_rows(store.url)
+    with pytest.raises(InvalidInput, match="1-hour cache marker"):
+        conv.send("hi", cache="1h")
+    assert dump_rows(store.url) == before
+    # 1h first, then 5m, is the order the API takes.
+    long_first = [{**SYSTEM_5M[0], "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+    body = store.create(model="claude-sonnet-4-5", system=long_first).request("hi")
+    assert body["cache_control"] == {"type": "ephemeral"}
+
+
+def test_limits_and_settings_changed_one_after_another_keep_each_other(store: Store) -> None:
+    conv = store.create(model="claude-sonnet-4-5", budget_usd=2.0)
+    conv.configure(temperature=0.1)
+    conv.set_limits(max_input_tokens=5000)
+    conv.configure(max_tokens=10)
+    assert conv.limits == {"budget_usd": 2.0, "max_input_tokens": 5000}
+    assert conv.settings()["temperature"] == 0.1 and conv.settings()["max_tokens"] == 10
+    conv.set_limits(budget_usd=None)
+    assert conv.limits == {"budget_usd": None, "max_input_tokens": 5000}
+
+
+# -- delete ------------------------------------------------------------------------------------
+
+
+def _image_turn(conv: Any, tmp_path: Path, name: str, side: int) -> str:
+    path = tmp_path / name
+    path.write_bytes(make_png(side, side))
+    conv.add_user("look", images=[path])
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _blob_shas(store: Store) -> set[str]:
+    with store.storage.engine.connect() as conn:
+        return set(conn.execute(select(Blob.__table__.c.sha256)).scalars())
+
+
+def test_delete_removes_the_whole_conversation_and_nothing_else(store: Store, tmp_path: Path) -> None:
+    keep = store.create(model="claude-sonnet-4-5")
+    keep.send("hello")
+    shared = _image_turn(keep, tmp_path, "shared.png", 3)
+    kept_body = keep.request("next")
+    gone = store.create(model="claude-sonnet-4-5")
+    gone.send("one")
+    gone.send("two")
+    gone.fork(gone.turns()[1].id, "side")
+    _image_turn(gone, tmp_path, "shared.png", 3)
+    own = _image_turn(gone, tmp_path, "own.png", 5)
+    spent = store.usage().total
+    mine = gone.usage().total
+    before = row_counts(store.url)
+
+    result = store.delete(gone.id[:10])
+
+    assert (result.id, result.turns, result.branches, result.calls, result.blobs) == (gone.id, 6, 2, 2, 1)
+    after = row_counts(store.url)
+    assert before["turns"] - after["turns"] == 6 and before["calls"] - after["calls"] == 2
+    assert before["conversations"] - after["conversations"] == 1
+    assert before["branches"] - after["branches"] == 2
+    # An image another conversation holds stays; the deleted one's own is gone.
+    assert shared in _blob_shas(store) and own not in _blob_shas(store)
+    assert keep.request("next") == kept_body
+    assert store.usage().total.calls == spent.calls - mine.calls
+    with pytest.raises(NotFound):
+        store.get(gone.id)
+    assert [c.id for c in store.list()] == [keep.id]
+
+
+def test_delete_refuses_unknown_ambiguous_and_busy_and_writes_nothing(store: Store) -> None:
+    conv = store.create(model="claude-sonnet-4-5")
+    exchange(conv)
+    before = dump_rows(store.url)
+    with pytest.raises(NotFound):
+        store.delete("zzzzzzzz")
+    with pytest.raises(AmbiguousId):
+        store.create(model="claude-sonnet-4-5")
+        store.delete("0")
+    before = dump_rows(store.url)
+    # A send in flight on one of its branches holds a lease: its reply would have nowhere to go.
+    storage = store.storage
+    head = conv.turns()[-1].id
+    storage.begin_send(
+        conv.id, "main", head, [NewTurn("user", "user", [{"type": "text", "text": "q"}])],
+        owner="another-host:1:x", hold=timedelta(minutes=5), head_depth=None,
+        first_call=FirstCall(datetime.now(UTC), "claude-sonnet-4-5", False),
+    )
+    during = dump_rows(store.url)
+    assert during != before
+    with pytest.raises(Conflict, match="busy"):
+        store.delete(conv.id)
+    assert dump_rows(store.url) == during
+    assert lease_owner_id() != "another-host:1:x"
+
+
+def test_delete_after_an_abandoned_send_goes_ahead(store: Store) -> None:
+    conv = store.create(model="claude-sonnet-4-5")
+    exchange(conv)
+    store.storage.begin_send(
+        conv.id, "main", conv.turns()[-1].id, [NewTurn("user", "user", [{"type": "text", "text": "q"}])],
+        owner="another-host:1:x", hold=timedelta(seconds=-1), head_depth=None,
+        first_call=FirstCall(datetime.now(UTC), "claude-sonnet-4-5", False),
+    )
+    assert store.delete(conv.id).calls == 1
+    assert row_counts(store.url)["conversations"] == 0
+
+
+def test_cli_set_and_delete(tmp_path: Path) -> None:
+    from test_cli import child_env, convo, ok, one_error
+
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    env = child_env(None)
+    cid = ok(convo(db, "new", "--title", "first", env=env)).out.strip()
+    shown = ok(convo(db, "set", "--model", "claude-opus-4-5", "--temperature", "0", "--no-cache", env=env)).out
+    assert "model:       claude-opus-4-5" in shown and "cache:       off" in shown
+    assert "temperature: 0.0" in shown and "title:       first" in shown
+    body = ok(convo(db, "request", "hi", env=env)).json()
+    assert body["model"] == "claude-opus-4-5" and body["temperature"] == 0 and "cache_control" not in body
+    one_error(convo(db, "set", "--temperature", "2", env=env), 2, "--temperature")
+    one_error(convo(db, "delete", "nope", env=env), 2, "no conversation")
+    deleted = ok(convo(db, "delete", cid[:8], env=env)).out
+    assert deleted.startswith(f"deleted conversation {cid}: 0 turns, 1 branches, 0 calls")
+    assert ok(convo(db, "list", "--json", env=env)).json() == []
+
+
+def test_an_image_turn_is_stored_once_across_conversations(store: Store, tmp_path: Path) -> None:
+    """The premise of the blob checks above: the same bytes are one row, whoever wrote them."""
+    a, b = store.create(model="claude-sonnet-4-5"), store.create(model="claude-sonnet-4-5")
+    sha = _image_turn(a, tmp_path, "p.png", 4)
+    assert _image_turn(b, tmp_path, "p.png", 4) == sha
+    assert _blob_shas(store) == {sha}
+    store.delete(a.id)
+    assert _blob_shas(store) == {sha}
+    assert base64.b64decode(b.request()["messages"][0]["content"][0]["source"]["data"]) == make_png(4, 4)
+    store.delete(b.id)
+    assert _blob_shas(store) == set()
