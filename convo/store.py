@@ -604,6 +604,9 @@ class Storage:
             row = r.first(_MOST_RECENT)
         return _conversation_row(row) if row else None
 
+    def update_conversation(self, conv_id: str, **fields: Any) -> None:
+        self.change_conversation(conv_id, lambda _row: fields)
+
     def change_conversation(
         self, conv_id: str, change: Callable[[ConversationRow], Mapping[str, Any]]
     ) -> ConversationRow:

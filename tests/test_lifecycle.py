@@ -176,7 +176,7 @@ def test_delete_refuses_unknown_ambiguous_and_busy_and_writes_nothing(store: Sto
     before = dump_rows(store.url)
     # A send in flight on one of its branches holds a lease: its reply would have nowhere to go.
     storage = store.storage
-    head = conv.turns()[-1].id
+    head = int(conv.turns()[-1].id)
     storage.begin_send(
         conv.id, "main", head, [NewTurn("user", "user", [{"type": "text", "text": "q"}])],
         owner="another-host:1:x", hold=timedelta(minutes=5), head_depth=None,
@@ -194,7 +194,7 @@ def test_delete_after_an_abandoned_send_goes_ahead(store: Store) -> None:
     conv = store.create(model="claude-sonnet-4-5")
     exchange(conv)
     store.storage.begin_send(
-        conv.id, "main", conv.turns()[-1].id, [NewTurn("user", "user", [{"type": "text", "text": "q"}])],
+        conv.id, "main", int(conv.turns()[-1].id), [NewTurn("user", "user", [{"type": "text", "text": "q"}])],
         owner="another-host:1:x", hold=timedelta(seconds=-1), head_depth=None,
         first_call=FirstCall(datetime.now(UTC), "claude-sonnet-4-5", False),
     )
