@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from convo.errors import InvalidInput, OutputInvalid
+from convo.errors import HistoryError, InvalidInput, OutputInvalid
 from convo.tools import Tool, json_schema_for
 from convo.types import Block, ToolUse
 
@@ -42,9 +42,11 @@ def run(
     runnable = _runnable(tools)
     by_name = {t.name: t for t in runnable}
     overrides = {"tools": [t.definition() for t in runnable], **overrides}
+    # What the first send writes (images, a prefill) is written once; later sends continue.
+    first = {k: overrides.pop(k) for k in ("images", "prefill") if k in overrides}
     if content is None:
         _answer(conv, conv.pending_tool_uses(), by_name)  # resume a run cut short
-    reply = conv.send(content, **overrides)
+    reply = conv.send(content, **first, **overrides)
     for _ in range(max_steps - 1):
         if reply.stop_reason == "pause_turn":
             reply = conv.send(**overrides)
@@ -74,6 +76,12 @@ def _runnable(tools: Any) -> list[Tool]:
                 f"run() calls its tools: {name or type(t).__name__!r} is a definition with no "
                 "function (give a Tool or a function, or send with tools= and answer it yourself)"
             )
+        if out[-1].is_async:
+            # (Found out at the first call, each use would be an error the API is paid to read.)
+            raise InvalidInput(
+                f"tool {out[-1].name!r} is async: run() calls tools synchronously; await "
+                "tool.acall(use.input) yourself and answer with add_tool_result"
+            )
     return out
 
 
@@ -81,14 +89,35 @@ def _answer(conv: Conversation, uses: Sequence[ToolUse], by_name: Mapping[str, T
     for use in uses:
         tool = by_name.get(use.name)
         if tool is None:
-            conv.add_tool_result(use.id, f"unknown tool {use.name!r}", is_error=True)
+            _result(conv, use.id, f"unknown tool {use.name!r}", is_error=True)
             continue
         try:
             result = tool.call(use.input)
         except Exception as e:  # the model sees the failure and can correct itself
-            conv.add_tool_result(use.id, f"{type(e).__name__}: {e}" or "error", is_error=True)
+            _result(conv, use.id, f"{type(e).__name__}: {e}", is_error=True)
         else:
-            conv.add_tool_result(use.id, result if result != "" else "(empty result)")
+            _result(conv, use.id, result if result != "" else "(empty result)")
+
+
+def _result(conv: Conversation, use_id: str, result: Any, *, is_error: bool = False) -> None:
+    """Store a tool's result; one the store refuses (an empty block, a lone surrogate, a
+    cache marker) is stored as an error saying why. The tool has run: a resumed run must
+    find its answer, not run it again and fail the same way."""
+    if is_error:
+        result = _storable(result)
+    try:
+        conv.add_tool_result(use_id, result, is_error=is_error)
+    except HistoryError:
+        raise  # not the result: the branch moved on
+    except InvalidInput as e:
+        conv.add_tool_result(use_id, _storable(f"the tool's result could not be stored: {e}"), is_error=True)
+
+
+def _storable(text: str) -> str:
+    """Text any store and the API take: lone surrogates (an OS error's undecodable file name,
+    say) escaped, never empty."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if text.strip() else "error"
 
 
 def send_json(

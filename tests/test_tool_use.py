@@ -253,6 +253,73 @@ def test_a_tool_that_raises_becomes_an_error_result(store: Store, standin: Stand
     assert "error LookupError: no station in Rome" in reply.text
 
 
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        OSError("cannot open \udcff.txt"),  # a lone surrogate, as an undecodable file name gives
+        [{"type": "text", "text": ""}],  # an empty block the API refuses
+        [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}],
+    ],
+    ids=["raises-with-a-surrogate", "empty-block", "cache-marker"],
+)
+def test_a_result_the_store_refuses_is_stored_as_an_error_and_not_run_again(
+    store: Store, standin: StandIn, outcome: Any
+) -> None:
+    ran: list[str] = []
+
+    @convo.tool
+    def get_weather(city: str) -> Any:
+        """The current weather in a city."""
+        ran.append(city)
+        if city == "Paris":
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+        return "20 C"
+
+    conv = store.create()
+    reply = conv.run("Weather in Paris and Rome?", tools=[get_weather])
+    assert ran == ["Paris", "Rome"] and reply.stop_reason == "end_turn"
+    first, second = (t.content[0] for t in conv.turns()[2:4])
+    assert first["is_error"] is True and "is_error" not in second
+    text = first["content"] if isinstance(first["content"], str) else first["content"][0]["text"]
+    assert text.strip()
+    text.encode("utf-8")  # storable anywhere: no lone surrogate left
+    assert not conv.pending_tool_uses()
+
+
+def test_run_refuses_async_tools_before_sending(store: Store, standin: StandIn) -> None:
+    async def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "18 C"
+
+    conv = store.create()
+    before = row_counts(store)
+    with pytest.raises(InvalidInput, match="async"):
+        conv.run("What's the weather in Paris?", tools=[convo.tool(get_weather)])
+    assert row_counts(store) == before and standin.requests == []
+
+
+def test_run_writes_its_images_and_prefill_once(store: Store, tmp_path: Path) -> None:
+    from test_content import make_png
+
+    @convo.tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "18 C"
+
+    image = tmp_path / "p.png"
+    image.write_bytes(make_png(2, 2))
+    conv = store.create()
+    reply = conv.run("What's the weather in Paris?", tools=[get_weather], images=[image])
+    assert reply.stop_reason == "end_turn"
+    kinds = [(t.kind, [b["type"] for b in t.content]) for t in conv.turns()]
+    assert kinds == [
+        ("user", ["image", "text"]), ("reply", ["text", "tool_use"]),
+        ("tool_result", ["tool_result"]), ("reply", ["text"]),
+    ]
+
+
 def test_run_stops_at_max_steps_with_the_tool_use_unanswered(store: Store) -> None:
     ran: list[str] = []
 
