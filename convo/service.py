@@ -867,7 +867,9 @@ class Conversation:
         storage = self.store.storage
         reply_id: int | None = None
         if content:
-            reply = NewTurn("assistant", "reply", content, stop_reason=message.get("stop_reason"))
+            stop = message.get("stop_reason")
+            # (The column holds 40 characters: the API's reasons are a word or two.)
+            reply = NewTurn("assistant", "reply", content, stop_reason=stop[:40] if isinstance(stop, str) else None)
             try:
                 reply_id = storage.finish_with_reply(
                     call_id, self.id, target.branch, target.last_id, reply, target.owner, fields,

@@ -144,6 +144,8 @@ _COUNT_MEDIA_TURNS = (
 _MOVE_HEAD = update(B).where(B.c.conversation_key == bindparam("w_conv"), B.c.name == bindparam("w_branch"))
 _UPDATE_CALL = update(K).where(K.c.id == bindparam("w_id"))
 _INSERT_CALL = insert(K).returning(K.c.id)
+# Ledger columns of bounded length (error type, request and message ids, stop reason...).
+_CALL_LENGTHS = {c.name: c.type.length for c in K.c if getattr(c.type, "length", None)}
 # The branch row to write at, with the conversation's key: one lookup by public id and name.
 _LOCK_BRANCH = (
     "SELECT b.head_id, b.lease_owner, b.lease_expires, b.conversation_key "
@@ -1303,7 +1305,7 @@ class Storage:
             started = self._call_started(db.OnConnection(conn), call_id)
         end = now()
         duration = (end - _utc(started)).total_seconds() * 1000
-        conn.execute(_UPDATE_CALL, {"w_id": call_id, "finished_at": end, "duration_ms": duration, **fields})
+        conn.execute(_UPDATE_CALL, {"w_id": call_id, "finished_at": end, "duration_ms": duration, **_fit(fields)})
 
     def _call_started(self, x: db.Writer | db.OnConnection, call_id: int) -> datetime:
         found = x.first(_STARTED_SQL, {"id": call_id})
@@ -1791,10 +1793,20 @@ def _one_turn_params(
         # As `_finish_call`: the given fields may set the end and duration; the reply id is
         # always the stored reply's.
         done = {"finished_at": ts, "duration_ms": (ts - _utc(started)).total_seconds() * 1000}
-        done.update((k, v) for k, v in fields.items() if k != "reply_id")
+        done.update((k, v) for k, v in _fit(fields).items() if k != "reply_id")
         params.update({f"f_{k}": v for k, v in done.items()}, call_id=call_id)
         calls = tuple(sorted(done))
     return params, calls
+
+
+def _fit(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Call fields cut to their columns' lengths. What a server sends (an error type, a
+    request id) is not convo's to refuse, and a row the database refused would leave its call
+    pending and hide the API's error behind the database's."""
+    return {
+        k: v[: _CALL_LENGTHS[k]] if isinstance(v, str) and k in _CALL_LENGTHS else v
+        for k, v in fields.items()
+    }
 
 
 def _turn_params(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -130,6 +130,21 @@ def test_unknown_model_has_no_price() -> None:
 # -- the ledger ----------------------------------------------------------------------------
 
 
+def test_overlong_values_from_the_server_are_cut_to_fit_the_ledger(store: Store, standin: StandIn) -> None:
+    """An error type or request id longer than its column is the server's doing: the call is
+    still recorded (cut to fit), the API's error still raised, and the export still works."""
+    conv = store.create(SONNET)
+    standin.fail_next(400, error_type="x" * 100, headers={"request-id": "r" * 300})
+    with pytest.raises(BadRequestError):
+        conv.send("hello")
+    (call,) = conv.calls()
+    assert call["status"] == "error"
+    assert call["error_type"] == "x" * 64
+    assert len(call["request_id"]) == 200 and call["request_id"].endswith("rrr")
+    assert store.export(conv.id)["calls"][0]["request_id"] == call["request_id"]
+    assert conv.send("again").text  # the branch was released
+
+
 def test_every_attempt_is_a_row_with_tokens_ids_duration_and_cost(
     store: Store, standin: StandIn
 ) -> None:
