@@ -145,7 +145,7 @@ _MOVE_HEAD = update(B).where(B.c.conversation_key == bindparam("w_conv"), B.c.na
 _UPDATE_CALL = update(K).where(K.c.id == bindparam("w_id"))
 _INSERT_CALL = insert(K).returning(K.c.id)
 # Ledger columns of bounded length (error type, request and message ids, stop reason...).
-_CALL_LENGTHS = {c.name: c.type.length for c in K.c if getattr(c.type, "length", None)}
+_CALL_LENGTHS: dict[str, int] = {c.name: n for c in K.c if (n := getattr(c.type, "length", None))}
 # The branch row to write at, with the conversation's key: one lookup by public id and name.
 _LOCK_BRANCH = (
     "SELECT b.head_id, b.lease_owner, b.lease_expires, b.conversation_key "
