@@ -160,6 +160,10 @@ _ABANDON_CALLS = (
     "WHERE conversation_key = :key AND branch = :branch AND status = 'pending'"
 )
 _KEY_SQL = "SELECT key FROM conversations WHERE id = :conv_id"
+_RELEASE = (
+    "UPDATE branches SET lease_owner = NULL, lease_expires = NULL WHERE conversation_key = "
+    f"({_KEY_SQL}) AND name = :branch AND lease_owner = :owner"
+)
 _DEPTH_SQL = "SELECT depth FROM turns WHERE id = :id"
 _STARTED_SQL = "SELECT started_at FROM calls WHERE id = :id"
 # A blob is stored once, whoever wrote it first (the same statement on both engines).
@@ -1168,12 +1172,12 @@ class Storage:
             )
 
     def release(self, conv_id: str, branch: str, owner: str) -> None:
-        with db.write(self.engine) as conn:
-            conn.execute(
-                update(B)
-                .where(B.c.conversation_key == _key_of(conv_id), B.c.name == branch, B.c.lease_owner == owner)
-                .values(lease_owner=None, lease_expires=None)
-            )
+        """Free a branch a failed send held. One statement that changes nothing when run twice,
+        so a connection found lost (the server dropped the pool's connections while the call
+        failed) is replaced and the statement run again: a lease left behind would keep every
+        process, this one too, off the branch until it expired."""
+        with db.writer(self.database) as w:
+            w.run(_RELEASE, {"conv_id": conv_id, "branch": branch, "owner": owner})
 
     # -- branches --------------------------------------------------------------------------
 

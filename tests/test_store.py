@@ -27,6 +27,7 @@ from convo.history import TurnRecord
 from convo.ids import ALPHABET, LENGTH
 from convo.models import Blob, Turn
 from convo.service import Conversation
+from convo.standin import StandIn
 from convo.store import NewTurn, Storage
 
 MODEL = "claude-sonnet-4-5"
@@ -687,6 +688,32 @@ def _terminate(url: str, pid: int) -> None:
             assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
     finally:
         engine.dispose()
+
+
+def test_a_failed_sends_lease_is_released_over_a_new_connection_when_the_pool_was_dropped(
+    fresh_pg_url: str, standin: StandIn, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server drops its connections right after a failed call is recorded: the lease's
+    release finds its connection lost and runs on a new one, so the branch is free at once,
+    for this process and for any other."""
+    from convo.errors import BadRequestError
+
+    with Store(fresh_pg_url, upgrade=True, client=client, wait_for_branch=0.2) as s:
+        conv = s.create(MODEL)
+        conv.send("hello")
+        standin.fail_next(400)
+        record = s.storage.finish_call
+
+        def record_then_drop(*args: Any, **kw: Any) -> None:
+            record(*args, **kw)
+            _drop_pooled(s, fresh_pg_url, 1)
+
+        monkeypatch.setattr(s.storage, "finish_call", record_then_drop)
+        with pytest.raises(BadRequestError):
+            conv.send("second")
+        monkeypatch.undo()
+        assert [b.lease_owner for b in conv.branches()] == [None]
+        assert conv.retry().text
 
 
 def _drop_pooled(store: Store, url: str, n: int) -> list[int]:
