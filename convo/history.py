@@ -46,6 +46,8 @@ MANY_IMAGES = 20
 MANY_IMAGES_MAX_SIDE = 2000
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
 MAX_CACHE_BREAKPOINTS = 4
+# The description of a tool named again only because the history holds its calls.
+REPLAYED_TOOL = "Used earlier in this conversation; not available now."
 
 
 # A stored turn's integer id, or a label for one not yet written ("(edited turn)").
@@ -140,8 +142,9 @@ def check_messages(
     *,
     final_pending_ok: bool = False,
     block_owners: list[list[TurnId]] | None = None,
-) -> None:
-    """Refuse a message list the API would refuse, naming the turn at fault.
+) -> list[str]:
+    """Refuse a message list the API would refuse, naming the turn at fault; the names of
+    the tools its tool_use blocks call.
 
     `final_pending_ok` accepts a branch still waiting for tool results: a last assistant
     turn with unanswered tool_use, or a last user message of tool_results answering only some.
@@ -162,6 +165,7 @@ def check_messages(
         raise HistoryError("the first turn must be from the user", turn_id=first)
     pending: list[str] = []  # tool_use ids the next user message must answer first
     pending_owner: TurnId = ""
+    used: dict[str, str] = {}  # every tool_use id in the request (unique across it), its name
     last = len(messages) - 1
     for i, message in enumerate(messages):
         blocks = message["content"]
@@ -217,13 +221,14 @@ def check_messages(
             for j, b in enumerate(blocks):
                 if b.get("type") == "tool_use":
                     uid = b.get("id")
-                    if not isinstance(uid, str) or not uid or uid in pending:
+                    if not isinstance(uid, str) or not uid or uid in used:
                         who = owner(i, j)
                         raise HistoryError(
-                            f"turn {who}: a tool_use needs an id of its own in its message "
-                            f"({uid!r})",
+                            f"turn {who}: a tool_use needs an id no other tool_use in the "
+                            f"branch has ({uid!r})",
                             turn_id=who,
                         )
+                    used[uid] = b.get("name")
                     pending.append(uid)
                     pending_owner = owner(i, j)
     if pending and not final_pending_ok:
@@ -231,6 +236,35 @@ def check_messages(
             f"turn {pending_owner}: tool_use {', '.join(pending)} awaits a tool_result: "
             "add the results before sending",
             turn_id=pending_owner,
+        )
+    return list(dict.fromkeys(n for n in used.values() if isinstance(n, str)))
+
+
+def thinking_on(settings: Mapping[str, Any]) -> bool:
+    thinking = settings.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") not in (None, "disabled")
+
+
+def _check_thinking_tool_loop(
+    messages: list[dict[str, Any]], owners: list[TurnId], settings: Mapping[str, Any]
+) -> None:
+    """With thinking on, the API wants the assistant turn whose tool uses the request answers
+    to start with its thinking (as Claude wrote it): an edited or hand-written tool_use turn
+    has none."""
+    if not thinking_on(settings) or len(messages) < 2 or messages[-1]["role"] != "user":
+        return
+    first = messages[-1]["content"][0] if messages[-1]["content"] else {}
+    if first.get("type") != "tool_result":
+        return
+    blocks = messages[-2]["content"]
+    if blocks and blocks[0].get("type") not in ("thinking", "redacted_thinking"):
+        who = owners[-2]
+        raise HistoryError(
+            f"turn {who}: with extended thinking on, the assistant turn whose tool uses are "
+            "being answered must start with Claude's thinking, and this one does not (edited "
+            "or written by hand?): turn thinking off for this request (thinking=None) or "
+            "answer a reply Claude wrote",
+            turn_id=who,
         )
 
 
@@ -339,13 +373,14 @@ def build_request(
         raise InvalidInput("max_tokens must be a positive integer")
     messages, owners, _ = _build_messages(path, with_block_owners=False)
     try:
-        check_messages(messages, owners)
+        tools_used = check_messages(messages, owners)
     except HistoryError:
         # Build again with each block's turn, so the error names the very turn at fault.
         again, owners, block_owners = _build_messages(path)
         check_messages(again, owners, block_owners=block_owners)
         raise
     _check_prefill(messages, path, s, prefill_models)
+    _check_thinking_tool_loop(messages, owners, s)
     if blobs is not None:
         # The store passes blobs (maybe empty) only when the path holds media, so a text-only
         # thread of 10,000 exchanges is not walked block by block here.
@@ -366,6 +401,15 @@ def build_request(
     for key in REQUEST_PARAMS:
         if s.get(key) is not None:
             body[key] = s[key]
+    if tools_used and not body.get("tools"):
+        # The API refuses tool_use and tool_result blocks in a request that defines no tools
+        # (after run() or send_json(), whose tools were the request's own). Name them again,
+        # and let the model call none of them: nothing here would run it.
+        body["tools"] = [
+            {"name": n, "description": REPLAYED_TOOL, "input_schema": {"type": "object"}}
+            for n in tools_used
+        ]
+        body["tool_choice"] = {"type": "none"}
     cache = s.get("cache")
     if cache and cache != "off":
         if cache not in CACHE_TTLS:

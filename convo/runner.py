@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from convo.errors import HistoryError, InvalidInput, OutputInvalid
+from convo.history import thinking_on
 from convo.tools import Tool, json_schema_for
 from convo.types import Block, ToolUse
 
@@ -137,9 +138,12 @@ def send_json(
     """
     json_schema = json_schema_for(schema)
     definition = {"name": name, "description": description, "input_schema": json_schema}
-    reply = conv.send(
-        content, tools=[definition], tool_choice={"type": "tool", "name": name}, **overrides
-    )
+    thinking = overrides["thinking"] if "thinking" in overrides else conv.settings().get("thinking")
+    # The API refuses a forced tool call with extended thinking on: then the model is asked
+    # (the tool's description says to always call it), and a reply without the call is
+    # OutputInvalid as any other.
+    choice = {"type": "auto"} if thinking_on({"thinking": thinking}) else {"type": "tool", "name": name}
+    reply = conv.send(content, tools=[definition], tool_choice=choice, **overrides)
     uses = [u for u in reply.tool_uses if u.name == name]
     if not uses:
         for u in reply.tool_uses:

@@ -854,7 +854,10 @@ class Conversation:
         http_status: int | None,
     ) -> Reply:
         usage = Usage.from_api(message.get("usage"))
-        content = message.get("content") or []
+        # A text block with no text (a streamed block that got no delta, or the API's own
+        # `""` before a tool_use) would make every later request a 400: the API refuses
+        # empty and whitespace-only text blocks in history. It carries nothing to keep.
+        content = [b for b in message.get("content") or [] if not _blank_text(b)]
         fields = {
             "status": "ok",
             "http_status": http_status,
@@ -1162,6 +1165,13 @@ def _branch_name(tx: Branching, name: str | None, prefix: str) -> str:
 def _records(new: Sequence[NewTurn]) -> list[TurnRecord]:
     """Turns not yet written, as the history builder sees them (named for error messages)."""
     return [TurnRecord(f"(the new {t.kind} turn)", t.role, t.kind, t.content) for t in new]
+
+
+def _blank_text(block: Any) -> bool:
+    return (
+        isinstance(block, dict) and block.get("type") == "text"
+        and isinstance(block.get("text"), str) and not block["text"].strip()
+    )
 
 
 def _normalize_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:

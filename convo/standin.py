@@ -166,6 +166,19 @@ def _merge(messages: list[Json]) -> list[_Turn]:
     return turns
 
 
+def _cache_controls(body: Json) -> list[dict[str, Any]]:
+    """Every cache_control in the order the API processes them: tools, system, messages
+    (the top-level automatic one at the end of messages)."""
+    found: list[Any] = [t.get("cache_control") for t in body.get("tools") or [] if isinstance(t, dict)]
+    system = body.get("system")
+    found += [b.get("cache_control") for b in system if isinstance(b, dict)] if isinstance(system, list) else []
+    for m in body.get("messages") or []:
+        content = m.get("content") if isinstance(m, dict) else None
+        found += [b.get("cache_control") for b in content if isinstance(b, dict)] if isinstance(content, list) else []
+    found.append(body.get("cache_control"))
+    return [cc for cc in found if isinstance(cc, dict)]
+
+
 def _check_cc(cc: Any, where: str) -> None:
     if not isinstance(cc, dict) or cc.get("type") != "ephemeral":
         raise _ApiError(f"{where}.cache_control.type: Input should be 'ephemeral'")
@@ -224,6 +237,11 @@ def _validate(body: Any, *, counting: bool = False) -> None:
     if msgs[0]["role"] != "user":
         raise _ApiError('messages: first message must use the "user" role')
     turns = _merge(msgs)
+    uses = [b.get("id") for t in turns for b in t.blocks if b["type"] == "tool_use"]
+    if len(set(uses)) != len(uses):
+        raise _ApiError("messages: `tool_use` ids must be unique")
+    if (uses or any(b["type"] == "tool_result" for t in turns for b in t.blocks)) and not body.get("tools"):
+        raise _ApiError("Requests which include `tool_use` or `tool_result` blocks must define tools.")
     for k, turn in enumerate(turns):
         ids = [b["id"] for b in turn.blocks if b["type"] == "tool_use"]
         nxt = turns[k + 1] if k + 1 < len(turns) else None
@@ -283,6 +301,15 @@ def _validate(body: Any, *, counting: bool = False) -> None:
         isinstance(choice, dict) and choice.get("type") in ("auto", "any", "tool", "none")
     ):
         raise _ApiError("tool_choice: Input should be an object with type auto, any, tool or none")
+    if _thinking_on(body) and isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
+        raise _ApiError("Thinking may not be enabled when tool_choice forces tool use.")
+    if _thinking_on(body) and turns[-1].role == "user" and turns[-1].blocks \
+            and turns[-1].blocks[0]["type"] == "tool_result" and len(turns) > 1 \
+            and turns[-2].blocks and turns[-2].blocks[0]["type"] not in ("thinking", "redacted_thinking"):
+        raise _ApiError(
+            f"messages.{turns[-2].index}.content.0.type: Expected `thinking` or "
+            "`redacted_thinking`, but found `tool_use`. When `thinking` is enabled, a final "
+            "`assistant` message must start with a thinking block.")
     if (isinstance(choice, dict) and choice.get("type") == "tool"
             and choice.get("name") not in {t["name"] for t in tools}):
         raise _ApiError(f"tool_choice.name: Tool '{choice.get('name')}' not found in "
@@ -295,6 +322,11 @@ def _validate(body: Any, *, counting: bool = False) -> None:
         budget = body["thinking"].get("budget_tokens")
         if isinstance(budget, int) and isinstance(mt, int) and budget >= mt:
             raise _ApiError("`max_tokens` must be greater than `thinking.budget_tokens`")
+    ttls = [cc.get("ttl", "5m") for cc in _cache_controls(body)]
+    if "1h" in ttls and "5m" in ttls and ttls.index("5m") < len(ttls) - 1 - ttls[::-1].index("1h"):
+        raise _ApiError("a ttl='1h' cache_control block must not come after a ttl='5m' "
+                        "cache_control block. Note that blocks are processed in the following "
+                        "order: `tools`, `system`, `messages`.")
     if breakpoints > _MAX_BREAKPOINTS:
         raise _ApiError(f"A maximum of {_MAX_BREAKPOINTS} blocks with cache_control may be "
                         f"provided. Found {breakpoints}.")

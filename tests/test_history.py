@@ -21,6 +21,7 @@ from convo.history import (
     MANY_IMAGES,
     MANY_IMAGES_MAX_SIDE,
     MAX_IMAGES,
+    REPLAYED_TOOL,
     TurnRecord,
     build_messages,
     build_request,
@@ -29,6 +30,7 @@ from convo.history import (
 )
 
 SETTINGS: dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": 256}
+TOOL_DEF = {"name": "f", "description": "f", "input_schema": {"type": "object"}}
 NO_PREFILL_MODELS = [
     "claude-sonnet-4-6",
     "claude-opus-4-6",
@@ -988,3 +990,24 @@ def test_any_turn_sequence_builds_a_valid_body_or_raises_a_convo_error(
         final = messages[-1]["content"][-1]
         if not paused and final["type"] == "text":
             assert final["text"] == final["text"].rstrip()
+
+
+def test_a_tool_use_id_is_unique_across_the_whole_request() -> None:
+    use = {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a"}
+    path = [
+        TurnRecord(1, "user", "user", [{"type": "text", "text": "call f"}]),
+        TurnRecord(2, "assistant", "synthetic", [use]),
+        TurnRecord(3, "user", "tool_result", [result]),
+        TurnRecord(4, "assistant", "synthetic", [use]),
+        TurnRecord(5, "user", "tool_result", [result]),
+    ]
+    with pytest.raises(HistoryError, match="no other tool_use") as e:
+        build_request(path, {"model": "claude-sonnet-4-5", "max_tokens": 10, "tools": [TOOL_DEF]})
+    assert e.value.turn_id == 4
+    body = build_request(path[:3], {"model": "claude-sonnet-4-5", "max_tokens": 10})
+    # With no tools set, the tool the history calls is named again and cannot be called.
+    assert body["tools"] == [
+        {"name": "f", "description": REPLAYED_TOOL, "input_schema": {"type": "object"}}
+    ]
+    assert body["tool_choice"] == {"type": "none"}

@@ -452,9 +452,62 @@ def test_send_json_with_a_pydantic_model(store: Store, standin: StandIn) -> None
     assert result_turn.kind == "tool_result"
     assert result_turn.content[0]["tool_use_id"] == use["id"]
     assert not result_turn.content[0].get("is_error")
-    # Not a conversation setting: the next send offers no tools.
+    # Not a conversation setting: the next send offers no tools to call. The API refuses
+    # tool blocks in a request that defines no tools, so the one in the history is named
+    # again, and tool_choice none keeps the model from calling it.
     conv.send("Thanks")
-    assert "tools" not in last_body(standin)
+    body = last_body(standin)
+    assert [t["name"] for t in body["tools"]] == ["record_output"]
+    assert body["tool_choice"] == {"type": "none"}
+    assert conv.turns()[-1].content[-1]["type"] == "text"
+
+
+def test_a_run_with_its_own_tools_leaves_a_history_later_sends_can_replay(
+    store: Store, standin: StandIn
+) -> None:
+    @convo.tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "18 C"
+
+    conv = store.create()
+    conv.run("What's the weather in Paris?", tools=[get_weather])
+    reply = conv.send("And tomorrow, in general terms?")  # the stand-in enforces the API's rule
+    assert reply.stop_reason == "end_turn" and not reply.tool_uses
+    body = last_body(standin)
+    assert [t["name"] for t in body["tools"]] == ["get_weather"]
+    assert body["tool_choice"] == {"type": "none"}
+    # Tools the request defines itself are sent as they are, without tool_choice none.
+    conv.send("Weather in Rome?", tools=[WEATHER])
+    assert last_body(standin)["tools"] == [WEATHER] and "tool_choice" not in last_body(standin)
+
+
+def test_send_json_with_thinking_on_asks_instead_of_forcing(store: Store, standin: StandIn) -> None:
+    """The API refuses a forced tool call with extended thinking on."""
+    conv = store.create(max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000})
+    value = conv.send_json("Please record Paris", City)
+    assert value == City(name="Paris", population=1)
+    body = last_body(standin)
+    assert body["tool_choice"] == {"type": "auto"} and body["thinking"]["type"] == "enabled"
+    # Off for one request, it forces the call again.
+    conv.send_json("Please record Rome", City, thinking=None)
+    assert last_body(standin)["tool_choice"] == {"type": "tool", "name": "record_output"}
+
+
+def test_an_edited_tool_use_turn_cannot_be_answered_with_thinking_on(store: Store, standin: StandIn) -> None:
+    conv = store.create(
+        tools=[WEATHER], max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000}
+    )
+    reply = conv.send("What's the weather in Paris?")
+    assert reply.content[0]["type"] == "thinking"
+    (use,) = reply.tool_uses
+    conv.edit(reply.turn_id, [{"type": "tool_use", "id": use.id, "name": use.name, "input": {"city": "Rome"}}])
+    conv.add_tool_result(use.id, "18 C")
+    sent = len(standin.requests)
+    with pytest.raises(HistoryError, match="must start with Claude's thinking"):
+        conv.send()
+    assert len(standin.requests) == sent
+    assert conv.send(thinking=None).text  # without thinking, the edited loop goes on
 
 
 def test_send_json_with_a_json_schema(store: Store) -> None:
@@ -575,3 +628,30 @@ def test_edit_a_tool_use_reply(store: Store, conv: Conversation, standin: StandI
     assert [u.id for u in conv.pending_tool_uses()] == ["toolu_mine"]
     conv.add_tool_result("toolu_mine", "15 C")
     assert conv.send().text.endswith("get_weather: 15 C")
+
+
+def test_blank_text_blocks_of_a_reply_are_not_stored(db_url: str) -> None:
+    """The API can answer `""` before a tool_use (and a streamed text block may get no delta):
+    replayed, it would make every later request a 400 (empty text blocks are refused)."""
+    import httpx
+
+    reply = {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [
+            {"type": "text", "text": ""},
+            {"type": "text", "text": "  \n"},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+        ],
+        "stop_reason": "tool_use", "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 5},
+    }
+    http = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(200, json=reply)))
+    with http, Client(api_key="k", base_url="https://api.invalid", http_client=http) as client, Store(
+        db_url, client=client
+    ) as store:
+        conv = store.create(tools=[WEATHER])
+        got = conv.send("What's the weather in Paris?")
+        assert [b["type"] for b in got.content] == ["tool_use"]
+        assert [b["type"] for b in conv.turns()[-1].content] == ["tool_use"]
+        conv.add_tool_result("toolu_1", "18 C")
+        assert conv.request()["messages"][1]["content"] == [reply["content"][2]]  # type: ignore[index]
