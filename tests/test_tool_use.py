@@ -501,6 +501,7 @@ def test_an_edited_tool_use_turn_cannot_be_answered_with_thinking_on(store: Stor
     reply = conv.send("What's the weather in Paris?")
     assert reply.content[0]["type"] == "thinking"
     (use,) = reply.tool_uses
+    assert reply.turn_id is not None
     conv.edit(reply.turn_id, [{"type": "tool_use", "id": use.id, "name": use.name, "input": {"city": "Rome"}}])
     conv.add_tool_result(use.id, "18 C")
     sent = len(standin.requests)
