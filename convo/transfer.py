@@ -8,14 +8,15 @@ imported twice, or into the database it came from, without clashing.
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from convo.content import check_json, inline_blobs, normalize
+from convo.content import BLOB_SOURCE, check_json, inline_blobs, normalize
 from convo.errors import InvalidInput
-from convo.history import TurnRecord, check_structure
+from convo.history import TurnRecord, check_cache_markers, check_structure
 from convo.ids import check_branch_name
 from convo.models import ROLE_OF_KIND
 from convo.store import Storage
@@ -192,19 +193,52 @@ TURN_KINDS = frozenset((role, kind) for kind, role in ROLE_OF_KIND.items())
 
 def _check_conversation(conv: ConversationExport) -> None:
     """The settings an imported conversation will send with, checked as `Store.create` would."""
-    from convo.service import _check_limits, _check_settings, _check_system
+    from convo.service import _check_limits, _check_model, _check_settings, _check_system, _tool_defs
 
     params = dict(conv.params)
     limits = {k: params.pop(k) for k in ("budget_usd", "max_input_tokens") if k in params}
     try:
+        _check_model(conv.model)
         _check_limits({k: v for k, v in limits.items() if v is not None})
         _check_settings(params)
-        if not _blank(conv.system):  # (blank: no system, as convo once stored it)
-            _check_system(conv.system)
+        tools = params.get("tools")
+        if tools is not None:
+            if not isinstance(tools, list):
+                raise InvalidInput("tools must be a list of tool definitions")
+            _tool_defs(tools)  # each checked as create checks it (the stored form is kept)
+        system = None if _blank(conv.system) else conv.system  # (blank: none, as convo once stored it)
+        if system is not None:
+            _check_system(system)
+        check_cache_markers(tools, system, params.get("cache"))
     except InvalidInput as e:
         raise InvalidInput(f"not a convo export: conversation settings: {e}") from None
     if "max_tokens" not in params:
         raise InvalidInput("not a convo export: conversation settings lack max_tokens")
+
+
+def _check_reply_media(blocks: list[Any], where: str) -> None:
+    """A reply is kept as the API sent it, but what the store does with media in it must hold:
+    base64 that decodes (its bytes are stored once, by content), and never convo's own blob
+    reference, which only the store writes (an export carries the bytes instead)."""
+    for b in blocks:
+        if not isinstance(b, dict):
+            continue
+        source = b.get("source")
+        if isinstance(source, dict) and source.get("type") == BLOB_SOURCE:
+            raise InvalidInput(f"not a convo export: {where} holds a {BLOB_SOURCE} source")
+        if b.get("type") in ("image", "document") and source is not None:
+            if not isinstance(source, dict):
+                raise InvalidInput(f"not a convo export: {where}: a {b['type']} source must be an object")
+            if source.get("type") == "base64":
+                data = source.get("data")
+                try:
+                    if not isinstance(data, str):
+                        raise ValueError("not a string")
+                    base64.b64decode(data, validate=True)
+                except ValueError as e:  # binascii.Error is one
+                    raise InvalidInput(f"not a convo export: {where}: bad base64 data ({e})") from None
+        if b.get("type") == "tool_result" and isinstance(b.get("content"), list):
+            _check_reply_media(b["content"], where)
 
 
 def _blank(system: Any) -> bool:
@@ -229,6 +263,7 @@ def import_conversation(storage: Storage, data: Any) -> str:
             normalize(t.content, t.role, where=f"turn {t.id}")
         else:
             check_json(t.content, f"turn {t.id}")
+            _check_reply_media(t.content, f"turn {t.id}")
     for b in export.branches:
         path: list[TurnRecord] = []
         cur = b.head_id

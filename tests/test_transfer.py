@@ -182,6 +182,9 @@ def test_import_keeps_the_ledger(db_url: str, tmp_path: Path) -> None:
     store.close()
 
 
+FIVE_MINUTES = {"type": "text", "text": "Rules.", "cache_control": {"type": "ephemeral"}}
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
@@ -264,6 +267,24 @@ def test_cli_export_import_round_trip_and_malformed_input(db_url: str, tmp_path:
         (lambda d: d["conversation"]["params"].pop("max_tokens"), "max_tokens"),
         (lambda d: d["conversation"].update(system=[{"type": "image"}]), "system"),
         (lambda d: d["turns"][0].update(kind="reply"), "kind reply"),
+        # checked as create checks them
+        (lambda d: d["conversation"].update(model="   "), "model"),
+        (lambda d: d["conversation"]["params"].update(tools=[{"name": "bad name!"}]), "tool"),
+        (lambda d: d["conversation"]["params"].update(tools={"a": 1}), "tools must be a list"),
+        (lambda d: d["conversation"].update(system=[FIVE_MINUTES] * 4), "cache_control markers"),
+        (lambda d: d["conversation"].update(system=[FIVE_MINUTES]) or d["conversation"]["params"].update(cache="1h"),
+         "1-hour cache marker"),
+        # media in a reply: the store's own reference, or base64 that does not decode
+        (lambda d: d["turns"][1]["content"].append(
+            {"type": "image", "source": {"type": "convo_blob", "sha256": "0" * 64, "media_type": "image/png"}}
+        ), "convo_blob"),
+        (lambda d: d["turns"][1]["content"].append(
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "!!!"}}
+        ), "bad base64"),
+        (lambda d: d["turns"][1]["content"].append(
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": 5}}
+        ), "bad base64"),
+        (lambda d: d["turns"][1]["content"].append({"type": "image", "source": "x"}), "must be an object"),
     ],
 )
 def test_import_refuses_settings_or_turns_that_could_never_be_sent(
@@ -272,7 +293,9 @@ def test_import_refuses_settings_or_turns_that_could_never_be_sent(
     store = Store(db_url, upgrade=True)
     conv = store.create(model="claude-sonnet-4-5")
     conv.add_user("hi")
+    conv.add_assistant("hello")
     data = store.export(conv.id)
+    data["turns"][1]["kind"] = "reply"  # as the API sent it: kept, not normalized
     mutate(data)
     _assert_refused_whole(store, data, message)
     store.close()
