@@ -262,6 +262,12 @@ def _print_reply_tail(reply: Any) -> None:
         _out(f"[stopped: {reply.stop_reason}]")
     if reply.turn_id is None:
         _err("[the reply was empty: nothing was stored; the branch still ends with your turn]")
+    if reply.stop_reason == "refusal":
+        # The API's advice: going on from a refusal gets more refusals.
+        _err(
+            "[Claude declined. Do not go on from here: `convo edit TURN` your message "
+            "(or `convo fork --at TURN` before it) and send from the new branch]"
+        )
 
 
 def _stream_line(conv: Any, text: str, on_retry: Any) -> Any:

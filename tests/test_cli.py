@@ -371,6 +371,26 @@ def test_conversations_table_and_json() -> None:
     assert render.conversations_table([]) == "no conversations yet: run `convo new`"
 
 
+def test_a_refusal_says_how_to_go_on(capsys: pytest.CaptureFixture[str]) -> None:
+    from convo.cli import _print_reply_tail
+    from convo.service import Reply
+    from convo.types import Usage
+
+    def reply(stop: str, turn_id: int | None) -> Reply:
+        return Reply(
+            turn_id=turn_id, call_id=1, model="m", content=[], text="", stop_reason=stop,
+            stop_sequence=None, usage=Usage(), cost_usd=None, message_id=None, request_id=None,
+        )
+
+    _print_reply_tail(reply("refusal", None))
+    out, err = capsys.readouterr()
+    assert out == "[stopped: refusal]\n"
+    assert "Claude declined" in err and "convo edit TURN" in err
+    _print_reply_tail(reply("max_tokens", 5))
+    out, err = capsys.readouterr()
+    assert out == "[stopped: max_tokens]\n" and err == ""
+
+
 def test_parser_knows_every_command() -> None:
     parser = build_parser()
     for argv in (
