@@ -431,13 +431,13 @@ class Reader:
         return self._run(sql, params, many=False)
 
     def _run(self, sql: str, params: Mapping[str, Any] | None, *, many: bool | None) -> Any:
-        """The statement's rows (`many`), first row, or nothing (`many` None)."""
+        """The statement's rows (`many`), first row, or (`many` None) the rows it changed."""
         sql = _paramstyle(sql, self._db.name)
         for retry in (False, True):
             try:
                 self._cur.execute(sql, params or {})
                 if many is None:
-                    return None
+                    return self._cur.rowcount
                 return self._cur.fetchall() if many else self._cur.fetchone()
             except self._db.Error as e:
                 if retry or not self._may_retry() or not self._db.lost(e, self._conn, self._cur):
@@ -516,8 +516,9 @@ class Writer(Reader):
         self._open = False
         super().__init__(database)
 
-    def run(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
-        self._run(sql, params, many=None)
+    def run(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
+        """Run a statement; the number of rows it changed."""
+        return int(self._run(sql, params, many=None))
 
     def _run(self, sql: str, params: Mapping[str, Any] | None, *, many: bool | None) -> Any:
         if params:

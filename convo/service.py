@@ -633,6 +633,12 @@ class Conversation:
                     raise
                 self.store.sleep(wait * (0.5 + random.random()))
                 wait = min(wait * 2, 0.5)
+            except BaseException:
+                # The write may have landed before the failure (Ctrl-C, a connection lost at
+                # COMMIT): this send's lease must not outlive it. (Only this send's own lease
+                # is released; if nothing landed, nothing changes.)
+                self._release_quietly(path.branch, owner, abandon_pending=True)
+                raise
         last_id = ids[-1] if ids else path.head_id
         assert last_id is not None
         prefill_text = text_of(new[-1].content) if new and new[-1].role == "assistant" else ""
@@ -649,10 +655,13 @@ class Conversation:
             return reply
         finally:
             if not stored:
-                try:
-                    storage.release(self.id, path.branch, owner)
-                except ConvoError:
-                    pass  # the lease expires, or the next send sees this process is gone
+                self._release_quietly(path.branch, owner)
+
+    def _release_quietly(self, branch: str, owner: str, *, abandon_pending: bool = False) -> None:
+        try:
+            self.store.storage.release(self.id, branch, owner, abandon_pending=abandon_pending)
+        except ConvoError:
+            pass  # the lease expires, or the next send sees this process is gone
 
     def _check_continuable(self, path: Path) -> None:
         if not path.turns:

@@ -160,6 +160,12 @@ _ABANDON_CALLS = (
     "WHERE conversation_key = :key AND branch = :branch AND status = 'pending'"
 )
 _KEY_SQL = "SELECT key FROM conversations WHERE id = :conv_id"
+# The pending call of a send stopped before its request (only the lease holder has one).
+_ABANDON_INTERRUPTED = (
+    "UPDATE calls SET status = 'abandoned', error_type = 'abandoned', "
+    "error_message = 'the send stopped before its request was made' "
+    f"WHERE conversation_key = ({_KEY_SQL}) AND branch = :branch AND status = 'pending'"
+)
 _RELEASE = (
     "UPDATE branches SET lease_owner = NULL, lease_expires = NULL WHERE conversation_key = "
     f"({_KEY_SQL}) AND name = :branch AND lease_owner = :owner"
@@ -1171,13 +1177,17 @@ class Storage:
                 .values(lease_expires=now() + hold)
             )
 
-    def release(self, conv_id: str, branch: str, owner: str) -> None:
-        """Free a branch a failed send held. One statement that changes nothing when run twice,
-        so a connection found lost (the server dropped the pool's connections while the call
-        failed) is replaced and the statement run again: a lease left behind would keep every
-        process, this one too, off the branch until it expired."""
+    def release(self, conv_id: str, branch: str, owner: str, *, abandon_pending: bool = False) -> None:
+        """Free a branch a failed send held; with `abandon_pending`, when it did hold it, mark
+        the call it opened as never made (the send stopped before its request). The release
+        changes nothing when run twice, so a connection found lost (the server dropped the
+        pool's connections while the call failed) is replaced and the statement run again: a
+        lease left behind would keep every process, this one too, off the branch until it
+        expired."""
         with db.writer(self.database) as w:
-            w.run(_RELEASE, {"conv_id": conv_id, "branch": branch, "owner": owner})
+            released = w.run(_RELEASE, {"conv_id": conv_id, "branch": branch, "owner": owner})
+            if released and abandon_pending:
+                w.run(_ABANDON_INTERRUPTED, {"conv_id": conv_id, "branch": branch})
 
     # -- branches --------------------------------------------------------------------------
 

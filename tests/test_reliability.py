@@ -44,7 +44,7 @@ from helpers.kit import (
 )
 from helpers.stall import FIRST, INPUT_TOKENS, StallServer
 
-from convo import APIError, InvalidInput, Store
+from convo import APIError, InvalidInput, Store, StoreError
 from convo.errors import (
     APIConnectionError,
     AuthenticationError,
@@ -783,3 +783,28 @@ def test_ctrl_c_during_a_reply_in_chat_returns_to_the_prompt(
         )
         # the retry sent the user turn once
         assert stall.requests[-1]["body"]["messages"] == [user_msg(text)]
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, StoreError])
+def test_a_send_stopped_right_after_its_turn_was_written_frees_the_branch(
+    store: Store, monkeypatch: pytest.MonkeyPatch, failure: type[BaseException]
+) -> None:
+    """Ctrl-C, or a connection lost at COMMIT, after the user's turn and the lease were
+    written: the turn stays, the branch is free at once and the call is marked as never made."""
+    conv = store.create()
+    conv.send("first")
+    real = store.storage.begin_send
+
+    def then_fail(*args: Any, **kw: Any) -> Any:
+        real(*args, **kw)
+        raise failure("stopped")
+
+    monkeypatch.setattr(store.storage, "begin_send", then_fail)
+    with pytest.raises(failure):
+        conv.send("second")
+    monkeypatch.undo()
+    assert [b.lease_owner for b in conv.branches()] == [None]
+    assert [c["status"] for c in conv.calls()] == ["ok", "abandoned"]
+    reply = conv.retry()
+    assert [t.kind for t in conv.turns()] == ["user", "reply", "user", "reply"]
+    assert reply.turn_id == conv.turns()[-1].id
