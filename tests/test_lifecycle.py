@@ -231,3 +231,55 @@ def test_an_image_turn_is_stored_once_across_conversations(store: Store, tmp_pat
     assert base64.b64decode(b.request()["messages"][0]["content"][0]["source"]["data"]) == make_png(4, 4)
     store.delete(b.id)
     assert _blob_shas(store) == set()
+
+
+def test_postgresql_delete_waits_for_a_writer_that_may_still_refer_to_an_image(
+    fresh_pg_url: str, tmp_path: Path
+) -> None:
+    """A writer stores an image as a blob row written once, by content (a writer that finds it
+    there writes nothing), then its turn, in one transaction. A delete that dropped the blob
+    in between, because the turn was not yet committed, would leave that turn without its
+    bytes: the delete waits for such writers first."""
+    import threading
+
+    import psycopg
+
+    with Store(fresh_pg_url, upgrade=True) as store:
+        gone, other = store.create(model="claude-sonnet-4-5"), store.create(model="claude-sonnet-4-5")
+        sha = _image_turn(gone, tmp_path, "p.png", 4)
+        image_turn = gone.turns()[-1]
+        dsn = fresh_pg_url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(dsn) as writer:
+            # The other writer, mid-transaction: the blob "stored" (it was there already)...
+            writer.execute(
+                "INSERT INTO blobs (sha256, media_type, size, data, created_at) "
+                "SELECT sha256, media_type, size, data, created_at FROM blobs WHERE sha256 = %s "
+                "ON CONFLICT (sha256) DO NOTHING",
+                (sha,),
+            )
+            done: list[Any] = []
+            deleting = threading.Thread(target=lambda: done.append(store.delete(gone.id)))
+            deleting.start()
+            deleting.join(0.5)
+            assert deleting.is_alive() and not done  # waiting for the writer
+            # ...then its turn, which refers to the blob, and commit.
+            writer.execute(
+                "UPDATE conversations SET has_media = true, turn_count = 1 WHERE id = %s", (other.id,)
+            )
+            writer.execute(
+                "INSERT INTO turns (conversation_key, parent_id, created_at, depth, role, kind, content) "
+                "SELECT key, NULL, now(), 0, 'user', 'user', t.content FROM conversations, turns t "
+                "WHERE conversations.id = %s AND t.id = %s",
+                (other.id, image_turn.id),
+            )
+            writer.execute(
+                "UPDATE branches SET head_id = currval(pg_get_serial_sequence('turns', 'id')) "
+                "WHERE conversation_key = (SELECT key FROM conversations WHERE id = %s)",
+                (other.id,),
+            )
+            writer.commit()
+        deleting.join(10)
+        assert done and done[0].blobs == 0
+        assert _blob_shas(store) == {sha}
+        body = other.request()
+        assert base64.b64decode(body["messages"][0]["content"][0]["source"]["data"]) == make_png(4, 4)
