@@ -46,7 +46,12 @@ def run(
     # What the first send writes (images, a prefill) is written once; later sends continue.
     first = {k: overrides.pop(k) for k in ("images", "prefill") if k in overrides}
     if content is None:
-        _answer(conv, conv.pending_tool_uses(), by_name)  # resume a run cut short
+        pending = conv.pending_tool_uses()
+        if not pending and not first:
+            done = conv._stored_reply()
+            if done is not None and done.stop_reason not in ("tool_use", "pause_turn"):
+                return done  # the run had finished before it was resumed: nothing to send
+        _answer(conv, pending, by_name)  # resume a run cut short
     reply = conv.send(content, **first, **overrides)
     for _ in range(max_steps - 1):
         if reply.stop_reason == "pause_turn":

@@ -920,6 +920,32 @@ class Conversation:
             request_id=request_id,
         )
 
+    def _stored_reply(self) -> Reply | None:
+        """The branch's last turn as the Reply that stored it, if it is a reply Claude wrote
+        (for a run resumed after it had already finished)."""
+        path = self.store.storage.path(self.id)
+        if not path.turns or path.turns[-1].kind != "reply":
+            return None
+        last = path.turns[-1]
+        call = next((c for c in reversed(self.calls()) if c["reply_id"] == last.id), None)
+        if call is None:
+            return None
+        before = path.turns[-2] if len(path.turns) > 1 else None
+        lead = text_of(before.content) if before is not None and before.kind == "prefill" else ""
+        return Reply(
+            turn_id=int(last.id),
+            call_id=call["id"],
+            model=call["model"],
+            content=last.content,
+            text=lead + text_of(last.content),
+            stop_reason=call["stop_reason"],
+            stop_sequence=call["stop_sequence"],
+            usage=Usage(**{k: call[k] for k in Usage.model_fields if call.get(k) is not None}),
+            cost_usd=call["cost_usd"],
+            message_id=call["message_id"],
+            request_id=call["request_id"],
+        )
+
     # -- branching -------------------------------------------------------------------------
 
     def fork(self, at: int | str, name: str | None = None, *, checkout: bool = True) -> str:

@@ -320,6 +320,26 @@ def test_run_writes_its_images_and_prefill_once(store: Store, tmp_path: Path) ->
     ]
 
 
+def test_run_resumed_after_it_had_finished_returns_its_last_reply(store: Store, standin: StandIn) -> None:
+    """The process died after the final reply was stored: resuming sends nothing again."""
+
+    @convo.tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "18 C"
+
+    conv = store.create()
+    final = conv.run("What's the weather in Paris?", tools=[get_weather])
+    sent = len(standin.requests)
+    again = conv.run(None, tools=[get_weather])
+    assert len(standin.requests) == sent
+    # (The ledger keeps the model asked for; the API's answer names the model that replied.)
+    assert again.model_dump(exclude={"model"}) == final.model_dump(exclude={"model"})
+    # A turn added after it is still sent by a resumed run.
+    conv.add_user("And Rome?")
+    assert conv.run(None, tools=[get_weather]).turn_id == conv.turns()[-1].id != final.turn_id
+
+
 def test_run_stops_at_max_steps_with_the_tool_use_unanswered(store: Store) -> None:
     ran: list[str] = []
 
