@@ -662,28 +662,25 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
-def _temperature_value(value: str) -> float | str:
-    if value.strip().lower() in (_OFF, "none"):
-        return _OFF
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0 <= number <= 1:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1: {value!r}")
-    return number
+def _number_or_off(what: str, ok: Callable[[float], bool]) -> Callable[[str], float | str]:
+    """An argument type: a number `ok` accepts, or 'off' (or 'none') to remove the setting."""
+
+    def parse(value: str) -> float | str:
+        if value.strip().lower() in (_OFF, "none"):
+            return _OFF
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number or 'off': {value!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {what} or 'off': {value!r}")
+        return x
+
+    return parse
 
 
-def _budget_value(value: str) -> float | str:
-    if value.strip().lower() in (_OFF, "none"):
-        return _OFF
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of USD or 'off': {value!r}") from None
-    if not x > 0 or x != x or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive amount of USD or 'off': {value!r}")
-    return x
+_temperature_value = _number_or_off("a number from 0 to 1", lambda x: 0 <= x <= 1)
+_budget_value = _number_or_off("a positive amount of USD", lambda x: 0 < x < float("inf"))
 
 
 def _given(what: str) -> Callable[[str], str]:
@@ -793,11 +790,11 @@ def cmd_set(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     with _store(args) as store:
         gone = store.delete(args.id)
-    _out(
-        f"deleted conversation {gone.id}: {render.fmt_int(gone.turns)} turns, "
-        f"{render.fmt_int(gone.branches)} branches, {render.fmt_int(gone.calls)} calls in the ledger"
-        + (f", {render.fmt_int(gone.blobs)} images or documents" if gone.blobs else "")
-    )
+    counts = [
+        render.count(gone.turns, "turn"), render.count(gone.branches, "branch", "branches"),
+        render.count(gone.calls, "call") + " in the ledger",
+    ] + ([render.count(gone.blobs, "image or document", "images or documents")] if gone.blobs else [])
+    _out(f"deleted conversation {gone.id}: {', '.join(counts)}")
     return 0
 
 

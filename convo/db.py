@@ -28,7 +28,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Dialect, make_url
 
-from convo.errors import ConfigError, DatabaseUnavailable, SchemaTooNew, StoreError
+from convo.errors import ConfigError, DatabaseUnavailable, NotFound, SchemaTooNew, StoreError
 from convo.models import to_micros
 
 # The newest revision this convo knows; a database at another unknown revision is newer.
@@ -399,7 +399,7 @@ def _connect(engine: Engine) -> Iterator[Connection]:
         raise StoreError(f"database error: {_first_line(e.orig)}") from e
     except (sa_exc.IntegrityError, sa_exc.DataError) as e:
         # A value the schema refuses (too long, duplicate): one line, never the SQL itself.
-        raise StoreError(f"the database refused a value: {_first_line(e.orig)}") from None
+        raise _refused(e.orig or e) from None
     finally:
         conn.close()
 
@@ -701,11 +701,21 @@ def writer(database: Database) -> Iterator[Writer]:
         w.close()
 
 
-def _store_error(database: Database, e: Exception) -> StoreError:
+def _store_error(database: Database, e: Exception) -> StoreError | NotFound:
     """A driver's error as the one line convo reports (never the SQL itself)."""
     if _cause(database, e) is None:
-        return StoreError(f"the database refused a value: {_first_line(e)}")
+        return _refused(e)
     return StoreError(f"database error: {_first_line(e)}")
+
+
+def _refused(e: Exception) -> StoreError | NotFound:
+    """A value the database refused. A row written for a conversation that a delete removed
+    meanwhile (the writer waited for the delete, on PostgreSQL) is NotFound, as it would have
+    been a moment later."""
+    name = getattr(getattr(e, "diag", None), "constraint_name", None) or ""
+    if name.startswith("fk_") and name.endswith("_conversation_key_conversations"):
+        return NotFound("the conversation was deleted while this was being written; nothing was written")
+    return StoreError(f"the database refused a value: {_first_line(e)}")
 
 
 def _cause(database: Database, e: Exception) -> Exception | None:

@@ -240,18 +240,20 @@ def check_messages(
     return list(dict.fromkeys(n for n in used.values() if isinstance(n, str)))
 
 
-def thinking_on(settings: Mapping[str, Any]) -> bool:
+def manual_thinking(settings: Mapping[str, Any]) -> bool:
+    """Extended thinking with a budget (type "enabled"). The API's rules for it do not all hold
+    for adaptive thinking, where Claude may skip thinking and a forced tool call is allowed."""
     thinking = settings.get("thinking")
-    return isinstance(thinking, dict) and thinking.get("type") not in (None, "disabled")
+    return isinstance(thinking, dict) and thinking.get("type") == "enabled"
 
 
 def _check_thinking_tool_loop(
     messages: list[dict[str, Any]], owners: list[TurnId], settings: Mapping[str, Any]
 ) -> None:
-    """With thinking on, the API wants the assistant turn whose tool uses the request answers
-    to start with its thinking (as Claude wrote it): an edited or hand-written tool_use turn
-    has none."""
-    if not thinking_on(settings) or len(messages) < 2 or messages[-1]["role"] != "user":
+    """With manual thinking on, the API wants the assistant turn whose tool uses the request
+    answers to start with its thinking (as Claude wrote it): an edited or hand-written
+    tool_use turn has none."""
+    if not manual_thinking(settings) or len(messages) < 2 or messages[-1]["role"] != "user":
         return
     first = messages[-1]["content"][0] if messages[-1]["content"] else {}
     if first.get("type") != "tool_result":
@@ -401,6 +403,9 @@ def build_request(
     for key in REQUEST_PARAMS:
         if s.get(key) is not None:
             body[key] = s[key]
+    choice = body.get("tool_choice")
+    if not body.get("tools") and isinstance(choice, dict) and choice.get("type") != "none":
+        raise InvalidInput(f"tool_choice {choice.get('type')!r} needs tools, and the request defines none")
     if tools_used and not body.get("tools"):
         # The API refuses tool_use and tool_result blocks in a request that defines no tools
         # (after run() or send_json(), whose tools were the request's own). Name them again,

@@ -73,6 +73,11 @@ def fmt_int(n: int | None) -> str:
     return f"{int(n or 0):,}"
 
 
+def count(n: int, one: str, many: str | None = None) -> str:
+    """`n` things, singular or plural: "1 turn", "2 turns"."""
+    return f"{fmt_int(n)} {one if n == 1 else many or one + 's'}"
+
+
 def fmt_usd(x: float | None) -> str:
     """Dollars to 4 decimals (a call often costs a fraction of a cent); None is unknown."""
     return "$?" if x is None else f"${x:,.4f}"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from convo.errors import HistoryError, InvalidInput, OutputInvalid
-from convo.history import thinking_on
+from convo.history import manual_thinking
 from convo.tools import Tool, json_schema_for
 from convo.types import Block, ToolUse
 
@@ -147,7 +147,7 @@ def send_json(
     # The API refuses a forced tool call with extended thinking on: then the model is asked
     # (the tool's description says to always call it), and a reply without the call is
     # OutputInvalid as any other.
-    choice = {"type": "auto"} if thinking_on({"thinking": thinking}) else {"type": "tool", "name": name}
+    choice = {"type": "auto"} if manual_thinking({"thinking": thinking}) else {"type": "tool", "name": name}
     reply = conv.send(content, tools=[definition], tool_choice=choice, **overrides)
     uses = [u for u in reply.tool_uses if u.name == name]
     if not uses:

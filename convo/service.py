@@ -1087,8 +1087,8 @@ class Conversation:
             _check_model(model)
         if system is not KEEP and system is not None:
             _check_system(system)
-        if title is not KEEP and title is not None and not isinstance(title, str):
-            raise InvalidInput("title must be a string or None")
+        if title is not KEEP and title is not None and (not isinstance(title, str) or not title.strip()):
+            raise InvalidInput("title must be a non-blank string, or None for no title")
 
         def change(row: ConversationRow) -> dict[str, Any]:
             params = {k: v for k, v in row.params.items() if k not in drop}

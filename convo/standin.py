@@ -301,9 +301,10 @@ def _validate(body: Any, *, counting: bool = False) -> None:
         isinstance(choice, dict) and choice.get("type") in ("auto", "any", "tool", "none")
     ):
         raise _ApiError("tool_choice: Input should be an object with type auto, any, tool or none")
-    if _thinking_on(body) and isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
+    manual = isinstance(body.get("thinking"), dict) and body["thinking"].get("type") == "enabled"
+    if manual and isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
         raise _ApiError("Thinking may not be enabled when tool_choice forces tool use.")
-    if _thinking_on(body) and turns[-1].role == "user" and turns[-1].blocks \
+    if manual and turns[-1].role == "user" and turns[-1].blocks \
             and turns[-1].blocks[0]["type"] == "tool_result" and len(turns) > 1 \
             and turns[-2].blocks and turns[-2].blocks[0]["type"] not in ("thinking", "redacted_thinking"):
         raise _ApiError(

@@ -698,15 +698,33 @@ class Storage:
         """Delete a conversation whole, all or nothing: its turns, branches and ledger rows, and
         the images and documents no other conversation holds (a blob is stored once, shared by
         content). Conflict while a send holds one of its branches: its reply would be lost."""
+        pg = self.dialect == "postgresql"
         with db.write(self.engine) as conn:
-            on = db.OnConnection(conn)
-            row = conn.execute(select(C.c.key, C.c.has_media).where(C.c.id == conv_id)).first()
+            # On PostgreSQL, the conversation's row first: a fork, an edit or a send that has not
+            # yet touched it waits until the delete is done (then finds nothing); one that is
+            # already under way holds a branch or a turn, and the delete, which takes those
+            # without waiting, is then a Conflict rather than half of a deadlock.
+            def locked(q: Any, **how: Any) -> Any:
+                return q.with_for_update(**how) if pg else q  # (SQLite: BEGIN IMMEDIATE did)
+
+            row = conn.execute(locked(select(C.c.key, C.c.has_media).where(C.c.id == conv_id), of=C)).first()
             if row is None:
                 raise NotFound(f"no conversation with id {conv_id!r}")
             key, media = row
-            names = conn.execute(select(B.c.name).where(B.c.conversation_key == key)).scalars().all()
-            for name in names:
-                self._lock_branch(on, conv_id, name, None)  # Conflict while a send is on it
+            try:
+                leases = conn.execute(locked(
+                    select(B.c.name, B.c.lease_owner, B.c.lease_expires).where(B.c.conversation_key == key),
+                    nowait=True, of=B,
+                )).all()
+                for name, holder, expires in leases:
+                    if holder and expires is not None and instant(expires) > now() and not _holder_is_dead(holder):
+                        raise Conflict(f"branch {name!r} is busy: another send on it has not finished")
+                if pg:
+                    conn.execute(locked(select(T.c.id).where(T.c.conversation_key == key), nowait=True, of=T)).all()
+            except sa_exc.OperationalError as e:
+                if getattr(e.orig, "sqlstate", None) != "55P03":  # lock_not_available
+                    raise
+                raise Conflict(f"conversation {conv_id} is busy: another writer is changing it") from None
             shas: set[str] = set()
             if media:
                 for (content,) in conn.execute(select(T.c.content).where(T.c.conversation_key == key)):
@@ -716,10 +734,10 @@ class Storage:
             # Unlink parents first, so the self-referencing foreign key holds at every statement.
             conn.execute(update(T).where(T.c.conversation_key == key).values(parent_id=None))
             turns = conn.execute(delete(T).where(T.c.conversation_key == key)).rowcount
-            conn.execute(delete(B).where(B.c.conversation_key == key))
+            branches = conn.execute(delete(B).where(B.c.conversation_key == key)).rowcount
             conn.execute(delete(C).where(C.c.key == key))
             blobs = self._drop_unused_blobs(conn, sorted(shas)) if shas else 0
-        return Deleted(conv_id, turns=turns, branches=len(names), calls=calls, blobs=blobs)
+        return Deleted(conv_id, turns=turns, branches=branches, calls=calls, blobs=blobs)
 
     def _drop_unused_blobs(self, conn: Connection, shas: Sequence[str]) -> int:
         """Delete the blobs no remaining turn refers to. On PostgreSQL, first wait out every

@@ -234,7 +234,7 @@ def _check_reply_media(blocks: list[Any], where: str) -> None:
                 try:
                     if not isinstance(data, str):
                         raise ValueError("not a string")
-                    base64.b64decode(data, validate=True)
+                    base64.b64decode("".join(data.split()), validate=True)  # (line breaks are fine)
                 except ValueError as e:  # binascii.Error is one
                     raise InvalidInput(f"not a convo export: {where}: bad base64 data ({e})") from None
         if b.get("type") == "tool_result" and isinstance(b.get("content"), list):

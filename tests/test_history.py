@@ -1011,3 +1011,26 @@ def test_a_tool_use_id_is_unique_across_the_whole_request() -> None:
         {"name": "f", "description": REPLAYED_TOOL, "input_schema": {"type": "object"}}
     ]
     assert body["tool_choice"] == {"type": "none"}
+
+
+def test_thinking_rules_apply_to_manual_thinking_only() -> None:
+    """Adaptive thinking may skip thinking, so a reply Claude wrote can be a bare tool_use."""
+    path = [
+        TurnRecord(1, "user", "user", [{"type": "text", "text": "weather?"}]),
+        TurnRecord(2, "assistant", "reply", [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]),
+        TurnRecord(3, "user", "tool_result", [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "x"}]),
+    ]
+    settings = {**SETTINGS, "max_tokens": 4000, "tools": [TOOL_DEF]}
+    adaptive = build_request(path, {**settings, "thinking": {"type": "adaptive"}})
+    assert adaptive["thinking"] == {"type": "adaptive"}
+    with pytest.raises(HistoryError, match="must start with Claude's thinking") as e:
+        build_request(path, {**settings, "thinking": {"type": "enabled", "budget_tokens": 2000}})
+    assert e.value.turn_id == 2
+
+
+def test_a_tool_choice_without_tools_is_refused_and_none_is_kept() -> None:
+    path = [TurnRecord(1, "user", "user", [{"type": "text", "text": "hi"}])]
+    for kind in ("auto", "any"):
+        with pytest.raises(InvalidInput, match="needs tools"):
+            build_request(path, {**SETTINGS, "tool_choice": {"type": kind}})
+    assert build_request(path, {**SETTINGS, "tool_choice": {"type": "none"}})["tool_choice"] == {"type": "none"}

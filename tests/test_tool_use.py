@@ -509,8 +509,10 @@ def test_send_json_with_thinking_on_asks_instead_of_forcing(store: Store, standi
     assert value == City(name="Paris", population=1)
     body = last_body(standin)
     assert body["tool_choice"] == {"type": "auto"} and body["thinking"]["type"] == "enabled"
-    # Off for one request, it forces the call again.
+    # Off for one request, it forces the call again; adaptive thinking allows forcing it.
     conv.send_json("Please record Rome", City, thinking=None)
+    assert last_body(standin)["tool_choice"] == {"type": "tool", "name": "record_output"}
+    conv.send_json("Please record Oslo", City, thinking={"type": "adaptive"})
     assert last_body(standin)["tool_choice"] == {"type": "tool", "name": "record_output"}
 
 
@@ -676,3 +678,40 @@ def test_blank_text_blocks_of_a_reply_are_not_stored(db_url: str) -> None:
         assert [b["type"] for b in conv.turns()[-1].content] == ["tool_use"]
         conv.add_tool_result("toolu_1", "18 C")
         assert conv.request()["messages"][1]["content"] == [reply["content"][2]]  # type: ignore[index]
+
+
+def test_run_gives_images_and_prefill_to_its_first_send_only() -> None:
+    """What run() passes to each send, with a conversation that records it (the stand-in
+    continues a prefill instead of calling a tool, so the loop would stop after one step)."""
+    from types import SimpleNamespace
+
+    from convo.runner import run
+    from convo.types import ToolUse
+
+    sends: list[tuple[Any, dict[str, Any]]] = []
+    uses = [ToolUse(id="toolu_1", name="get_weather", input={"city": "Paris"}), None]
+
+    class Conv:
+        def send(self, content: Any = None, **kw: Any) -> Any:
+            sends.append((content, kw))
+            use = uses[len(sends) - 1]
+            return SimpleNamespace(
+                stop_reason="tool_use" if use else "end_turn", tool_uses=[use] if use else []
+            )
+
+        def pending_tool_uses(self) -> list[Any]:
+            return [uses[0]] if len(sends) == 1 else []
+
+        def add_tool_result(self, *args: Any, **kw: Any) -> None:
+            pass
+
+    @convo.tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "18 C"
+
+    run(Conv(), "Weather?", tools=[get_weather], images=["p.png"], prefill="It is", temperature=0.5)  # type: ignore[arg-type]
+    assert [sorted(kw) for _, kw in sends] == [
+        ["images", "prefill", "temperature", "tools"], ["temperature", "tools"]
+    ]
+    assert sends[0][0] == "Weather?" and sends[1][0] is None
