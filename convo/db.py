@@ -379,10 +379,15 @@ def write(engine: Engine, *, autocommit: bool = False) -> Iterator[Connection]:
 
 
 @contextmanager
-def read(engine: Engine) -> Iterator[Connection]:
-    """One read-only transaction (a consistent snapshot)."""
-    with _connect(engine) as conn, conn.begin():
-        yield conn
+def read(engine: Engine, *, repeatable: bool = False) -> Iterator[Connection]:
+    """One read-only transaction. On SQLite (WAL) it sees one snapshot whatever it reads; on
+    PostgreSQL each statement sees its own moment unless `repeatable` asks for one snapshot
+    for the whole transaction (REPEATABLE READ, which a read-only transaction never fails)."""
+    with _connect(engine) as conn:
+        if repeatable and engine.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            yield conn
 
 
 @contextmanager

@@ -200,6 +200,7 @@ class Store:
         extra = {k: v for k, v in (("budget_usd", budget_usd), ("max_input_tokens", max_input_tokens)) if v is not None}
         _check_limits(extra)
         _check_model(model)
+        _check_title(title)
         row = self.storage.create_conversation(
             model=model, system=system, params={**settings, **extra}, title=title
         )
@@ -292,6 +293,24 @@ def _worst_input_price(price: Any, body: Mapping[str, Any]) -> float:
 def _check_model(model: Any) -> None:
     if not isinstance(model, str) or not model.strip() or len(model) > 200:
         raise InvalidInput("model must be a non-empty string of at most 200 characters")
+    _check_utf8(model, "model")
+
+
+def _check_title(title: Any) -> None:
+    if title is None:
+        return
+    if not isinstance(title, str) or not title.strip():
+        raise InvalidInput("title must be a non-blank string, or None for no title")
+    _check_utf8(title, "title")
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """A lone surrogate (from a file name or bytes decoded with surrogateescape) cannot be
+    stored or sent."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} is not valid text (it holds a lone surrogate)") from None
 
 
 def _check_system(system: Any) -> None:
@@ -348,6 +367,8 @@ def _check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         if key in ("metadata", "thinking") and not isinstance(value, dict):
             raise InvalidInput(f"{key} must be an object")
         out[key] = value
+    # (Stored by orjson, a NaN deep in metadata or a tool's schema would come back as null.)
+    check_settings_json(out)
     return out
 
 
@@ -1087,8 +1108,8 @@ class Conversation:
             _check_model(model)
         if system is not KEEP and system is not None:
             _check_system(system)
-        if title is not KEEP and title is not None and (not isinstance(title, str) or not title.strip()):
-            raise InvalidInput("title must be a non-blank string, or None for no title")
+        if title is not KEEP:
+            _check_title(title)
 
         def change(row: ConversationRow) -> dict[str, Any]:
             params = {k: v for k, v in row.params.items() if k not in drop}

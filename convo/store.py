@@ -606,6 +606,29 @@ class Storage:
                     raise NotFound(f"no conversation with id {ref!r}")
         return _conversation_row(row)
 
+    @contextmanager
+    def _reading(self, conn: Connection | None) -> Iterator[Connection]:
+        """`conn`, a read already under way, or a read transaction of its own."""
+        if conn is not None:
+            yield conn
+        else:
+            with db.read(self.engine) as conn:
+                yield conn
+
+    @contextmanager
+    def one_read(self) -> Iterator[Connection]:
+        """One read that sees a single moment of the database, for reads that must agree with
+        each other (an export): a writer committing in between is not seen by any of them."""
+        with db.read(self.engine, repeatable=True) as conn:
+            yield conn
+
+    def conversation_on(self, conn: Connection, conv_id: str) -> ConversationRow:
+        """`conversation` by full id, inside a read under way."""
+        row = db.OnConnection(conn).first(_CONVERSATION, {"id": conv_id})
+        if row is None:
+            raise NotFound(f"no conversation with id {conv_id!r}")
+        return _conversation_row(row)
+
     def resolve_conversation(self, ref: str) -> str:
         """The full id of a conversation given by id or unique prefix."""
         with db.reader(self.database) as r:
@@ -813,9 +836,9 @@ class Storage:
             raise NotFound(f"no turn with id {turn_id!r}")
         return _turn_row(row)
 
-    def turns(self, conv_id: str) -> list[TurnRow]:
+    def turns(self, conv_id: str, conn: Connection | None = None) -> list[TurnRow]:
         """Every turn of a conversation, parents before children (for the tree view)."""
-        with db.read(self.engine) as conn:
+        with self._reading(conn) as conn:
             key = self._key(conn, conv_id)
             rows = conn.execute(
                 select(T).where(T.c.conversation_key == key).order_by(T.c.depth, T.c.id)
@@ -902,12 +925,12 @@ class Storage:
             blobs = self.blobs_of(turns)
         return Path(branch, head_id, turns, blobs, depth)
 
-    def blobs_of(self, turns: Iterable[TurnRecord | TurnRow]) -> dict[str, bytes]:
+    def blobs_of(self, turns: Iterable[TurnRecord | TurnRow], conn: Connection | None = None) -> dict[str, bytes]:
         """The bytes behind every blob reference in these turns."""
         shas = {r["sha256"] for t in turns for r in blob_refs(t.content)}
         if not shas:
             return {}
-        with db.read(self.engine) as conn:
+        with self._reading(conn) as conn:
             rows = conn.execute(select(BL.c.sha256, BL.c.data).where(BL.c.sha256.in_(shas))).all()
         return {sha: bytes(data) for sha, data in rows}
 
@@ -1209,8 +1232,8 @@ class Storage:
 
     # -- branches --------------------------------------------------------------------------
 
-    def branches(self, conv_id: str) -> list[BranchRow]:
-        with db.read(self.engine) as conn:
+    def branches(self, conv_id: str, conn: Connection | None = None) -> list[BranchRow]:
+        with self._reading(conn) as conn:
             rows = conn.execute(
                 select(
                     B.c.name, B.c.head_id, B.c.created_at, B.c.lease_owner, B.c.lease_expires,
@@ -1384,9 +1407,9 @@ class Storage:
             )
         return reply_id
 
-    def calls(self, conv_id: str) -> list[dict[str, Any]]:
+    def calls(self, conv_id: str, conn: Connection | None = None) -> list[dict[str, Any]]:
         """The conversation's ledger rows, oldest first (`conversation_id` is its public id)."""
-        with db.read(self.engine) as conn:
+        with self._reading(conn) as conn:
             rows = conn.execute(
                 select(*(c for c in K.c if c.name != "conversation_key"), C.c.id.label("conversation_id"))
                 .join(C, C.c.key == K.c.conversation_key)

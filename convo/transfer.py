@@ -103,10 +103,14 @@ class Export(_Strict):
 
 
 def export_conversation(storage: Storage, conv_id: str) -> dict[str, Any]:
-    """The conversation as plain JSON-serializable data."""
-    info = storage.conversation(conv_id)
-    turns = storage.turns(conv_id)
-    path_blobs = storage.blobs_of(turns)
+    """The conversation as plain JSON-serializable data, as it was at one moment (a send
+    finishing meanwhile is in it whole or not at all)."""
+    with storage.one_read() as conn:
+        info = storage.conversation_on(conn, conv_id)
+        turns = storage.turns(conv_id, conn)
+        path_blobs = storage.blobs_of(turns, conn)
+        branches = storage.branches(conv_id, conn)
+        calls = storage.calls(conv_id, conn)
     data = Export(
         format=FORMAT,
         conversation=ConversationExport(
@@ -132,8 +136,8 @@ def export_conversation(storage: Storage, conv_id: str) -> dict[str, Any]:
             )
             for t in turns
         ],
-        branches=[BranchExport(name=b.name, head_id=b.head_id) for b in storage.branches(conv_id)],
-        calls=[CallExport.model_validate(c) for c in storage.calls(conv_id)],
+        branches=[BranchExport(name=b.name, head_id=b.head_id) for b in branches],
+        calls=[CallExport.model_validate(c) for c in calls],
     )
     return data.model_dump(mode="json")
 

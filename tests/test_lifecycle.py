@@ -77,6 +77,11 @@ def test_configure_cache_and_tools(store: Store) -> None:
         ({"stream": True}, "unknown request setting 'stream'"),
         ({"title": 5}, "title must be a non-blank string"),
         ({"title": "  "}, "title must be a non-blank string"),
+        ({"title": "\ud800"}, "title is not valid text"),
+        ({"model": "claude\udcff"}, "model is not valid text"),
+        # stored by orjson, these would come back as null
+        ({"metadata": {"user_id": float("nan")}}, "not valid JSON"),
+        ({"thinking": {"type": "enabled", "budget_tokens": float("inf")}}, "not valid JSON"),
         ({"tools": [{"name": "bad name!"}]}, "tool"),
         # the API reads tools, system, then messages, and refuses a 1h marker after a 5m one
         ({"system": SYSTEM_5M, "cache": "1h"}, "1-hour cache marker comes after a 5-minute one"),
@@ -89,6 +94,15 @@ def test_configure_refuses_bad_settings_and_writes_nothing(
     before = dump_rows(store.url)
     with pytest.raises(InvalidInput, match=fragment):
         conv.configure(**changes)
+    assert dump_rows(store.url) == before
+
+
+def test_create_refuses_what_configure_refuses(store: Store) -> None:
+    before = dump_rows(store.url)
+    cases: list[dict[str, Any]] = [{"title": "\ud800"}, {"model": "x\udcff"}, {"metadata": {"user_id": float("nan")}}]
+    for kwargs in cases:
+        with pytest.raises(InvalidInput):
+            store.create(**{"model": "claude-sonnet-4-5", **kwargs})
     assert dump_rows(store.url) == before
 
 

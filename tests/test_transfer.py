@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from convo import InvalidInput, Store
+from convo.client import Client
 from convo.models import Base
 from convo.store import NewTurn
 
@@ -299,3 +300,38 @@ def test_import_refuses_settings_or_turns_that_could_never_be_sent(
     mutate(data)
     _assert_refused_whole(store, data, message)
     store.close()
+
+
+def test_an_export_taken_while_sends_finish_is_one_moment_and_imports(db_url: str) -> None:
+    """Each export reads the conversation at one moment: a send finishing meanwhile is in it
+    whole or not at all, so the file always imports (its branch head and calls name only turns
+    it holds)."""
+    import threading
+
+    from convo.standin import StandIn
+
+    with StandIn() as standin, Client(api_key="k", base_url=standin.base_url) as client, Store(
+        db_url, client=client
+    ) as store, Store(db_url, client=client) as exporter:
+        conv = store.create(model="claude-sonnet-4-5")
+        conv.send("hello")
+        stop = threading.Event()
+
+        def sending() -> None:
+            for i in range(25):
+                conv.send(f"more {i}")
+            stop.set()
+
+        sender = threading.Thread(target=sending)
+        sender.start()
+        exports = 0
+        while not stop.is_set() or exports < 3:
+            data = exporter.export(conv.id)
+            turns = {t["id"] for t in data["turns"]}
+            assert all(b["head_id"] in turns for b in data["branches"])
+            assert all(c["reply_id"] in turns for c in data["calls"] if c["reply_id"] is not None)
+            exports += 1
+        sender.join(60)
+        assert exporter.import_(data).id  # the last one taken during the sends
+        copy = exporter.import_(exporter.export(conv.id))
+        assert copy.request("next") == conv.request("next")
