@@ -46,6 +46,7 @@ MANY_IMAGES = 20
 MANY_IMAGES_MAX_SIDE = 2000
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
 MAX_CACHE_BREAKPOINTS = 4
+MIN_THINKING_BUDGET = 1024
 # The description of a tool named again only because the history holds its calls.
 REPLAYED_TOOL = "Used earlier in this conversation; not available now."
 
@@ -240,6 +241,22 @@ def check_messages(
     return list(dict.fromkeys(n for n in used.values() if isinstance(n, str)))
 
 
+def _check_tools(body: Mapping[str, Any]) -> None:
+    """What the API refuses of tools and tool_choice together: two tools of one name, a choice
+    that needs tools when there are none, a named choice of a tool not defined."""
+    names = [t.get("name") for t in body.get("tools") or [] if isinstance(t, dict)]
+    repeated = sorted({str(n) for n in names if names.count(n) > 1})
+    if repeated:
+        raise InvalidInput(f"two tools have the same name: {', '.join(repeated)}")
+    choice = body.get("tool_choice")
+    if not isinstance(choice, dict) or choice.get("type") == "none":
+        return
+    if not names:
+        raise InvalidInput(f"tool_choice {choice.get('type')!r} needs tools, and the request defines none")
+    if choice.get("type") == "tool" and choice.get("name") not in names:
+        raise InvalidInput(f"tool_choice names tool {choice.get('name')!r}, which the request does not define")
+
+
 def manual_thinking(settings: Mapping[str, Any]) -> bool:
     """Extended thinking with a budget (type "enabled"). The API's rules for it do not all hold
     for adaptive thinking, where Claude may skip thinking and a forced tool call is allowed."""
@@ -347,6 +364,12 @@ def check_cache_markers(tools: Any, system: Any, cache: Any) -> None:
             f"{len(marks)} cache_control markers (tools, system and the automatic one of cache="
             f"{cache!r}): the API takes at most {MAX_CACHE_BREAKPOINTS}"
         )
+    for m in marks[: len(marks) - bool(cache and cache not in ("off", False))]:
+        if not isinstance(m, dict) or m.get("type") != "ephemeral" or m.get("ttl", "5m") not in CACHE_TTLS:
+            raise InvalidInput(
+                f"a cache_control marker must be {{'type': 'ephemeral'}}, with a ttl of "
+                f"{' or '.join(CACHE_TTLS)} if any: {m!r}"
+            )
     seen_short = False
     for m in marks:
         ttl = m.get("ttl", "5m") if isinstance(m, dict) else "5m"
@@ -403,9 +426,14 @@ def build_request(
     for key in REQUEST_PARAMS:
         if s.get(key) is not None:
             body[key] = s[key]
-    choice = body.get("tool_choice")
-    if not body.get("tools") and isinstance(choice, dict) and choice.get("type") != "none":
-        raise InvalidInput(f"tool_choice {choice.get('type')!r} needs tools, and the request defines none")
+    _check_tools(body)
+    if manual_thinking(s):
+        budget, most = s["thinking"].get("budget_tokens"), s["max_tokens"]
+        if isinstance(budget, bool) or not isinstance(budget, int) or not MIN_THINKING_BUDGET <= budget < most:
+            raise InvalidInput(
+                f"thinking.budget_tokens must be an integer from {MIN_THINKING_BUDGET:,} up to "
+                f"max_tokens ({most:,}), not including it: {budget!r}"
+            )
     if tools_used and not body.get("tools"):
         # The API refuses tool_use and tool_result blocks in a request that defines no tools
         # (after run() or send_json(), whose tools were the request's own). Name them again,

@@ -221,7 +221,7 @@ def test_prefill_refused_for_models_that_reject_it(model: str) -> None:
 @pytest.mark.parametrize("model", ["claude-sonnet-4-6", "claude-opus-4-6"])
 def test_prefill_not_supported_comes_before_any_other_prefill_complaint(model: str) -> None:
     """Trailing whitespace and thinking are also wrong here, but the model is the first problem."""
-    s = {**SETTINGS, "model": model, "thinking": {"type": "enabled", "budget_tokens": 2048}}
+    s = {**SETTINGS, "model": model, "max_tokens": 4096, "thinking": {"type": "enabled", "budget_tokens": 2048}}
     with pytest.raises(HistoryError) as exc:
         build_request(_prefill_path("The answer is ", kind="synthetic"), s)
     assert type(exc.value) is PrefillNotSupported
@@ -304,7 +304,7 @@ def test_paused_reply_at_the_end_is_sent_back_for_any_model(model: str) -> None:
         {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
     ]
     path = [user("u1", "Search"), reply("r1", *paused, stop="pause_turn")]
-    s = {**SETTINGS, "model": model, "thinking": {"type": "enabled", "budget_tokens": 2048}}
+    s = {**SETTINGS, "model": model, "max_tokens": 4096, "thinking": {"type": "enabled", "budget_tokens": 2048}}
     body = build_request(path, s)
     assert body["messages"][-1] == {"role": "assistant", "content": paused}
 
@@ -728,7 +728,7 @@ def test_all_request_params_are_passed_through() -> None:
         "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
         "thinking": {"type": "enabled", "budget_tokens": 1024},
     }
-    body = build_request(PATH, {**SETTINGS, **extra})
+    body = build_request(PATH, {**SETTINGS, "max_tokens": 2048, **extra})
     for key, value in extra.items():
         assert body[key] == value
 
@@ -1034,3 +1034,24 @@ def test_a_tool_choice_without_tools_is_refused_and_none_is_kept() -> None:
         with pytest.raises(InvalidInput, match="needs tools"):
             build_request(path, {**SETTINGS, "tool_choice": {"type": kind}})
     assert build_request(path, {**SETTINGS, "tool_choice": {"type": "none"}})["tool_choice"] == {"type": "none"}
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        ({"tools": [TOOL_DEF, TOOL_DEF]}, "two tools have the same name: f"),
+        ({"tools": [TOOL_DEF], "tool_choice": {"type": "tool", "name": "g"}}, "does not define"),
+        ({"max_tokens": 4000, "thinking": {"type": "enabled", "budget_tokens": 1000}}, "from 1,024"),
+        ({"max_tokens": 2000, "thinking": {"type": "enabled", "budget_tokens": 2000}}, "budget_tokens"),
+        ({"max_tokens": 2000, "thinking": {"type": "enabled"}}, "budget_tokens"),
+        ({"system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral", "ttl": "9h"}}]},
+         "cache_control marker must be"),
+        ({"tools": [{**TOOL_DEF, "cache_control": {"type": "persistent"}}]}, "cache_control marker must be"),
+    ],
+)
+def test_requests_the_api_would_refuse_are_refused_before_sending(settings: dict[str, Any], fragment: str) -> None:
+    path = [TurnRecord(1, "user", "user", [{"type": "text", "text": "hi"}])]
+    with pytest.raises(InvalidInput, match=fragment):
+        build_request(path, {**SETTINGS, **settings})
+    # (the same with the rule kept: a valid neighbour builds)
+    build_request(path, {**SETTINGS, "max_tokens": 4000, "thinking": {"type": "enabled", "budget_tokens": 1024}})
