@@ -815,14 +815,19 @@ def alembic_config(connection: Connection | None = None) -> Any:
     return cfg
 
 
+def hold_migration_lock(conn: Connection) -> None:
+    """Until the transaction ends, be the only one migrating this database: two processes
+    upgrading at once, the second waits here, then finds head. (On SQLite, convo's
+    BEGIN IMMEDIATE already holds the write lock.)"""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(7219004137)"))
+
+
 def _run_alembic(engine: Engine, verb: str, revision: str) -> None:
     from alembic import command
 
     with write(engine) as conn:
-        if conn.dialect.name == "postgresql":
-            # Two processes upgrading at once: the second waits here, then finds head.
-            conn.execute(text("SELECT pg_advisory_xact_lock(7219004137)"))
-        # (On SQLite, BEGIN IMMEDIATE already holds the write lock.)
+        hold_migration_lock(conn)
         rev = current_revision(conn)
         _check_known(rev, str(engine.url))
         if verb == "upgrade" and revision == "head" and rev == HEAD:

@@ -33,16 +33,18 @@ def run_migrations_online() -> None:
         return
 
     from convo import config as convo_config
-    from convo.db import create_engine_for
+    from convo.db import create_engine_for, hold_migration_lock, write
 
     url = convo_config.database_url(context.get_x_argument(as_dictionary=True).get("url"))
     engine = create_engine_for(url)
     try:
-        with engine.connect() as conn:
+        # One write transaction, as `convo db upgrade` runs it: BEGIN IMMEDIATE on SQLite, the
+        # migration lock on PostgreSQL, so two upgrades at once run one after the other.
+        with write(engine) as conn:
+            hold_migration_lock(conn)
             _configure(conn)
             with context.begin_transaction():
                 context.run_migrations()
-            conn.commit()
     finally:
         engine.dispose()
 

@@ -225,6 +225,9 @@ RACE = textwrap.dedent(
     if how == "store":
         with Store(url, upgrade=True) as s:
             s.create("claude-sonnet-4-5").add_user("hi")
+    elif how == "alembic":
+        import alembic.config
+        alembic.config.main(argv=["-c", sys.argv[3], "-x", "url=" + url, "upgrade", "head"])
     else:
         engine = db.create_engine_for(url)
         db.upgrade_schema(engine)
@@ -239,7 +242,7 @@ def _race(url: str, how: str, n: int = 2) -> list[tuple[float, float]]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [
         subprocess.Popen(
-            [PYTHON, "-c", RACE, url, how],
+            [PYTHON, "-c", RACE, url, how, str(REPO / "alembic.ini")],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -272,7 +275,7 @@ def _race(url: str, how: str, n: int = 2) -> list[tuple[float, float]]:
     return spans
 
 
-@pytest.mark.parametrize("how", ["upgrade", "store"])
+@pytest.mark.parametrize("how", ["upgrade", "store", "alembic"])
 def test_two_processes_upgrading_at_once(empty_url: str, how: str) -> None:
     spans = _race(empty_url, how)
     # They really ran at the same time (time.monotonic is system-wide on Linux).
