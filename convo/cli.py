@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import shlex
+import stat
 import subprocess
 import sys
 import tempfile
@@ -813,8 +814,12 @@ def _write_private(path: str, text: str) -> None:
     """Write a file only its owner can read, as the database is: an export holds every turn.
     A path that cannot be written is bad input; a disk that fills up is not."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         with open(fd, "w", encoding="utf-8") as f:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                # An existing file too, before it holds anything (not a pipe or a terminal).
+                os.fchmod(fd, 0o600)
+                os.ftruncate(fd, 0)
             f.write(text)
     except OSError as e:
         message = f"cannot write {path}: {e.strerror or e}"

@@ -41,7 +41,6 @@ from convo.history import (
     SETTING_KEYS,
     TurnRecord,
     build_request,
-    check_cache_markers,
     check_structure,
 )
 from convo.ids import check_branch_name
@@ -196,10 +195,10 @@ class Store:
         )
         if system is not None:
             _check_system(system)
-        check_cache_markers(settings.get("tools"), system, settings.get("cache"))
+        _check_model(model)
+        _check_as_request(model, system, settings)
         extra = {k: v for k, v in (("budget_usd", budget_usd), ("max_input_tokens", max_input_tokens)) if v is not None}
         _check_limits(extra)
-        _check_model(model)
         _check_title(title)
         row = self.storage.create_conversation(
             model=model, system=system, params={**settings, **extra}, title=title
@@ -326,6 +325,15 @@ def _check_system(system: Any) -> None:
     # (`echo | convo new --system -` gave "\n": the API refuses a blank text block.)
     if not texts or any(not t.strip() for t in texts):
         raise InvalidInput("the system prompt is empty or only whitespace")
+
+
+def _check_as_request(model: Any, system: Any, settings: Mapping[str, Any]) -> None:
+    """Settings as a request would carry them, built into one with a placeholder turn: what
+    the builder refuses (tools and tool_choice together, a thinking budget, cache markers) is
+    refused when the settings are given, not at every send after."""
+    request = {k: v for k, v in settings.items() if k in SETTING_KEYS}
+    request.update(model=model, system=system)
+    build_request([TurnRecord(0, "user", "user", [{"type": "text", "text": "."}])], request)
 
 
 def _check_limits(values: Mapping[str, Any]) -> None:
@@ -1114,8 +1122,9 @@ class Conversation:
         def change(row: ConversationRow) -> dict[str, Any]:
             params = {k: v for k, v in row.params.items() if k not in drop}
             params.update(given)
-            new_system = row.system if system is KEEP else system
-            check_cache_markers(params.get("tools"), new_system, params.get("cache"))
+            _check_as_request(
+                row.model if model is KEEP else model, row.system if system is KEEP else system, params
+            )
             fields: dict[str, Any] = {"params": params}
             if model is not KEEP:
                 fields["model"] = model

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from convo.content import BLOB_SOURCE, check_json, inline_blobs, normalize
 from convo.errors import InvalidInput
-from convo.history import TurnRecord, check_cache_markers, check_structure
+from convo.history import TurnRecord, check_structure
 from convo.ids import check_branch_name
 from convo.models import ROLE_OF_KIND
 from convo.store import Storage
@@ -197,7 +197,14 @@ TURN_KINDS = frozenset((role, kind) for kind, role in ROLE_OF_KIND.items())
 
 def _check_conversation(conv: ConversationExport) -> None:
     """The settings an imported conversation will send with, checked as `Store.create` would."""
-    from convo.service import _check_limits, _check_model, _check_settings, _check_system, _tool_defs
+    from convo.service import (
+        _check_as_request,
+        _check_limits,
+        _check_model,
+        _check_settings,
+        _check_system,
+        _tool_defs,
+    )
 
     params = dict(conv.params)
     limits = {k: params.pop(k) for k in ("budget_usd", "max_input_tokens") if k in params}
@@ -213,7 +220,7 @@ def _check_conversation(conv: ConversationExport) -> None:
         system = None if _blank(conv.system) else conv.system  # (blank: none, as convo once stored it)
         if system is not None:
             _check_system(system)
-        check_cache_markers(tools, system, params.get("cache"))
+        _check_as_request(conv.model, system, params)
     except InvalidInput as e:
         raise InvalidInput(f"not a convo export: conversation settings: {e}") from None
     if "max_tokens" not in params:

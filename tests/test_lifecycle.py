@@ -98,11 +98,24 @@ def test_configure_refuses_bad_settings_and_writes_nothing(
 
 
 def test_create_refuses_what_configure_refuses(store: Store) -> None:
+    """What a request would be refused for is refused when the settings are given, not at
+    every send after (settings the builder checks: tools with tool_choice, thinking budgets)."""
     before = dump_rows(store.url)
-    cases: list[dict[str, Any]] = [{"title": "\ud800"}, {"model": "x\udcff"}, {"metadata": {"user_id": float("nan")}}]
+    cases: list[dict[str, Any]] = [
+        {"title": "\ud800"}, {"model": "x\udcff"}, {"metadata": {"user_id": float("nan")}},
+        {"tools": [TOOL, TOOL]},
+        {"tools": [TOOL], "tool_choice": {"type": "tool", "name": "other"}},
+        {"tool_choice": {"type": "any"}},
+        {"max_tokens": 4096, "thinking": {"type": "enabled", "budget_tokens": 1000}},
+        {"max_tokens": 4096, "thinking": {"type": "enabled", "budget_tokens": 4096}},
+    ]
+    conv = store.create(model="claude-sonnet-4-5")
+    before = dump_rows(store.url)
     for kwargs in cases:
         with pytest.raises(InvalidInput):
             store.create(**{"model": "claude-sonnet-4-5", **kwargs})
+        with pytest.raises(InvalidInput):
+            conv.configure(**kwargs)
     assert dump_rows(store.url) == before
 
 

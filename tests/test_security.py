@@ -340,6 +340,12 @@ def test_an_export_file_is_private_and_a_full_disk_is_a_runtime_error(
 
     assert run("export", "-C", conv.id, "-o", str(out)).returncode == 0
     assert _mode(out) == 0o600 and "Private words" in out.read_text()
+    # An existing file, readable by all, is made private before it holds the export.
+    shared = tmp_path / "shared.json"
+    shared.write_text("old, longer than nothing at all " * 100)
+    shared.chmod(0o644)
+    assert run("export", "-C", conv.id, "-o", str(shared)).returncode == 0
+    assert _mode(shared) == 0o600 and shared.read_text() == out.read_text()
     results = [
         (run("export", "-C", conv.id, "-o", "/dev/full"), 1, "No space left"),
         (run("export", "-C", conv.id, "-o", str(tmp_path / "no" / "such.json")), 2, "No such file"),
