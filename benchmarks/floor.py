@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 SQLITE_SCHEMA = (
@@ -165,13 +165,15 @@ class Floor:
         return build_body(rows, [{"type": "text", "text": next_text}], self.model, self.max_tokens)
 
     def append(
-        self, conn: Any, conversation_id: int, user_text: str, reply_bytes: bytes, price: tuple[float, float]
+        self, conn: Any, conversation_id: int, user_text: str, reply_bytes: bytes, price: tuple[float, float],
+        encode: Callable[[Any], bytes] | None = None,
     ) -> tuple[bytes, list[int]]:
-        """A real append: read the thread, build and serialize the body that would be POSTed,
-        parse the reply, insert the user turn and the reply with its usage and cost, commit."""
+        """A real append: read the thread, build and serialize the body that would be POSTed
+        (with the standard library's json, or `encode`), parse the reply, insert the user turn
+        and the reply with its usage and cost, commit."""
         user_blocks = [{"type": "text", "text": user_text}]
         body = build_body(self._rows(conn, conversation_id), user_blocks, self.model, self.max_tokens)
-        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        payload = encode(body) if encode else json.dumps(body, ensure_ascii=False).encode("utf-8")
         reply = json.loads(reply_bytes)
         usage = reply["usage"]
         inp, out = usage["input_tokens"], usage["output_tokens"]

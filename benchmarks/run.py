@@ -12,8 +12,8 @@ convo's, one is the floor's (benchmarks/floor.py: one table, plain sqlite3 / psy
   fixed reply and usage, against the floor reading the thread, building and serializing the
   body, parsing the same reply and inserting two rows in one commit. Each write is undone after
   it is timed, so every sample sees the same n.
-- fork / edit / checkout at the deepest n: time, and rows written (rows in every table before
-  and after one operation).
+- fork / edit / checkout at the deepest n: time, and rows written (convo: rows added, removed
+  or changed by one operation, compared row by row; the floor's copy: rows added).
 - audit: per-thread input/output/cost over 2,000 threads x 50 exchanges; convo's
   `Store.usage(by="conversation")` against a GROUP BY, checked equal.
 - size: bytes on disk for every case; 20 turns carrying the same 1 MB PNG.
@@ -22,6 +22,9 @@ convo's, one is the floor's (benchmarks/floor.py: one table, plain sqlite3 / psy
 - append against a durable floor (diagnostic): the floor committing the user's turn before the
   request, POSTing it through the same in-process transport and committing the reply after,
   as a send must to lose nothing: how much of the append gap that guarantee accounts for.
+- append against a floor encoding with orjson (diagnostic): the floor serializes its body with
+  the standard library's json, convo with orjson; this row gives the floor orjson too, to show
+  how much of convo's lead on long threads is the encoder.
 
 Samples alternate which system goes first, the collector is run (and older objects frozen)
 before each call; medians are reported with the ratio to the floor and the target. Both wall
@@ -74,6 +77,8 @@ from benchmarks.subject import (
     mock_http,
     populate,
     row_counts,
+    rows_changed,
+    table_rows,
     undo_send,
 )
 from convo import Store
@@ -85,7 +90,9 @@ RESUME_MAX_RATIO = 1.3
 APPEND_MAX_RATIO = 1.5
 APPEND_GROWTH_MAX = 1.3
 BRANCH_OP_MAX_SECONDS = 0.002
-BRANCH_OP_MAX_ROWS = 2
+# Rows added, removed or changed: an edit adds its turn and its branch and updates the
+# conversation's row (its turn count and last use); a fork adds a branch and checks it out.
+BRANCH_OP_MAX_ROWS = 4
 AUDIT_MAX_RATIO = 1.0
 SIZE_MAX_RATIO = 1.3
 
@@ -459,6 +466,7 @@ def append(engine: str, case: Case, cid: str, ds: Dataset, n: int, runs: int, wa
         ct, ft = interleave(runs, warmup, convo_call, floor_call, convo_after, floor_after, engine=engine)
         append_writes(engine, store, case, fconn, cid, state, n, runs, warmup, rec)
         append_durable(engine, case, fconn, n, runs, warmup, rec, convo_call, convo_after, prices, want, bad)
+        append_orjson(engine, case, fconn, n, runs, warmup, rec, convo_call, convo_after, prices, want, bad)
         after = head_state(store, cid)
         if after[:3] != state[:3]:
             bad.append("undo did not restore the thread")
@@ -500,6 +508,34 @@ def append_durable(engine: str, case: Case, fconn: Any, n: int, runs: int, warmu
     finally:
         http.close()
     rec.add(Result(engine, "append, floor with a send's two commits and HTTP request", f"n={n:,}",
+                   median(ct), median(ft), "s", "diagnostic", None, median(ct) / median(ft), ct, ft))
+
+
+def append_orjson(engine: str, case: Case, fconn: Any, n: int, runs: int, warmup: int, rec: Recorder,
+                  convo_call: Callable[[int], Any], convo_after: Callable[[Any, int], None],
+                  prices: tuple[float, float], want: dict[str, Any], bad: list[str]) -> None:
+    """Diagnostic: convo's append against the floor encoding its request body with orjson, as
+    convo does, instead of the standard library's json: from a hundred exchanges up, encoding
+    the history is most of what a send spends, and orjson is about twice as fast at it. How
+    much of convo's lead on long threads is that choice, and how much is its design."""
+    import orjson
+
+    last = warmup + runs - 1
+
+    def floor_after(result: Any, i: int) -> None:
+        payload, ids = result
+        if i in (0, last):
+            ok, detail = same_body(json.loads(payload), want)
+            if not ok:
+                bad.append(f"orjson floor sent: {detail}")
+        case.floor.delete_ids(fconn, ids)
+
+    ct, ft = interleave(
+        runs, warmup, convo_call,
+        lambda _i: case.floor.append(fconn, 1, APPEND_TEXT, REPLY_BYTES, prices, encode=orjson.dumps),
+        convo_after, floor_after, engine=engine,
+    )
+    rec.add(Result(engine, "append, floor encoding its body with orjson as convo does", f"n={n:,}",
                    median(ct), median(ft), "s", "diagnostic", None, median(ct) / median(ft), ct, ft))
 
 
@@ -545,11 +581,20 @@ def branch_ops(engine: str, case: Case, cid: str, pop: Any, n: int, runs: int, w
         spare = 10_000_000  # floor conversation ids for copies
 
         def rows_written(op: Callable[[], Any], undo: Callable[[Any], None], counts: Callable[[], dict[str, int]]) -> int:
+            """The floor's rows written: it only inserts (a copy), so its row count's growth."""
             before = counts()
             result = op()
             after = counts()
             undo(result)
             return sum(after.values()) - sum(before.values())
+
+        def convo_rows_written(op: Callable[[], Any], undo: Callable[[Any], None]) -> int:
+            """convo's rows written: added, removed or changed (UPDATEs included)."""
+            before = table_rows(store, cid)
+            result = op()
+            after = table_rows(store, cid)
+            undo(result)
+            return rows_changed(before, after)
 
         # fork at the head reply (depth 2n-1)
         def convo_fork(i: int) -> str:
@@ -571,7 +616,7 @@ def branch_ops(engine: str, case: Case, cid: str, pop: Any, n: int, runs: int, w
         drop_branch(store, cid, name)
         rec.check(engine, f"fork n={n}: the fork is checked out and replays the same path", ok_fork)
         ct, ft = interleave(runs, warmup, convo_fork, floor_fork, convo_fork_undo, floor_undo, engine=engine)
-        c_rows = rows_written(lambda: conv.fork(head_reply, "bench-fork-rows"), convo_fork_undo, lambda: row_counts(store))
+        c_rows = convo_rows_written(lambda: conv.fork(head_reply, "bench-fork-rows"), convo_fork_undo)
         f_rows = rows_written(lambda: floor_fork(runs + warmup), floor_undo, lambda: case.floor.row_counts(fconn))
         _op_result(rec, engine, "fork", n, ct, ft, c_rows, f_rows)
 
@@ -596,7 +641,7 @@ def branch_ops(engine: str, case: Case, cid: str, pop: Any, n: int, runs: int, w
         convo_edit_undo(res)
         rec.check(engine, f"edit n={n}: the edit is a sibling of the old turn on a new branch", ok_edit)
         ct, ft = interleave(runs, warmup, convo_edit, floor_edit, convo_edit_undo, floor_undo, engine=engine)
-        c_rows = rows_written(lambda: convo_edit(-2), convo_edit_undo, lambda: row_counts(store))
+        c_rows = convo_rows_written(lambda: convo_edit(-2), convo_edit_undo)
         f_rows = rows_written(lambda: floor_edit(runs + warmup), floor_undo, lambda: case.floor.row_counts(fconn))
         _op_result(rec, engine, "edit", n, ct, ft, c_rows, f_rows)
 
@@ -609,7 +654,9 @@ def branch_ops(engine: str, case: Case, cid: str, pop: Any, n: int, runs: int, w
         ct, ft = interleave(runs, warmup, convo_checkout, lambda _i: case.floor.touch(fconn, floor_head), engine=engine)
         ok_checkout = conv.branch == ("bench-alt" if (runs + warmup - 1) % 2 == 0 else "main")
         rec.check(engine, f"checkout n={n}: the branch checked out last is current", ok_checkout)
-        c_rows = rows_written(lambda: conv.checkout("main"), lambda _r: None, lambda: row_counts(store))
+        other = "bench-alt" if conv.branch == "main" else "main"
+        c_rows = convo_rows_written(lambda: conv.checkout(other), lambda _r: None)  # a real switch
+        conv.checkout("main")
         drop_branch(store, cid, "bench-alt")
         _op_result(rec, engine, "checkout", n, ct, ft, c_rows, None)
     finally:
@@ -742,7 +789,7 @@ def fmt_value(r: Result, which: str) -> str:
     text = fmt_time(v)
     rows = r.extra.get(f"{which}_rows_written", "absent") if r.measure in ("fork", "edit", "checkout") else "absent"
     if rows != "absent":
-        text += ", " + ("1-row UPDATE" if rows is None else f"+{rows:,} row{'s' if rows != 1 else ''}")
+        text += ", " + ("1-row UPDATE" if rows is None else f"{rows:,} row{'s' if rows != 1 else ''} written")
     return text
 
 
@@ -845,7 +892,7 @@ def table(results: list[Result]) -> str:
 
 
 def ordered(results: list[Result]) -> list[Result]:
-    order = ["resume", "resume, Store kept open", "resume, bare SQLAlchemy", "resume, bare driver on convo's tables", "append", "append growth", "append growth, own time", "append, floor with a send's two commits and HTTP request", "append writes", "append writes growth", "fork", "edit", "checkout", "audit", "size", "resume (20 images)"]
+    order = ["resume", "resume, Store kept open", "resume, bare SQLAlchemy", "resume, bare driver on convo's tables", "append", "append growth", "append growth, own time", "append, floor with a send's two commits and HTTP request", "append, floor encoding its body with orjson as convo does", "append writes", "append writes growth", "fork", "edit", "checkout", "audit", "size", "resume (20 images)"]
     engines = list(dict.fromkeys(r.engine for r in results))
     return sorted(results, key=lambda r: (engines.index(r.engine), order.index(r.measure)))
 

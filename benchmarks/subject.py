@@ -218,6 +218,29 @@ def row_counts(store: Store) -> dict[str, int]:
         }
 
 
+def table_rows(store: Store, conv_id: str) -> dict[tuple[str, Any], tuple[Any, ...]]:
+    """Every row a branch operation on the conversation could write, keyed by (table, primary
+    key): its turns, calls and branches, its own row, and the small shared tables. Compared
+    before and after an operation, the rows it added, removed or changed (an UPDATE included,
+    which a row count misses)."""
+    key = _key(conv_id)
+    out: dict[tuple[str, Any], tuple[Any, ...]] = {}
+    with db.read(store.storage.engine) as conn:
+        for table in Base.metadata.sorted_tables:
+            q = select(table)
+            if "conversation_key" in table.c:
+                q = q.where(table.c.conversation_key == key)
+            for row in conn.execute(q):
+                pk = tuple(row._mapping[c.name] for c in table.primary_key.columns)
+                out[(table.name, pk)] = tuple(row)
+    return out
+
+
+def rows_changed(before: dict[Any, Any], after: dict[Any, Any]) -> int:
+    """Rows added, removed or changed between two `table_rows` readings."""
+    return len(before.keys() ^ after.keys()) + sum(before[k] != after[k] for k in before.keys() & after.keys())
+
+
 def _key(conv_id: str) -> Any:
     return select(C.c.key).where(C.c.id == conv_id).scalar_subquery()
 
