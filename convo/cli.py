@@ -41,6 +41,9 @@ MAX_INT = 2**63 - 1
 TOO_DEEP = "nested too deeply"
 # `--usd off` / `--max-input-tokens off` remove a limit.
 _OFF = "off"
+# Request settings `convo set --unset` removes (max_tokens is needed by every request; tools and
+# cache have their own options).
+_UNSETTABLE = ("temperature", "top_p", "top_k", "stop_sequences", "metadata", "tool_choice", "thinking")
 
 
 class _UsageError(Exception):
@@ -777,6 +780,8 @@ def cmd_set(args: argparse.Namespace) -> int:
         changes["tools"] = None
     elif args.tools is not None:
         changes["tools"] = _load_tools(args.tools)
+    for key in args.unset or []:
+        changes[key] = None
     with _store(args) as store:
         conv = _conversation(store, args.conversation)
         if changes:
@@ -816,9 +821,12 @@ def _write_private(path: str, text: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         with open(fd, "w", encoding="utf-8") as f:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                # An existing file too, before it holds anything (not a pipe or a terminal).
-                os.fchmod(fd, 0o600)
+            info = os.fstat(fd)
+            if stat.S_ISREG(info.st_mode):
+                # An existing file too, before it holds anything (not a pipe or a terminal);
+                # one another user owns keeps the mode its owner gave it.
+                if info.st_uid == os.geteuid():
+                    os.fchmod(fd, 0o600)
                 os.ftruncate(fd, 0)
             f.write(text)
     except OSError as e:
@@ -1084,6 +1092,10 @@ def build_parser() -> argparse.ArgumentParser:
     tools = p.add_mutually_exclusive_group()
     tools.add_argument("--tools", metavar="FILE.json", help="tool definitions (a JSON list)")
     tools.add_argument("--no-tools", action="store_true", help="no tools")
+    p.add_argument(
+        "--unset", action="append", metavar="SETTING", choices=_UNSETTABLE,
+        help=f"remove a request setting (repeatable): {', '.join(_UNSETTABLE)}",
+    )
 
     p = command(
         "delete", cmd_delete,

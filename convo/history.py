@@ -427,6 +427,8 @@ def build_request(
         if s.get(key) is not None:
             body[key] = s[key]
     _check_tools(body)
+    if not body.get("tools") and not tools_used and body.get("tool_choice", {}).get("type") == "none":
+        del body["tool_choice"]  # (no tools to call: the same request, without what needs tools)
     if manual_thinking(s):
         budget, most = s["thinking"].get("budget_tokens"), s["max_tokens"]
         if isinstance(budget, bool) or not isinstance(budget, int) or not MIN_THINKING_BUDGET <= budget < most:

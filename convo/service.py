@@ -332,6 +332,10 @@ def _check_as_request(model: Any, system: Any, settings: Mapping[str, Any]) -> N
     the builder refuses (tools and tool_choice together, a thinking budget, cache markers) is
     refused when the settings are given, not at every send after."""
     request = {k: v for k, v in settings.items() if k in SETTING_KEYS}
+    if not request.get("tools"):
+        # A tool_choice with no tools of the conversation's own is for requests that bring
+        # theirs (run(), send(tools=...)): checked then.
+        request.pop("tool_choice", None)
     request.update(model=model, system=system)
     build_request([TurnRecord(0, "user", "user", [{"type": "text", "text": "."}])], request)
 
@@ -1122,9 +1126,12 @@ class Conversation:
         def change(row: ConversationRow) -> dict[str, Any]:
             params = {k: v for k, v in row.params.items() if k not in drop}
             params.update(given)
-            _check_as_request(
-                row.model if model is KEEP else model, row.system if system is KEEP else system, params
-            )
+            if settings or model is not KEEP or system is not KEEP or tools is not KEEP:
+                # (A title alone sends nothing: settings stored before a check existed do not
+                # stop it. Any change to what is sent must leave a request that can be sent.)
+                _check_as_request(
+                    row.model if model is KEEP else model, row.system if system is KEEP else system, params
+                )
             fields: dict[str, Any] = {"params": params}
             if model is not KEEP:
                 fields["model"] = model

@@ -745,7 +745,8 @@ class Storage:
                 if pg:
                     conn.execute(locked(select(T.c.id).where(T.c.conversation_key == key), nowait=True, of=T)).all()
             except sa_exc.OperationalError as e:
-                if getattr(e.orig, "sqlstate", None) != "55P03":  # lock_not_available
+                code = getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None)  # psycopg, psycopg2
+                if code != "55P03":  # lock_not_available
                     raise
                 raise Conflict(f"conversation {conv_id} is busy: another writer is changing it") from None
             shas: set[str] = set()

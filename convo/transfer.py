@@ -203,6 +203,7 @@ def _check_conversation(conv: ConversationExport) -> None:
         _check_model,
         _check_settings,
         _check_system,
+        _check_title,
         _tool_defs,
     )
 
@@ -210,6 +211,8 @@ def _check_conversation(conv: ConversationExport) -> None:
     limits = {k: params.pop(k) for k in ("budget_usd", "max_input_tokens") if k in params}
     try:
         _check_model(conv.model)
+        if conv.title is not None and conv.title.strip():
+            _check_title(conv.title)  # (a blank one, which convo once kept, imports as none)
         _check_limits({k: v for k, v in limits.items() if v is not None})
         _check_settings(params)
         tools = params.get("tools")
@@ -286,6 +289,8 @@ def import_conversation(storage: Storage, data: Any) -> str:
                 raise InvalidInput("not a convo export: the turns form a cycle")
         check_structure(path[::-1], final_pending_ok=True)
     conversation = export.conversation.model_dump()
+    if conversation["title"] is not None and not conversation["title"].strip():
+        conversation["title"] = None
     if _blank(conversation["system"]):
         conversation["system"] = None  # (it would be sent, and the API refuses a blank one)
     return storage.import_tree(

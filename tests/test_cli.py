@@ -371,6 +371,13 @@ def test_conversations_table_and_json() -> None:
     assert render.conversations_table([]) == "no conversations yet: run `convo new`"
 
 
+def test_set_unset_knows_every_request_setting_but_tools() -> None:
+    from convo.cli import _UNSETTABLE
+    from convo.history import REQUEST_PARAMS
+
+    assert set(_UNSETTABLE) == set(REQUEST_PARAMS) - {"tools"}
+
+
 def test_a_refusal_says_how_to_go_on(capsys: pytest.CaptureFixture[str]) -> None:
     from convo.cli import _print_reply_tail
     from convo.service import Reply

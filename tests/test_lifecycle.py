@@ -4,6 +4,7 @@ deletion, all or nothing, on both engines; and the `convo set` and `convo delete
 from __future__ import annotations
 
 import base64
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,6 @@ def test_create_refuses_what_configure_refuses(store: Store) -> None:
         {"title": "\ud800"}, {"model": "x\udcff"}, {"metadata": {"user_id": float("nan")}},
         {"tools": [TOOL, TOOL]},
         {"tools": [TOOL], "tool_choice": {"type": "tool", "name": "other"}},
-        {"tool_choice": {"type": "any"}},
         {"max_tokens": 4096, "thinking": {"type": "enabled", "budget_tokens": 1000}},
         {"max_tokens": 4096, "thinking": {"type": "enabled", "budget_tokens": 4096}},
     ]
@@ -391,3 +391,59 @@ def test_settings_and_limits_changed_at_once_from_two_stores_keep_both(db_url: s
         conv = s.get(conv_id)
         assert conv.settings()["top_k"] == rounds
         assert conv.limits["max_input_tokens"] == 1000 + rounds - 1
+
+
+def test_a_tool_choice_for_requests_that_bring_their_tools_is_kept(store: Store) -> None:
+    """run() and send(tools=...) bring tools per request: a conversation may hold a
+    tool_choice without tools of its own, and its export imports."""
+    import convo
+
+    @convo.tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "18 C"
+
+    conv = store.create(model="claude-sonnet-4-5", tool_choice={"type": "auto", "disable_parallel_tool_use": True})
+    assert conv.run("What's the weather in Paris?", tools=[get_weather]).stop_reason == "end_turn"
+    copy = store.import_(store.export(conv.id))
+    assert copy.settings()["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
+    with pytest.raises(InvalidInput, match="needs tools"):
+        copy.send("hello")  # a request with no tools at all is still refused, before writing
+
+
+def test_settings_stored_before_a_check_existed_can_be_retitled_and_repaired(store: Store, tmp_path: Path) -> None:
+    from sqlalchemy import update
+    from test_cli import child_env, ok
+    from test_cli import convo as run_cli
+
+    from convo.models import Conversation as Row
+
+    conv = store.create(model="claude-sonnet-4-5", max_tokens=4096)
+    bad = {**conv.info.params, "thinking": {"type": "enabled", "budget_tokens": 1000}}
+    with store.storage.engine.begin() as c:  # as an older convo could have stored it
+        c.execute(update(Row).where(Row.id == conv.id).values(params=json.dumps(bad)))
+    conv.configure(title="still works")  # a title sends nothing
+    with pytest.raises(InvalidInput, match="budget_tokens"):
+        conv.configure(max_tokens=8000)  # a change to what is sent must leave a sendable request
+    if store.storage.dialect == "sqlite":
+        db = store.url
+        ok(run_cli(db, "set", "-C", conv.id, "--unset", "thinking", env=child_env(None)))
+        assert "thinking" not in conv.settings()
+        assert conv.request("hi")["max_tokens"] == 4096
+
+
+def test_postgresql_delete_while_another_writer_holds_a_branch_is_a_conflict_at_once(fresh_pg_url: str) -> None:
+    import time
+
+    import psycopg
+
+    with Store(fresh_pg_url, upgrade=True) as store:
+        conv = store.create(model="claude-sonnet-4-5")
+        exchange(conv)
+        with psycopg.connect(fresh_pg_url.replace("postgresql+psycopg://", "postgresql://")) as other:
+            other.execute("SELECT 1 FROM branches FOR UPDATE")  # a send in its transaction, say
+            began = time.monotonic()
+            with pytest.raises(Conflict, match="busy"):
+                store.delete(conv.id)
+            assert time.monotonic() - began < 5  # without waiting for the other writer
+        assert store.delete(conv.id).turns == 2

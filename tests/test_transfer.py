@@ -125,8 +125,10 @@ def test_an_export_with_a_blank_system_prompt_imports_as_none(db_url: str, blank
     conv.add_user("hello")
     data = json.loads(json.dumps(store.export(conv.id)))
     data["conversation"]["system"] = blank
+    data["conversation"]["title"] = blank  # (a blank title too, which create now refuses)
     copy = store.import_(data)
     assert copy.info.system is None and "system" not in copy.request()
+    assert copy.info.title is None
     store.close()
 
 
@@ -270,6 +272,7 @@ def test_cli_export_import_round_trip_and_malformed_input(db_url: str, tmp_path:
         (lambda d: d["turns"][0].update(kind="reply"), "kind reply"),
         # checked as create checks them
         (lambda d: d["conversation"].update(model="   "), "model"),
+        (lambda d: d["conversation"].update(title="\ud800"), "title is not valid text"),
         (lambda d: d["conversation"]["params"].update(tools=[{"name": "bad name!"}]), "tool"),
         (lambda d: d["conversation"]["params"].update(tools={"a": 1}), "tools must be a list"),
         (lambda d: d["conversation"].update(system=[FIVE_MINUTES] * 4), "cache_control markers"),
@@ -322,7 +325,16 @@ def test_an_export_taken_while_sends_finish_is_one_moment_and_imports(db_url: st
                 conv.send(f"more {i}")
             stop.set()
 
-        sender = threading.Thread(target=sending)
+        errors: list[BaseException] = []
+
+        def guarded() -> None:
+            try:
+                sending()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                stop.set()
+
+        sender = threading.Thread(target=guarded)
         sender.start()
         exports = 0
         while not stop.is_set() or exports < 3:
@@ -332,6 +344,7 @@ def test_an_export_taken_while_sends_finish_is_one_moment_and_imports(db_url: st
             assert all(c["reply_id"] in turns for c in data["calls"] if c["reply_id"] is not None)
             exports += 1
         sender.join(60)
+        assert not errors, errors
         assert exporter.import_(data).id  # the last one taken during the sends
         copy = exporter.import_(exporter.export(conv.id))
         assert copy.request("next") == conv.request("next")
