@@ -453,15 +453,7 @@ def append(engine: str, case: Case, cid: str, ds: Dataset, n: int, runs: int, wa
         def floor_call(_i: int) -> Any:
             return case.floor.append(fconn, 1, APPEND_TEXT, REPLY_BYTES, prices)
 
-        def floor_after(result: Any, i: int) -> None:
-            payload, ids = result
-            if i in (0, last):
-                ok, detail = same_body(json.loads(payload), want)
-                if not ok:
-                    bad.append(f"floor sent: {detail}")
-                if len(ids) != 2:
-                    bad.append("floor did not insert two rows")
-            case.floor.delete_ids(fconn, ids)
+        floor_after = _floor_append_checker(case, fconn, want, bad, last, "floor")
 
         ct, ft = interleave(runs, warmup, convo_call, floor_call, convo_after, floor_after, engine=engine)
         append_writes(engine, store, case, fconn, cid, state, n, runs, warmup, rec)
@@ -479,6 +471,24 @@ def append(engine: str, case: Case, cid: str, ds: Dataset, n: int, runs: int, wa
         fconn.close()
         store.close()
         client.close()
+
+
+def _floor_append_checker(case: Case, fconn: Any, want: dict[str, Any], bad: list[str], last: int,
+                          who: str) -> Callable[[Any, int], None]:
+    """After a floor append: on the first and last sample, the body it built is the dataset's
+    and it inserted two rows; then the rows are deleted, so every sample sees the same n."""
+
+    def floor_after(result: Any, i: int) -> None:
+        payload, ids = result
+        if i in (0, last):
+            ok, detail = same_body(json.loads(payload), want)
+            if not ok:
+                bad.append(f"{who} sent: {detail}")
+            if len(ids) != 2:
+                bad.append(f"{who} did not insert two rows")
+        case.floor.delete_ids(fconn, ids)
+
+    return floor_after
 
 
 def append_durable(engine: str, case: Case, fconn: Any, n: int, runs: int, warmup: int, rec: Recorder,
@@ -520,16 +530,7 @@ def append_orjson(engine: str, case: Case, fconn: Any, n: int, runs: int, warmup
     convo's lead on long threads is that choice, and how much is its design."""
     import orjson
 
-    last = warmup + runs - 1
-
-    def floor_after(result: Any, i: int) -> None:
-        payload, ids = result
-        if i in (0, last):
-            ok, detail = same_body(json.loads(payload), want)
-            if not ok:
-                bad.append(f"orjson floor sent: {detail}")
-        case.floor.delete_ids(fconn, ids)
-
+    floor_after = _floor_append_checker(case, fconn, want, bad, warmup + runs - 1, "orjson floor")
     ct, ft = interleave(
         runs, warmup, convo_call,
         lambda _i: case.floor.append(fconn, 1, APPEND_TEXT, REPLY_BYTES, prices, encode=orjson.dumps),
