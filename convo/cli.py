@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from convo import config, render
-from convo.errors import APIError, ConvoError, InvalidInput, MissingApiKey
+from convo.errors import APIError, ConvoError, InvalidInput, MissingApiKey, NotFound
 
 PROG = "convo"
 INTERRUPTED_SAVED = "[interrupted: your turn is saved; `convo retry` asks again]"
@@ -908,8 +908,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 if getattr(e, "convo_hint", None) == RETRY_HINT:
                     e.convo_hint = "your turn is saved; /retry asks again"  # type: ignore[attr-defined]
                 _report(e)
+                if isinstance(e, NotFound) and _deleted(conv):
+                    return 1  # deleted by another process: nothing left to chat in
                 if not isinstance(e, InvalidInput):
                     status = 1
+
+
+def _deleted(conv: Any) -> bool:
+    try:
+        return conv.info is None
+    except NotFound:
+        return True
 
 
 def cmd_standin(args: argparse.Namespace) -> int:

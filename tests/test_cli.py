@@ -966,6 +966,26 @@ def test_chat_loop(tmp_path: Path, api: StandIn, store_for: Any) -> None:
     assert "you>" not in no_key.out + no_key.err
 
 
+def test_chat_ends_when_its_conversation_is_deleted(tmp_path: Path, api: StandIn, store_for: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'chat.db'}"
+    store = store_for(url)
+    conv = store.create(title="chat")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convo", "--db", url, "chat"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(api), cwd=REPO,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(b"Hello chat\n")
+    proc.stdin.flush()
+    while b"claude>" not in proc.stdout.readline():
+        pass
+    store.delete(conv.id)  # by another process, say
+    out, err = proc.communicate(b"more\nand more\n", timeout=60)
+    assert proc.returncode == 1
+    errors = [line for line in err.decode().splitlines() if line.startswith("convo: error:")]
+    assert len(errors) == 1 and "no conversation" in errors[0], err
+
+
 def _check_demo_output(out: str) -> None:
     assert out.startswith(
         "convo demo — replies come from convo's LOCAL STAND-IN of the Messages API, not from Claude"
