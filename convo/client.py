@@ -353,14 +353,19 @@ class Client:
         request_id = headers.get("request-id")
         if request_id is None and isinstance(body, dict):
             request_id = body.get("request_id")
+        # Each on one line and without the key: they go into the message and the ledger.
+        clean = self._one_clean_line
         return api_error_for(
             response.status_code,
-            error_type,
-            self._scrub(" ".join(message.split())),
-            request_id=request_id,
+            clean(error_type) if error_type is not None else None,
+            clean(message),
+            request_id=clean(str(request_id)) if request_id is not None else None,
             headers=headers,
             body=body,
         )
+
+    def _one_clean_line(self, text: str) -> str:
+        return self._scrub(" ".join(text.split()))
 
     def _scrub(self, text: str) -> str:
         """Remove the API key from text bound for an error message (proxies echo headers)."""

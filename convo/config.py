@@ -34,8 +34,21 @@ def database_url(url: str | None = None, env: Mapping[str, str] = os.environ) ->
     """The caller's URL, else CONVO_DATABASE_URL, else the embedded SQLite default."""
     if url is not None and not isinstance(url, str):
         raise ConfigError(f"a database URL is a string, not {type(url).__name__}")
+    if url is not None and not url.strip():
+        # (None means the default; an empty string is a mistake, e.g. an unset variable.)
+        raise ConfigError("the database URL is empty")
+    if url is not None and ("\x00" in url or not url.isprintable() or _surrogates(url)):
+        raise ConfigError("the database URL holds a control character or invalid text")
     if url:
         return url
     if env.get(DATABASE_URL_ENV):
         return env[DATABASE_URL_ENV]
     return f"sqlite:///{default_database_path(env)}"
+
+
+def _surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

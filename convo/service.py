@@ -14,6 +14,7 @@ A failed send leaves the user turn as the branch head: `retry()` sends that same
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
@@ -214,6 +215,8 @@ class Store:
         return Conversation(self, row.id) if row else None
 
     def list(self, limit: int | None = None) -> list[ConversationSummary]:
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit < 2**31):
+            raise InvalidInput("limit must be a positive integer, or None for all")
         return self.storage.list_conversations(limit)
 
     def usage(
@@ -227,6 +230,10 @@ class Store:
         since, until = _instant(since, "since"), _instant(until, "until")
         if since is not None and until is not None and since > until:
             raise InvalidInput(f"since ({since.isoformat()}) is after until ({until.isoformat()})")
+        if branch is not None:
+            check_branch_name(branch)
+        if conversation is not None and (not isinstance(conversation, str) or not conversation):
+            raise InvalidInput("conversation must be a conversation id, or None for all")
         cid = self.storage.conversation(conversation).id if conversation else None
         return self.storage.usage(conversation=cid, branch=branch, since=since, until=until, by=by)
 
@@ -262,18 +269,24 @@ class Store:
 def _tool_defs(tools: Sequence[Any] | None) -> list[dict[str, Any]] | None:
     if tools is None:
         return None
+    if isinstance(tools, str | bytes | Mapping) or not isinstance(tools, Sequence):
+        raise InvalidInput("tools must be a list of tool definitions, Tool objects or functions")
     from convo.tools import tool_definition
 
     return [tool_definition(t) for t in tools]
 
 
 def _instant(value: Any, name: str) -> datetime | None:
-    """A usage window's end as an aware datetime (naive means UTC, as the store keeps time)."""
+    """A usage window's end as an aware datetime in UTC (naive means UTC, as the store keeps
+    time)."""
     if value is None:
         return None
     if not isinstance(value, datetime):
         raise InvalidInput(f"{name} must be a datetime, not {type(value).__name__}")
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    try:
+        return (value.replace(tzinfo=UTC) if value.tzinfo is None else value).astimezone(UTC)
+    except OverflowError:
+        raise InvalidInput(f"{name} is out of range: {value.isoformat()}") from None
 
 
 def _worst_input_price(price: Any, body: Mapping[str, Any]) -> float:
@@ -293,6 +306,11 @@ def _check_model(model: Any) -> None:
     if not isinstance(model, str) or not model.strip() or len(model) > 200:
         raise InvalidInput("model must be a non-empty string of at most 200 characters")
     _check_utf8(model, "model")
+    if model != model.strip() or not model.isprintable():
+        raise InvalidInput(f"model {model.strip()[:60]!r} has surrounding spaces or a control character")
+
+
+MAX_TITLE = 1000
 
 
 def _check_title(title: Any) -> None:
@@ -300,6 +318,8 @@ def _check_title(title: Any) -> None:
         return
     if not isinstance(title, str) or not title.strip():
         raise InvalidInput("title must be a non-blank string, or None for no title")
+    if len(title) > MAX_TITLE or "\x00" in title:
+        raise InvalidInput(f"a title is at most {MAX_TITLE} characters, with no NUL")
     _check_utf8(title, "title")
 
 
@@ -325,6 +345,7 @@ def _check_system(system: Any) -> None:
     # (`echo | convo new --system -` gave "\n": the API refuses a blank text block.)
     if not texts or any(not t.strip() for t in texts):
         raise InvalidInput("the system prompt is empty or only whitespace")
+    check_settings_json({"system": system})
 
 
 def _check_as_request(model: Any, system: Any, settings: Mapping[str, Any]) -> None:
@@ -422,6 +443,8 @@ class Conversation:
 
     def turns(self, branch: str | None = None) -> list[TurnRecord]:
         """The branch's path from the root, as the history builder sees it."""
+        if branch is not None:
+            check_branch_name(branch)
         return self.store.storage.path(self.id, branch).turns
 
     def turn(self, ref: int | str) -> TurnRow:
@@ -478,6 +501,10 @@ class Conversation:
         images: Sequence[str | FilePath],
     ) -> list[NewTurn]:
         new: list[NewTurn] = []
+        if isinstance(images, str | bytes) or not isinstance(images, Sequence) or not all(
+            isinstance(i, str | os.PathLike) for i in images
+        ):
+            raise InvalidInput("images must be a list of file paths")
         if content is not None or images:
             blocks = [image_block(p) for p in images]
             if content is not None:
@@ -493,6 +520,8 @@ class Conversation:
         self, content: str | list[Block], *, images: Sequence[str | FilePath] = ()
     ) -> int:
         """Append a user turn without sending it; returns its id."""
+        if content is None and not images:
+            raise InvalidInput("a user turn needs text, blocks or images")
         return self._append(self._new_turns(content, None, images))[0]
 
     def add_assistant(self, content: str | list[Block]) -> int:
@@ -1170,9 +1199,11 @@ class Conversation:
         return self.store.storage.branches(self.id)
 
     def checkout(self, name: str) -> None:
+        check_branch_name(name)
         self.store.storage.checkout(self.id, name)
 
     def delete_branch(self, name: str) -> None:
+        check_branch_name(name)
         self.store.storage.delete_branch(self.id, name)
 
     # -- tools -----------------------------------------------------------------------------

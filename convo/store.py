@@ -371,6 +371,12 @@ def _key_of(conv_id: str) -> Any:
     return select(C.c.key).where(C.c.id == conv_id).scalar_subquery()
 
 
+def _check_ref(ref: Any) -> None:
+    """A conversation id or prefix is a string (an error message quotes it, so it must be one)."""
+    if not isinstance(ref, str):
+        raise InvalidInput(f"a conversation id is a string, not {type(ref).__name__}")
+
+
 def parse_turn_id(ref: int | str) -> int:
     """A turn id from an int or its digits (a leading '#' allowed, as the CLI shows them)."""
     if isinstance(ref, bool):
@@ -380,7 +386,7 @@ def parse_turn_id(ref: int | str) -> int:
             raise NotFound(f"no turn with id {ref!r}")
         return ref
     if not isinstance(ref, str):
-        raise InvalidInput(f"a turn id is an int or its digits, not {type(ref).__name__}: {ref!r}")
+        raise InvalidInput(f"a turn id is an int or its digits, not {type(ref).__name__}")
     text_ref = ref.strip().removeprefix("#")
     if not text_ref.isascii() or not text_ref.isdigit() or len(text_ref) > 18:
         raise NotFound(f"no turn with id {ref!r}")
@@ -598,6 +604,7 @@ class Storage:
 
     def conversation(self, ref: str) -> ConversationRow:
         """A conversation by full id or unique prefix."""
+        _check_ref(ref)
         with db.reader(self.database) as r:
             row = r.first(_CONVERSATION, {"id": ref})
             if row is None:
@@ -631,6 +638,7 @@ class Storage:
 
     def resolve_conversation(self, ref: str) -> str:
         """The full id of a conversation given by id or unique prefix."""
+        _check_ref(ref)
         with db.reader(self.database) as r:
             return self._resolve(r, ref)
 
@@ -1262,7 +1270,9 @@ class Storage:
     def delete_branch(self, conv_id: str, name: str) -> None:
         """Drop a branch name. Its turns and its spend stay: other branches and audits use them."""
         with db.write(self.engine) as conn:
-            current = conn.execute(select(C.c.current_branch).where(C.c.id == conv_id)).scalar_one()
+            current = conn.execute(select(C.c.current_branch).where(C.c.id == conv_id)).scalar_one_or_none()
+            if current is None:
+                raise NotFound(f"no conversation with id {conv_id!r}")
             if current == name:
                 raise InvalidInput(f"branch {name!r} is checked out: check out another one first")
             _, key = self._lock_branch(db.OnConnection(conn), conv_id, name, None)  # NotFound, or Conflict while in use
@@ -1462,7 +1472,8 @@ class Storage:
                 ).label("day")
             ]
         else:
-            raise InvalidInput(f"usage can be grouped by conversation, branch, model or day, not {by!r}")
+            shown = repr(by)[:40] if isinstance(by, str) else type(by).__name__
+            raise InvalidInput(f"usage can be grouped by conversation, branch, model or day, not {shown}")
         conds = []
         if conversation is not None:
             conds.append(K.c.conversation_key == _key_of(conversation))

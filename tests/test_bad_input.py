@@ -42,12 +42,14 @@ from convo.content import MAX_IMAGE_BYTES, normalize
 from convo.db import HEAD
 from convo.errors import (
     AmbiguousId,
+    ConfigError,
     ContentError,
     ConvoError,
     HistoryError,
     InvalidInput,
     NotFound,
     PrefillNotSupported,
+    StoreError,
 )
 from convo.history import TurnRecord, build_request
 from convo.standin import StandIn
@@ -484,7 +486,6 @@ def test_run_takes_plain_functions_and_refuses_what_it_cannot_call(
 
 def test_library_misuse_is_a_typed_error(db_url: str, standin: StandIn, store: Store, tmp_path: Path) -> None:
     """Each of these was a bare AttributeError, OverflowError, TypeError or SQLAlchemy error."""
-    from convo.errors import ConfigError
 
     conv = store.create()
     conv.send("hello")
@@ -492,8 +493,8 @@ def test_library_misuse_is_a_typed_error(db_url: str, standin: StandIn, store: S
     for url in ("sqlite:///:memory:", 5):  # an in-memory database is one connection's own
         with pytest.raises(ConfigError):
             Store(url)  # type: ignore[arg-type]
-    for ref in (5, None):
-        refused(db_url, standin, partial(store.get, ref), NotFound, "no conversation")  # type: ignore[arg-type]
+    for ref in (5, None, [[[]]] * 3):
+        refused(db_url, standin, partial(store.get, ref), InvalidInput, "conversation id is a string")  # type: ignore[arg-type]
     refused(db_url, standin, lambda: conv.fork(reply, name=5), InvalidInput, "branch name is a string")  # type: ignore[arg-type]
     for ref in (2**63, -1):
         refused(db_url, standin, partial(conv.fork, ref), NotFound, "no turn")
@@ -1038,3 +1039,44 @@ def test_cli_refuses_a_database_from_a_newer_convo(
                 )
         finally:
             engine.dispose()
+
+
+def test_more_library_misuse_is_a_typed_error_and_writes_nothing(db_url: str, standin: StandIn, store: Store) -> None:
+    """Arguments of the wrong type or out of range, as a review passed them: each a typed
+    error on one line, nothing written, nothing sent."""
+    from datetime import timezone
+
+    conv = store.create()
+    conv.send("hello")
+    for url in ("", "   ", "sqlite:///x\x00.db", "sqlite:///x\ud800.db"):
+        with pytest.raises(ConfigError):
+            Store(url)
+    cases: list[tuple[Callable[[], Any], type[ConvoError], str]] = [
+        (partial(store.create, model="claude-sonnet-4-5\n"), InvalidInput, "control character"),
+        (partial(store.create, model=" claude-sonnet-4-5"), InvalidInput, "surrounding spaces"),
+        (partial(store.create, title="a\x00b"), InvalidInput, "no NUL"),
+        (partial(store.create, title="t" * 1001), InvalidInput, "at most 1000"),
+        (partial(store.create, tools=5), InvalidInput, "tools must be a list"),  # type: ignore[arg-type]
+        (partial(store.create, system=[{"type": "text", "text": "x", "n": float("nan")}]), InvalidInput, "JSON"),
+        (partial(conv.send, "x", images=None), InvalidInput, "images must be a list"),  # type: ignore[arg-type]
+        (partial(conv.send, "x", images="p.png"), InvalidInput, "images must be a list"),
+        (partial(conv.add_user, None), InvalidInput, "needs text"),  # type: ignore[arg-type]
+        (partial(store.list, "x"), InvalidInput, "limit"),  # type: ignore[arg-type]
+        (partial(store.list, 2**70), InvalidInput, "limit"),
+        (partial(conv.checkout, 5), InvalidInput, "branch name is a string"),  # type: ignore[arg-type]
+        (partial(conv.delete_branch, {}), InvalidInput, "branch name is a string"),  # type: ignore[arg-type]
+        (partial(conv.turns, "a\ud800"), InvalidInput, "branch name"),
+        (partial(store.usage, branch=5), InvalidInput, "branch name is a string"),  # type: ignore[arg-type]
+        (partial(store.usage, conversation=""), InvalidInput, "conversation"),
+        (partial(store.usage, by=[[[]]] * 3), InvalidInput, "grouped by"),  # type: ignore[arg-type]
+        (partial(store.usage, since=datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14)))), InvalidInput,
+         "out of range"),
+    ]
+    for action, error, fragment in cases:
+        refused(db_url, standin, action, error, fragment)
+    gone = store.create()
+    store.delete(gone.id)
+    refused(db_url, standin, partial(gone.delete_branch, "x"), NotFound, "no conversation")
+    with make_store(db_url, standin.base_url) as closed:
+        again = closed.get(conv.id)
+    refused(db_url, standin, partial(again.send, "after close"), StoreError, "store is closed")

@@ -415,3 +415,19 @@ def test_metacharacters_through_the_cli(
         assert text_of(turns[0].content) == evil
         assert message_bodies(standin)[-1]["messages"] == [user_msg(evil)]
         assert store.storage.integrity_problems() == []
+
+
+def test_an_error_type_or_request_id_echoing_the_key_is_scrubbed_and_one_line(db_url: str, standin: StandIn) -> None:
+    """A proxy or server that echoes the key into an error's type or request id: neither the
+    exception nor the ledger holds it, and the message stays one line."""
+    with make_store(db_url, standin.base_url) as store:
+        conv = store.create()
+        standin.fail_next(400, error_type=f"bad\nkey {KEY}", headers={"request-id": f"req {KEY}"})
+        with pytest.raises(APIError) as info:
+            conv.send("hello")
+        text = str(info.value)
+        assert KEY_PART not in text and "\n" not in text
+        (call,) = conv.calls()
+        assert all(KEY_PART not in str(v) for v in call.values())
+        assert "\n" not in (call["error_type"] or "")
+        assert KEY_PART not in dump_rows(db_url)
