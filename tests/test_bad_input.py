@@ -493,7 +493,8 @@ def test_library_misuse_is_a_typed_error(db_url: str, standin: StandIn, store: S
     for url in ("sqlite:///:memory:", 5):  # an in-memory database is one connection's own
         with pytest.raises(ConfigError):
             Store(url)  # type: ignore[arg-type]
-    for ref in (5, None, [[[]]] * 3):
+    refs: tuple[Any, ...] = (5, None, [[[]]] * 3)
+    for ref in refs:
         refused(db_url, standin, partial(store.get, ref), InvalidInput, "conversation id is a string")  # type: ignore[arg-type]
     refused(db_url, standin, lambda: conv.fork(reply, name=5), InvalidInput, "branch name is a string")  # type: ignore[arg-type]
     for ref in (2**63, -1):
