@@ -141,7 +141,12 @@ def send_json(
     the tool_use turn; a tool_result is stored after it so the thread can go on. Output that
     does not validate raises OutputInvalid (its tool_result is stored as an error).
     """
+    for key in ("tools", "tool_choice"):
+        if key in overrides:
+            raise InvalidInput(f"send_json sets {key} itself: it cannot be given")
     json_schema = json_schema_for(schema)
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        _check_json_schema(json_schema)  # before the request is paid for
     definition = {"name": name, "description": description, "input_schema": json_schema}
     thinking = overrides["thinking"] if "thinking" in overrides else conv.settings().get("thinking")
     # The API refuses a forced tool call with extended thinking on: then the model is asked
@@ -162,7 +167,11 @@ def send_json(
     for other in reply.tool_uses:
         if other.id != use.id:
             conv.add_tool_result(other.id, "ignored", is_error=True)
-    errors, value = _validate(use.input, schema, json_schema)
+    try:
+        errors, value = _validate(use.input, schema, json_schema)
+    except Exception as e:  # a schema the checks above let through (a $ref inside): answered
+        conv.add_tool_result(use.id, "the schema could not be applied", is_error=True)
+        raise InvalidInput(f"the schema could not be applied: {type(e).__name__}: {e}".splitlines()[0]) from None
     if errors:
         conv.add_tool_result(use.id, "invalid: " + "; ".join(errors), is_error=True)
         raise OutputInvalid(
@@ -173,6 +182,22 @@ def send_json(
         )
     conv.add_tool_result(use.id, "Recorded.")
     return value
+
+
+def _check_json_schema(json_schema: dict[str, Any]) -> None:
+    """A JSON schema the validator can apply: valid against its metaschema (a bad type, a
+    pattern that is not a regular expression) and able to check an object (references that
+    resolve at its top level)."""
+    import jsonschema  # type: ignore[import-untyped]
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(json_schema)
+        for _ in jsonschema.Draft202012Validator(json_schema).iter_errors({}):
+            pass
+    except jsonschema.SchemaError as e:
+        raise InvalidInput(f"not a usable JSON schema: {e.message}".splitlines()[0]) from None
+    except Exception as e:  # an unresolvable $ref, a pattern the engine cannot compile
+        raise InvalidInput(f"not a usable JSON schema: {type(e).__name__}: {e}".splitlines()[0]) from None
 
 
 def _validate(

@@ -715,3 +715,26 @@ def test_run_gives_images_and_prefill_to_its_first_send_only() -> None:
         ["images", "prefill", "temperature", "tools"], ["temperature", "tools"]
     ]
     assert sends[0][0] == "Weather?" and sends[1][0] is None
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object", "properties": {"s": {"type": "string", "pattern": "("}}, "required": ["s"]},
+        {"type": "object", "properties": {"s": {"type": "strin"}}},
+        {"type": "object", "properties": {"s": {"type": 5}}},
+        {"type": "object", "$ref": "#/nope"},
+    ],
+    ids=["bad-pattern", "unknown-type", "type-not-a-string", "dangling-ref"],
+)
+def test_send_json_refuses_a_schema_it_could_not_apply_before_sending(
+    store: Store, standin: StandIn, schema: dict[str, Any]
+) -> None:
+    conv = store.create()
+    before = row_counts(store)
+    with pytest.raises(InvalidInput, match="not a usable JSON schema"):
+        conv.send_json("Tell me about Paris", schema)
+    assert row_counts(store) == before and standin.requests == []
+    with pytest.raises(InvalidInput, match="sets tool_choice itself"):
+        conv.send_json("Tell me about Paris", City, tool_choice={"type": "auto"})
+    assert conv.send("hello").text  # the branch is as it was
