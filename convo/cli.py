@@ -157,6 +157,8 @@ def _edit_in_editor(initial: str) -> str:
             f.write(initial)
         try:
             status = subprocess.call([*shlex.split(editor), name])
+        except ValueError as e:  # shlex: an unclosed quote
+            raise InvalidInput(f"cannot read the editor command {editor!r}: {e}") from None
         except OSError as e:
             raise InvalidInput(f"cannot run editor {editor!r}: {e.strerror or e}") from None
         if status != 0:
@@ -699,6 +701,16 @@ def _given(what: str) -> Callable[[str], str]:
     return check
 
 
+def _port(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535: {value!r}")
+    return n
+
+
 def _positive_int(value: str) -> int:
     try:
         n = int(value)
@@ -1023,7 +1035,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json", action="store_true", help="print JSON: {conversation, branch, turns: [...]}"
     )
-    p.add_argument("--branch", metavar="B", help="branch to show (default: the current one)")
+    p.add_argument(
+        "--branch", type=_given("branch name"), metavar="B", help="branch to show (default: the current one)"
+    )
 
     p = command("list", cmd_list, "list conversations, most recently used first", conv=False)
     p.add_argument("--json", action="store_true")
@@ -1060,7 +1074,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("branches", cmd_branches, "list branches; * marks the current one")
 
     p = command("branch", cmd_branch, "list branches, or delete one with -d")
-    p.add_argument("-d", "--delete", metavar="NAME", help="delete branch NAME (its turns stay)")
+    p.add_argument(
+        "-d", "--delete", type=_given("branch name"), metavar="NAME", help="delete branch NAME (its turns stay)"
+    )
 
     p = command("checkout", cmd_checkout, "switch the current branch")
     p.add_argument("name", metavar="NAME")
@@ -1116,7 +1132,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("chat", cmd_chat, "an interactive chat in a conversation")
 
     p = command("export", cmd_export, "write a conversation's whole tree, branches and ledger as JSON")
-    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: stdout)")
+    p.add_argument("-o", "--output", type=_given("file name"), metavar="FILE", help="write to FILE (default: stdout)")
 
     p = command(
         "import", cmd_import, "import a conversation exported by `convo export`; prints its new id",
@@ -1129,7 +1145,7 @@ def build_parser() -> argparse.ArgumentParser:
         conv=False,
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--port", type=_port, default=8765, help="0 to 65535 (0: any free port)")
     p.add_argument("--quiet", action="store_true")
 
     p = command(

@@ -345,7 +345,8 @@ class Client:
             error_type = error.get("type") if isinstance(error.get("type"), str) else None
             message = str(error["message"]) if error.get("message") is not None else None
         if message is None:
-            snippet = " ".join(response.text.split())[:_SNIPPET_CHARS]
+            # (The key out before the cut: a cut key is no longer found.)
+            snippet = self._scrub(" ".join(response.text.split()))[:_SNIPPET_CHARS]
             message = response.reason_phrase or "error"
             if snippet:
                 message = f"{message}: {snippet}"

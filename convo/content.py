@@ -60,7 +60,7 @@ def sniff_media_type(data: bytes) -> str | None:
 def image_size(data: bytes, media_type: str) -> tuple[int, int] | None:
     """(width, height) read from the image header, or None when the header is not understood."""
     try:
-        if media_type == "image/png" and len(data) >= 24:
+        if media_type == "image/png" and len(data) >= 24 and data[12:16] == b"IHDR":
             w, h = struct.unpack(">II", data[16:24])
             return w, h
         if media_type == "image/gif" and len(data) >= 10:
@@ -151,7 +151,10 @@ def check_media(data: bytes, claimed: str | None, where: str, *, image: bool) ->
         )
     if image:
         size = image_size(data, actual)
-        if size and max(size) > MAX_IMAGE_SIDE:
+        if size is None or min(size) < 1:
+            # Its limits could not be checked, and the API would refuse it on every send.
+            raise ContentError(f"{where}: the image's header cannot be read: it is truncated or damaged")
+        if max(size) > MAX_IMAGE_SIDE:
             raise ContentError(
                 f"{where}: {size[0]}x{size[1]} px is over the API's limit of "
                 f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}"

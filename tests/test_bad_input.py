@@ -95,6 +95,11 @@ def images(tmp_path: Path) -> dict[str, Path]:
         "text_named_png": b"just some text, not an image\n",
         "too_big": png(pad=MAX_IMAGE_BYTES + 1),
         "too_wide": png(9000, 10),
+        # a signature and nothing an image's size can be read from
+        "png_garbage": b"\x89PNG\r\n\x1a\ngarbage" + b"x" * 40,
+        "png_cut": png()[:20],
+        "jpeg_garbage": b"\xff\xd8\xff garbage",
+        "gif_cut": b"GIF89a",
     }
     out = {}
     for name, data in files.items():
@@ -936,6 +941,14 @@ def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(
         (["new", "--tools", str(tmp_path / "deep.json")], None, "nested too deeply"),
         (["new", "--tools", str(tmp_path / "deep_tools.json")], None, "Recursion limit"),
         (["send", "-C", a.id, "--max-tokens", str(2**64), "big"], None, "too large"),
+        *(
+            (["send", "-C", a.id, "Look", "--image", str(images[name])], None, "header cannot be read")
+            for name in ("png_garbage", "png_cut", "jpeg_garbage", "gif_cut")
+        ),
+        (["standin", "--port", "99999"], None, "a port is 0 to 65535"),
+        (["branch", "-C", a.id, "-d", ""], None, "empty branch name"),
+        (["export", "-C", a.id, "-o", ""], None, "empty file name"),
+        (["--db", "", "list"], None, "database URL is empty"),
     ]
     argv_bytes = [
         "send",

@@ -1041,6 +1041,8 @@ def test_edit_in_the_editor(tmp_path: Path, api: StandIn, store_for: Any) -> Non
     ]
     one_error(aborted, 2, "empty text: edit aborted")
     one_error(unchanged, 2, "unchanged: edit aborted")
+    unquoted = convo(url, "edit", str(first), "--editor", env={**child_env(api), "EDITOR": '"unclosed'})
+    one_error(unquoted, 2, "cannot read the editor command")
     assert len(conv.branches()) == 2
 
 

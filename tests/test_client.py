@@ -646,3 +646,14 @@ def test_a_body_is_encoded_as_the_json_it_was_with_its_settings_held_to_strict_j
     for bad in (float("nan"), float("inf"), {1, 2}):
         with pytest.raises(InvalidInput, match="not valid JSON"):
             encode_body({**body, "metadata": {"user_id": bad}})
+
+
+def test_a_key_echoed_across_the_snippet_cut_is_scrubbed_whole(h: Harness) -> None:
+    """A proxy's HTML error page echoing the key where the message is cut to 200 characters:
+    the key is taken out before the cut, or the cut piece would no longer match it."""
+    body = "y" * 174 + " x-api-key: " + KEY + " and more"
+    api = FakeAPI(httpx.Response(400, text=body, headers={"content-type": "text/html"}))
+    with pytest.raises(APIStatusError) as info:
+        h.client(api).create_message_once(BODY)
+    text = str(info.value)
+    assert KEY[:10] not in text and "[api key]" in text
