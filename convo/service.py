@@ -135,6 +135,18 @@ class Store:
         sleep: Callable[[float], None] = time.sleep,
         wait_for_branch: float = WAIT_FOR_BRANCH_SECONDS,
     ) -> None:
+        if prices is not None and not isinstance(prices, PriceTable):
+            raise InvalidInput("prices must be a PriceTable (see convo.pricing.load_prices)")
+        if policy is not None and not isinstance(policy, RetryPolicy):
+            raise InvalidInput("policy must be a RetryPolicy")
+        if client is not None and not isinstance(client, Client):
+            raise InvalidInput("client must be a convo Client")
+        if not callable(sleep):
+            raise InvalidInput("sleep must be a function of seconds")
+        if isinstance(wait_for_branch, bool) or not isinstance(wait_for_branch, int | float) or not (
+            0 <= wait_for_branch < float("inf")
+        ):
+            raise InvalidInput("wait_for_branch must be a number of seconds, 0 or more")
         self.url = config.database_url(url)
         database = db.Database(self.url)
         if upgrade is None:
@@ -844,6 +856,7 @@ class Conversation:
                 else:
                     message, meta = client.create_message_once(body)
                     request_id, http_status = meta.request_id, meta.status_code
+                _check_message(message)
             except APIError as e:
                 self._record_failure(call_id, started, model, acc, e, request_id, http_status, streaming)
                 if attempt < policy.max_retries and policy.should_retry(e):
@@ -1268,6 +1281,42 @@ def _branch_name(tx: Branching, name: str | None, prefix: str) -> str:
 def _records(new: Sequence[NewTurn]) -> list[TurnRecord]:
     """Turns not yet written, as the history builder sees them (named for error messages)."""
     return [TurnRecord(f"(the new {t.kind} turn)", t.role, t.kind, t.content) for t in new]
+
+
+_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def _check_message(message: Any) -> None:
+    """A reply of the shape convo stores and reports: APIError (not retried: the same request
+    would get the same answer) for one that is not, before anything of it is written, so its
+    call is recorded as failed instead of left pending."""
+
+    def malformed(what: str) -> APIError:
+        return APIError(f"the API answered with a malformed message: {what}")
+
+    if not isinstance(message, dict):
+        raise malformed("not an object")
+    content = message.get("content")
+    if content is not None and (
+        not isinstance(content, list)
+        or not all(isinstance(b, dict) and isinstance(b.get("type"), str) for b in content)
+    ):
+        raise malformed("content is not a list of blocks")
+    for key in ("id", "model", "stop_reason", "stop_sequence"):
+        if message.get(key) is not None and not isinstance(message[key], str):
+            raise malformed(f"{key} is not text")
+    usage = message.get("usage")
+    if usage is None:
+        return
+    if not isinstance(usage, dict):
+        raise malformed("usage is not an object")
+    split = usage.get("cache_creation")
+    if split is not None and not isinstance(split, dict):
+        raise malformed("usage.cache_creation is not an object")
+    counts = [(k, usage.get(k)) for k in _TOKEN_FIELDS] + [(f"cache_creation.{k}", v) for k, v in (split or {}).items()]
+    for key, value in counts:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31):
+            raise malformed(f"usage.{key} is not a token count: {str(value)[:40]}")
 
 
 def _blank_text(block: Any) -> bool:

@@ -738,3 +738,43 @@ def test_send_json_refuses_a_schema_it_could_not_apply_before_sending(
     with pytest.raises(InvalidInput, match="sets tool_choice itself"):
         conv.send_json("Tell me about Paris", City, tool_choice={"type": "auto"})
     assert conv.send("hello").text  # the branch is as it was
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"content": "just text"},
+        {"content": ["x"]},
+        {"usage": [1, 2]},
+        {"usage": {"input_tokens": 1, "output_tokens": 1, "cache_creation": [1]}},
+        {"usage": {"input_tokens": "abc", "output_tokens": 1}},
+        {"usage": {"input_tokens": 1, "output_tokens": 1.5}},
+        {"usage": {"input_tokens": 1, "output_tokens": 2**63}},
+        {"usage": {"input_tokens": -5, "output_tokens": 1}},
+        {"stop_reason": 5},
+        {"id": 5},
+    ],
+)
+def test_a_malformed_reply_fails_its_call_and_keeps_the_turn(db_url: str, change: dict[str, Any]) -> None:
+    """A 200 whose message is not of the API's shape: an APIError, the call recorded as
+    failed (not left pending), the user's turn kept once, nothing stored as a reply, and the
+    branch free for a retry."""
+    import httpx
+
+    good = {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": "hello"}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 5},
+    }
+    answers = [{**good, **change}, good]
+    http = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(200, json=answers.pop(0))))
+    with http, Client(api_key="k", base_url="https://api.invalid", http_client=http) as client, Store(
+        db_url, client=client
+    ) as store:
+        conv = store.create()
+        with pytest.raises(convo.APIError, match="malformed message"):
+            conv.send("hi")
+        assert [t.kind for t in conv.turns()] == ["user"]
+        assert [c["status"] for c in conv.calls()] == ["error"]
+        assert conv.retry().text == "hello"
+        assert [t.kind for t in conv.turns()] == ["user", "reply"]
