@@ -1867,13 +1867,16 @@ def _one_turn_params(
 
 
 def _fit(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Call fields cut to their columns' lengths. What a server sends (an error type, a
-    request id) is not convo's to refuse, and a row the database refused would leave its call
-    pending and hide the API's error behind the database's."""
-    return {
-        k: v[: _CALL_LENGTHS[k]] if isinstance(v, str) and k in _CALL_LENGTHS else v
-        for k, v in fields.items()
-    }
+    """Call fields every engine can store, cut to their columns' lengths. What a server sends
+    (an error type, a request id) is not convo's to refuse, and a row the database refused
+    would leave its call pending and hide the API's error behind the database's."""
+    return {k: _fit_text(k, v) if isinstance(v, str) else v for k, v in fields.items()}
+
+
+def _fit_text(key: str, value: str) -> str:
+    """A NUL (which PostgreSQL refuses in text) replaced, then cut to the column's length."""
+    value = value.replace("\x00", "\ufffd")
+    return value[: _CALL_LENGTHS[key]] if key in _CALL_LENGTHS else value
 
 
 def _turn_params(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import base64
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from convo.content import BLOB_SOURCE, check_json, inline_blobs, normalize
 from convo.errors import InvalidInput
@@ -87,11 +87,28 @@ class CallExport(BaseModel):
     cache_creation_5m_input_tokens: Int32 | None = None
     cache_creation_1h_input_tokens: Int32 | None = None
     # (Never below zero: a negative cost would lower every audit and budget it counts in.)
-    cost_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    uncached_cost_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    # (At most a million USD a call: one absurd figure would make every store total infinite.)
+    cost_usd: float | None = Field(default=None, ge=0, le=1e6, allow_inf_nan=False)
+    uncached_cost_usd: float | None = Field(default=None, ge=0, le=1e6, allow_inf_nan=False)
     started_at: datetime
     finished_at: datetime | None = None
-    duration_ms: float | None = None
+    duration_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+    @field_validator(
+        "branch", "model", "error_type", "error_message", "request_id", "message_id", "stop_reason",
+        "stop_sequence", "partial_text",
+    )
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        """Text every engine stores: no lone surrogate; a NUL, which SQLite keeps and PostgreSQL
+        refuses, replaced (an export from one imports into the other)."""
+        if value is None:
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("holds a lone surrogate") from None
+        return value.replace("\x00", "\ufffd")
 
 
 class Export(_Strict):
@@ -230,6 +247,12 @@ def _check_conversation(conv: ConversationExport) -> None:
         raise InvalidInput("not a convo export: conversation settings lack max_tokens")
 
 
+def _blank_text(block: Any) -> bool:
+    from convo.service import _blank_text
+
+    return _blank_text(block)
+
+
 def _check_reply_media(blocks: list[Any], where: str) -> None:
     """A reply is kept as the API sent it, but what the store does with media in it must hold:
     base64 that decodes (its bytes are stored once, by content), and never convo's own blob
@@ -278,6 +301,10 @@ def import_conversation(storage: Storage, data: Any) -> str:
         else:
             check_json(t.content, f"turn {t.id}")
             _check_reply_media(t.content, f"turn {t.id}")
+            # As a send stores a reply: without blank text blocks, which the API refuses.
+            t.content = [b for b in t.content if not _blank_text(b)]
+            if not t.content:
+                raise InvalidInput(f"not a convo export: reply turn {t.id} holds only blank text")
     for b in export.branches:
         path: list[TurnRecord] = []
         cur = b.head_id

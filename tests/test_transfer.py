@@ -182,6 +182,26 @@ def test_import_keeps_the_ledger(db_url: str, tmp_path: Path) -> None:
     assert copy.usage(by="branch").total.cost_usd == pytest.approx(0.5)
     assert copy.usage(by="branch").total.input_tokens == 10
     assert copy.calls()[0]["reply_id"] == store.storage.path(copy.id).head_id
+    # What one engine kept and the other would refuse, or a send would never store: a NUL in a
+    # call's text is replaced, a reply's blank text blocks are left out.
+    data = store.export(conv.id)
+    data["calls"][0]["error_message"] = "a\x00b"
+    data["turns"][-1]["content"] = [{"type": "text", "text": "  "}, {"type": "text", "text": "yo"}]
+    again = store.import_(data)
+    assert again.calls()[0]["error_message"] == "a\ufffdb"
+    assert again.request("next")["messages"][1]["content"] == [{"type": "text", "text": "yo"}]
+    bad: list[tuple[str, Any, str]] = [
+        ("duration_ms", float("nan"), "duration_ms"),
+        ("cost_usd", 1e308, "cost_usd"),
+        ("error_message", "\ud800", "lone surrogate"),
+    ]
+    for key, value, fragment in bad:
+        broken = store.export(conv.id)
+        broken["calls"][0][key] = value
+        _assert_refused_whole(store, broken, fragment)
+    blank = store.export(conv.id)
+    blank["turns"][-1]["content"] = [{"type": "text", "text": " \n"}]
+    _assert_refused_whole(store, blank, "only blank text")
     store.close()
 
 
