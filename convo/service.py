@@ -381,6 +381,8 @@ def _check_limits(values: Mapping[str, Any]) -> None:
             or not 0 < value < float("inf")
         ):
             raise InvalidInput(f"{key} must be a positive, finite number")
+        if key == "max_input_tokens" and isinstance(value, float) and not value.is_integer():
+            raise InvalidInput("max_input_tokens must be a whole number of tokens")
 
 
 def _check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -403,9 +405,9 @@ def _check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
             not isinstance(value, list) or not all(isinstance(s, str) and s for s in value)
         ):
             raise InvalidInput("stop_sequences must be a list of non-empty strings")
-        if key == "cache" and value not in ("5m", "1h", "off", False):
+        if key == "cache" and not (value is False or value in ("5m", "1h", "off")):
             raise InvalidInput("cache must be '5m', '1h' or 'off'")
-        if key == "cache" and value in ("off", False):
+        if key == "cache" and (value is False or value == "off"):
             continue
         if key == "tool_choice":
             _check_tool_choice(value)
@@ -1151,7 +1153,7 @@ class Conversation:
         if settings.get("max_tokens", 0) is None:
             raise InvalidInput("max_tokens cannot be removed: every request needs one")
         # (cache="off" removes the setting: no cache is how a conversation says off.)
-        drop = {k for k, v in settings.items() if v is None or (k == "cache" and v in ("off", False))}
+        drop = {k for k, v in settings.items() if v is None or (k == "cache" and (v is False or v == "off"))}
         given = {k: v for k, v in settings.items() if k not in drop}
         if tools is not KEEP and tools is not None:
             given["tools"] = _tool_defs(cast(Sequence[Any], tools))

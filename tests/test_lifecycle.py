@@ -447,3 +447,19 @@ def test_postgresql_delete_while_another_writer_holds_a_branch_is_a_conflict_at_
                 store.delete(conv.id)
             assert time.monotonic() - began < 5  # without waiting for the other writer
         assert store.delete(conv.id).turns == 2
+
+
+def test_loose_values_a_review_found_are_refused(store: Store) -> None:
+    conv = store.create(model="claude-sonnet-4-5")
+    before = dump_rows(store.url)
+    for action in (
+        lambda: conv.configure(cache=0),  # (0 == False, which means off)
+        lambda: conv.configure(cache=1),
+        lambda: conv.set_limits(max_input_tokens=1.5),
+        lambda: store.create(model="claude-sonnet-4-5", max_input_tokens=2.5),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidInput):
+            action()
+    assert dump_rows(store.url) == before
+    conv.set_limits(max_input_tokens=1000.0)  # a whole number, as JSON may hold it
+    assert conv.limits["max_input_tokens"] == 1000
