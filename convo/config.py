@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def database_url(url: str | None = None, env: Mapping[str, str] = os.environ) ->
     if url is not None and not url.strip():
         # (None means the default; an empty string is a mistake, e.g. an unset variable.)
         raise ConfigError("the database URL is empty")
-    if url is not None and ("\x00" in url or not url.isprintable() or _surrogates(url)):
+    if url is not None and (_surrogates(url) or any(unicodedata.category(c) == "Cc" for c in url)):
+        # (Only control characters: a file name may hold a no-break space or a joiner.)
         raise ConfigError("the database URL holds a control character or invalid text")
     if url:
         return url

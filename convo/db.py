@@ -162,7 +162,6 @@ class Database:
         self._idle: list[tuple[float, Any]] = []  # (since, driver connection), not in use
         self._lent = 0  # connections of `_idle`'s kind in use
         self._lock = threading.Lock()
-        self._closed = False
 
     @property
     def url(self) -> URL:
@@ -184,7 +183,6 @@ class Database:
 
     @property
     def engine(self) -> Engine:
-        self._check_open()
         if self._engine is None:
             with self._lock:
                 if self._engine is None:
@@ -230,7 +228,6 @@ class Database:
         """(the pool's wrapper or None, a driver connection) for one Reader or Writer: before
         the engine exists, one kept here, as long as fewer than POOL_SIZE are out; past that
         (or once the engine exists) the engine's pool's, which caps and queues the rest."""
-        self._check_open()
         if self._engine is None:
             with self._lock:
                 if self._idle:
@@ -281,15 +278,8 @@ class Database:
             return False
         return not (getattr(e, "sqlstate", None) or getattr(e, "pgcode", None))
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreError("the store is closed: open a new Store")
-
     def close(self) -> None:
-        """Close every connection not in use (the engine's pooled ones too); nothing is read or
-        written through this database after (a send would write its turn, then find its HTTP
-        client closed)."""
-        self._closed = True
+        """Close every connection not in use (the engine's pooled ones too)."""
         self._drop_idle()
         if self._engine is not None:
             # Engine.dispose would also build a new, empty pool that nothing may use.

@@ -37,6 +37,7 @@ from convo.errors import (
     ConvoError,
     HistoryError,
     InvalidInput,
+    StoreError,
 )
 from convo.history import (
     SETTING_KEYS,
@@ -165,6 +166,7 @@ class Store:
         self.policy = policy
         self.sleep = sleep
         self.wait_for_branch = wait_for_branch
+        self.closed = False
 
     @property
     def client(self) -> Client:
@@ -179,6 +181,9 @@ class Store:
         return self.policy or self.client.policy
 
     def close(self) -> None:
+        """Close the connections and the HTTP client the Store made. A send already under way
+        in another thread still finishes; a new one is refused before it writes anything."""
+        self.closed = True
         if self._client is not None and self._owns_client:
             self._client.close()
         self.storage.database.close()
@@ -243,7 +248,7 @@ class Store:
         if since is not None and until is not None and since > until:
             raise InvalidInput(f"since ({since.isoformat()}) is after until ({until.isoformat()})")
         if branch is not None:
-            check_branch_name(branch)
+            _branch_ref(branch)
         if conversation is not None and (not isinstance(conversation, str) or not conversation):
             raise InvalidInput("conversation must be a conversation id, or None for all")
         cid = self.storage.conversation(conversation).id if conversation else None
@@ -333,6 +338,16 @@ def _check_title(title: Any) -> None:
     if len(title) > MAX_TITLE or "\x00" in title:
         raise InvalidInput(f"a title is at most {MAX_TITLE} characters, with no NUL")
     _check_utf8(title, "title")
+
+
+def _branch_ref(name: Any) -> None:
+    """A branch name to look up: a string any engine can compare (names an older convo allowed
+    are found; `check_branch_name` holds new ones to more)."""
+    if not isinstance(name, str):
+        raise InvalidInput(f"a branch name is a string, not {type(name).__name__}")
+    _check_utf8(name, "the branch name")
+    if "\x00" in name:
+        raise InvalidInput("a branch name holds no NUL")
 
 
 def _check_utf8(text: str, what: str) -> None:
@@ -458,7 +473,7 @@ class Conversation:
     def turns(self, branch: str | None = None) -> list[TurnRecord]:
         """The branch's path from the root, as the history builder sees it."""
         if branch is not None:
-            check_branch_name(branch)
+            _branch_ref(branch)
         return self.store.storage.path(self.id, branch).turns
 
     def turn(self, ref: int | str) -> TurnRow:
@@ -684,6 +699,8 @@ class Conversation:
         branch: str | None = None,
     ) -> Generator[str | RetryNotice, None, Reply]:
         storage = self.store.storage
+        if self.store.closed:
+            raise StoreError("the store is closed: open a new Store to send")
         new = self._new_turns(content, prefill, images)
         owner = lease_owner_id()
         deadline = time.monotonic() + self.store.wait_for_branch
@@ -1214,11 +1231,11 @@ class Conversation:
         return self.store.storage.branches(self.id)
 
     def checkout(self, name: str) -> None:
-        check_branch_name(name)
+        _branch_ref(name)
         self.store.storage.checkout(self.id, name)
 
     def delete_branch(self, name: str) -> None:
-        check_branch_name(name)
+        _branch_ref(name)
         self.store.storage.delete_branch(self.id, name)
 
     # -- tools -----------------------------------------------------------------------------

@@ -1370,7 +1370,7 @@ class Storage:
         if started is None:
             started = self._call_started(db.OnConnection(conn), call_id)
         end = now()
-        duration = (end - _utc(started)).total_seconds() * 1000
+        duration = max(0.0, (end - _utc(started)).total_seconds() * 1000)  # (the clock may step back)
         conn.execute(_UPDATE_CALL, {"w_id": call_id, "finished_at": end, "duration_ms": duration, **_fit(fields)})
 
     def _call_started(self, x: db.Writer | db.OnConnection, call_id: int) -> datetime:
@@ -1859,7 +1859,7 @@ def _one_turn_params(
         call_id, started, fields = finish
         # As `_finish_call`: the given fields may set the end and duration; the reply id is
         # always the stored reply's.
-        done = {"finished_at": ts, "duration_ms": (ts - _utc(started)).total_seconds() * 1000}
+        done = {"finished_at": ts, "duration_ms": max(0.0, (ts - _utc(started)).total_seconds() * 1000)}
         done.update((k, v) for k, v in _fit(fields).items() if k != "reply_id")
         params.update({f"f_{k}": v for k, v in done.items()}, call_id=call_id)
         calls = tuple(sorted(done))

@@ -92,7 +92,13 @@ class CallExport(BaseModel):
     uncached_cost_usd: float | None = Field(default=None, ge=0, le=1e6, allow_inf_nan=False)
     started_at: datetime
     finished_at: datetime | None = None
-    duration_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    duration_ms: float | None = Field(default=None, allow_inf_nan=False)
+
+    @field_validator("duration_ms")
+    @classmethod
+    def _not_negative(cls, value: float | None) -> float | None:
+        """A clock stepped back during a call once stored a negative duration: read as 0."""
+        return None if value is None else max(0.0, value)
 
     @field_validator(
         "branch", "model", "error_type", "error_message", "request_id", "message_id", "stop_reason",
@@ -215,6 +221,7 @@ TURN_KINDS = frozenset((role, kind) for kind, role in ROLE_OF_KIND.items())
 def _check_conversation(conv: ConversationExport) -> None:
     """The settings an imported conversation will send with, checked as `Store.create` would."""
     from convo.service import (
+        MAX_TITLE,
         _check_as_request,
         _check_limits,
         _check_model,
@@ -229,7 +236,8 @@ def _check_conversation(conv: ConversationExport) -> None:
     try:
         _check_model(conv.model)
         if conv.title is not None and conv.title.strip():
-            _check_title(conv.title)  # (a blank one, which convo once kept, imports as none)
+            # (A blank one, which convo once kept, imports as none; a long one is cut.)
+            _check_title(conv.title[:MAX_TITLE])
         _check_limits({k: v for k, v in limits.items() if v is not None})
         _check_settings(params)
         tools = params.get("tools")
@@ -316,8 +324,10 @@ def import_conversation(storage: Storage, data: Any) -> str:
                 raise InvalidInput("not a convo export: the turns form a cycle")
         check_structure(path[::-1], final_pending_ok=True)
     conversation = export.conversation.model_dump()
-    if conversation["title"] is not None and not conversation["title"].strip():
-        conversation["title"] = None
+    if conversation["title"] is not None:
+        from convo.service import MAX_TITLE
+
+        conversation["title"] = conversation["title"][:MAX_TITLE] if conversation["title"].strip() else None
     if _blank(conversation["system"]):
         conversation["system"] = None  # (it would be sent, and the API refuses a blank one)
     return storage.import_tree(

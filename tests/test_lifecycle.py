@@ -463,3 +463,80 @@ def test_loose_values_a_review_found_are_refused(store: Store) -> None:
     assert dump_rows(store.url) == before
     conv.set_limits(max_input_tokens=1000.0)  # a whole number, as JSON may hold it
     assert conv.limits["max_input_tokens"] == 1000
+
+
+def test_what_older_convo_stored_still_works(store: Store, tmp_path: Path) -> None:
+    """Branch names from before the naming rules, a negative call duration (a clock stepped
+    back), a title past today's limit: found, exported and imported as they were (cut)."""
+    from sqlalchemy import insert, update
+
+    from convo.models import Branch, Call
+    from convo.models import Conversation as Row
+
+    conv = store.create(model="claude-sonnet-4-5")
+    conv.send("hello")
+    head = conv.turns()[-1].id
+    key = store.storage.conversation(conv.id).key
+    old_names = ["old\tname", "trailing ", "a\u202eb"]
+    with store.storage.engine.begin() as c:
+        for name in old_names:
+            c.execute(insert(Branch).values(conversation_key=key, name=name, head_id=head,
+                                            created_at=datetime.now(UTC)))
+        c.execute(update(Call).values(duration_ms=-2000.0))
+        c.execute(update(Row).where(Row.id == conv.id).values(title="T" * 1500))
+    for name in old_names:
+        assert [t.id for t in conv.turns(name)] == [t.id for t in conv.turns()]
+        store.usage(branch=name)
+    conv.checkout(old_names[0])
+    conv.checkout("main")
+    for name in old_names:  # (an import holds names to today's rules)
+        conv.delete_branch(name)
+    data = store.export(conv.id)
+    assert data["calls"][0]["duration_ms"] == 0
+    copy = store.import_(data)
+    assert copy.info.title == "T" * 1000
+
+
+def test_a_send_under_way_when_its_store_is_closed_still_stores_its_reply(
+    db_url: str, standin: Any, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() from another thread while a send waits for its reply: the reply is stored and
+    its call completed (a paid-for reply was lost, and the branch held for 15 minutes); a send
+    started after close() is refused before it writes anything."""
+    import threading
+
+    from convo.errors import StoreError
+
+    store = Store(db_url, client=client)
+    conv = store.create(model="claude-sonnet-4-5")
+    waiting, go = threading.Event(), threading.Event()
+    real = client.create_message_once
+
+    def slow(body: Any) -> Any:
+        waiting.set()
+        go.wait(10)
+        return real(body)
+
+    monkeypatch.setattr(client, "create_message_once", slow)
+    done: list[Any] = []
+    sender = threading.Thread(target=lambda: done.append(conv.send("hello")))
+    sender.start()
+    assert waiting.wait(10)
+    store.close()
+    go.set()
+    sender.join(10)
+    assert done and done[0].text
+    with Store(db_url, client=client) as other:
+        again = other.get(conv.id)
+        assert [c["status"] for c in again.calls()] == ["ok"]
+        assert [t.kind for t in again.turns()] == ["user", "reply"]
+        before = row_counts(db_url)
+        with pytest.raises(StoreError, match="closed"):
+            conv.send("after close")
+        assert row_counts(db_url) == before
+
+
+def test_a_database_path_with_a_no_break_space_or_joiner_is_a_path(tmp_path: Path) -> None:
+    for name in ("d\u00a0x", "d\u202fx", "d\u200cx"):
+        with Store(f"sqlite:///{tmp_path / name / 'c.db'}") as s:
+            assert s.create().id
