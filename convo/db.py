@@ -162,6 +162,7 @@ class Database:
         self._idle: list[tuple[float, Any]] = []  # (since, driver connection), not in use
         self._lent = 0  # connections of `_idle`'s kind in use
         self._lock = threading.Lock()
+        self._closed = False  # connections given back from now on are closed, not kept
 
     @property
     def url(self) -> URL:
@@ -250,6 +251,8 @@ class Database:
         """Return what `lend` gave; with `error` (the connection is lost), throw it away and
         the idle ones with it: a restarted server drops them all."""
         if proxy is not None:
+            if self._closed and error is None:
+                proxy.invalidate()  # (the pool was disposed: nothing would close it later)
             if error is not None:
                 # Every connection the pool opened before now is replaced at its next checkout
                 # (what SQLAlchemy's own Connection does on a disconnect), the pool's counts
@@ -259,7 +262,7 @@ class Database:
         else:
             with self._lock:
                 self._lent -= 1
-                keep = error is None and self._engine is None
+                keep = error is None and self._engine is None and not self._closed
                 if keep:
                     self._idle.append((time.monotonic(), conn))
             if not keep:  # lost, or the engine's pool keeps the connections from now on
@@ -279,7 +282,9 @@ class Database:
         return not (getattr(e, "sqlstate", None) or getattr(e, "pgcode", None))
 
     def close(self) -> None:
-        """Close every connection not in use (the engine's pooled ones too)."""
+        """Close every connection not in use (the engine's pooled ones too), and each one in
+        use when it is given back (a send finishing in another thread)."""
+        self._closed = True
         self._drop_idle()
         if self._engine is not None:
             # Engine.dispose would also build a new, empty pool that nothing may use.
