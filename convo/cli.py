@@ -29,6 +29,7 @@ from typing import IO, Any, NoReturn
 
 from convo import config, render
 from convo.errors import APIError, ConvoError, InvalidInput, MissingApiKey, NotFound
+from convo.ids import is_text
 
 PROG = "convo"
 INTERRUPTED_SAVED = "[interrupted: your turn is saved; `convo retry` asks again]"
@@ -125,10 +126,8 @@ def _utf8(value: str | None, what: str) -> str | None:
     """Command-line text that is valid UTF-8 (a stray byte arrives as a lone surrogate)."""
     if value is None:
         return None
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInput(f"{what} is not valid UTF-8") from None
+    if not is_text(value):
+        raise InvalidInput(f"{what} is not valid UTF-8")
     return value
 
 

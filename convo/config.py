@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from convo.errors import ConfigError
+from convo.ids import is_text
 
 DATABASE_URL_ENV = "CONVO_DATABASE_URL"
 API_KEY_ENV = "ANTHROPIC_API_KEY"
@@ -38,7 +39,7 @@ def database_url(url: str | None = None, env: Mapping[str, str] = os.environ) ->
     if url is not None and not url.strip():
         # (None means the default; an empty string is a mistake, e.g. an unset variable.)
         raise ConfigError("the database URL is empty")
-    if url is not None and (_surrogates(url) or any(unicodedata.category(c) == "Cc" for c in url)):
+    if url is not None and (not is_text(url) or any(unicodedata.category(c) == "Cc" for c in url)):
         # (Only control characters: a file name may hold a no-break space or a joiner.)
         raise ConfigError("the database URL holds a control character or invalid text")
     if url:
@@ -47,10 +48,3 @@ def database_url(url: str | None = None, env: Mapping[str, str] = os.environ) ->
         return env[DATABASE_URL_ENV]
     return f"sqlite:///{default_database_path(env)}"
 
-
-def _surrogates(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False

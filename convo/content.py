@@ -294,6 +294,15 @@ def extract_blobs(blocks: list[Block]) -> tuple[list[Block], list[BlobData]]:
     return [walk(b) for b in blocks], found
 
 
+def blank_text(block: Any) -> bool:
+    """A text block with nothing but whitespace: the API refuses one in history, so a reply's
+    are not stored (nor imported)."""
+    return (
+        isinstance(block, dict) and block.get("type") == "text"
+        and isinstance(block.get("text"), str) and not block["text"].strip()
+    )
+
+
 def blob_refs(blocks: list[Block]) -> list[dict[str, Any]]:
     """Every blob reference in a block list (tool_result contents included)."""
     refs: list[dict[str, Any]] = []

@@ -357,22 +357,22 @@ def check_cache_markers(tools: Any, system: Any, cache: Any) -> None:
     counts), or a 1-hour marker after a 5-minute one (the API reads tools, then system, then
     messages, where the automatic marker goes, and wants the longer lifetimes first)."""
     marks = _markers(tools, system)
-    if cache and cache not in ("off", False):
-        marks.append({"ttl": cache})
-    if len(marks) > MAX_CACHE_BREAKPOINTS:
-        raise InvalidInput(
-            f"{len(marks)} cache_control markers (tools, system and the automatic one of cache="
-            f"{cache!r}): the API takes at most {MAX_CACHE_BREAKPOINTS}"
-        )
-    for m in marks[: len(marks) - bool(cache and cache not in ("off", False))]:
+    for m in marks:
         if not isinstance(m, dict) or m.get("type") != "ephemeral" or m.get("ttl", "5m") not in CACHE_TTLS:
             raise InvalidInput(
                 f"a cache_control marker must be {{'type': 'ephemeral'}}, with a ttl of "
                 f"{' or '.join(CACHE_TTLS)} if any: {m!r}"
             )
+    if cache and cache not in ("off", False):
+        marks.append({"ttl": cache})  # the automatic one, last: it goes on the messages
+    if len(marks) > MAX_CACHE_BREAKPOINTS:
+        raise InvalidInput(
+            f"{len(marks)} cache_control markers (tools, system and the automatic one of cache="
+            f"{cache!r}): the API takes at most {MAX_CACHE_BREAKPOINTS}"
+        )
     seen_short = False
     for m in marks:
-        ttl = m.get("ttl", "5m") if isinstance(m, dict) else "5m"
+        ttl = m.get("ttl", "5m")
         if ttl == "1h" and seen_short:
             raise InvalidInput(
                 "a 1-hour cache marker comes after a 5-minute one (tools, then system, then the "

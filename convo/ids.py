@@ -56,6 +56,16 @@ _NOT_IN_A_NAME = frozenset(("Cc", "Cs", "Zl", "Zp"))  # (Cs: a lone surrogate, n
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
+def is_text(value: str) -> bool:
+    """Whether UTF-8 can carry `value`: no lone surrogate, as a stray byte decoded with
+    surrogateescape (argv, a file name) leaves. Every store and the API refuse one."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_branch_name(name: str) -> None:
     """Refuse a branch name that cannot be shown on one line and typed back: no control
     characters or line breaks, no spaces at either end, at most BRANCH_NAME_MAX characters."""

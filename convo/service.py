@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from convo import config, db
 from convo.capabilities import prefill_overrides_from_env
 from convo.client import Client, check_settings_json
-from convo.content import image_block, normalize
+from convo.content import blank_text, image_block, normalize
 from convo.errors import (
     APIError,
     APIStatusError,
@@ -45,7 +45,7 @@ from convo.history import (
     build_request,
     check_structure,
 )
-from convo.ids import check_branch_name
+from convo.ids import check_branch_name, is_text
 from convo.pricing import PriceTable, load_prices
 from convo.retry import RetryPolicy
 from convo.store import (
@@ -351,12 +351,8 @@ def _branch_ref(name: Any) -> None:
 
 
 def _check_utf8(text: str, what: str) -> None:
-    """A lone surrogate (from a file name or bytes decoded with surrogateescape) cannot be
-    stored or sent."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInput(f"{what} is not valid text (it holds a lone surrogate)") from None
+    if not is_text(text):
+        raise InvalidInput(f"{what} is not valid text (it holds a lone surrogate)")
 
 
 def _check_system(system: Any) -> None:
@@ -960,7 +956,7 @@ class Conversation:
         # A text block with no text (a streamed block that got no delta, or the API's own
         # `""` before a tool_use) would make every later request a 400: the API refuses
         # empty and whitespace-only text blocks in history. It carries nothing to keep.
-        content = [b for b in message.get("content") or [] if not _blank_text(b)]
+        content = [b for b in message.get("content") or [] if not blank_text(b)]
         fields = {
             "status": "ok",
             "http_status": http_status,
@@ -1336,13 +1332,6 @@ def _check_message(message: Any) -> None:
     for key, value in counts:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31):
             raise malformed(f"usage.{key} is not a token count: {str(value)[:40]}")
-
-
-def _blank_text(block: Any) -> bool:
-    return (
-        isinstance(block, dict) and block.get("type") == "text"
-        and isinstance(block.get("text"), str) and not block["text"].strip()
-    )
 
 
 def _normalize_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -153,19 +153,15 @@ _LOCK_BRANCH = (
     "WHERE c.id = :conv_id AND b.name = :branch"
 )
 _LOCK_BRANCH_FOR_UPDATE = _LOCK_BRANCH + " FOR UPDATE OF b"
-# The pending calls of a branch whose lease holder died: they will never finish.
-_ABANDON_CALLS = (
-    "UPDATE calls SET status = 'abandoned', error_type = 'abandoned', "
-    "error_message = 'the sending process died before the call finished' "
-    "WHERE conversation_key = :key AND branch = :branch AND status = 'pending'"
-)
 _KEY_SQL = "SELECT key FROM conversations WHERE id = :conv_id"
-# The pending call of a send stopped before its request (only the lease holder has one).
-_ABANDON_INTERRUPTED = (
-    "UPDATE calls SET status = 'abandoned', error_type = 'abandoned', "
-    "error_message = 'the send stopped before its request was made' "
-    f"WHERE conversation_key = ({_KEY_SQL}) AND branch = :branch AND status = 'pending'"
+# A branch's pending calls, which will never finish (:why says why), by the conversation's key
+# or its public id: only the lease holder has one.
+_ABANDON = (
+    "UPDATE calls SET status = 'abandoned', error_type = 'abandoned', error_message = :why "
+    "WHERE conversation_key = {key} AND branch = :branch AND status = 'pending'"
 )
+_ABANDON_CALLS = _ABANDON.format(key=":key")  # the holder died
+_ABANDON_INTERRUPTED = _ABANDON.format(key=f"({_KEY_SQL})")  # the send stopped before its request
 _RELEASE = (
     "UPDATE branches SET lease_owner = NULL, lease_expires = NULL WHERE conversation_key = "
     f"({_KEY_SQL}) AND name = :branch AND lease_owner = :owner"
@@ -538,6 +534,16 @@ def lease_owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{new_id()[-6:]}"
 
 
+def _lease_live(holder: str, expires: Any) -> bool:
+    """Whether a branch's lease still keeps others off it: not run out, its holder alive."""
+    return expires is not None and instant(expires) > now() and not _holder_is_dead(holder)
+
+
+def _duration_ms(started: datetime, end: datetime) -> float:
+    """A call's duration, never negative (the wall clock may step back during a call)."""
+    return max(0.0, (end - _utc(started)).total_seconds() * 1000)
+
+
 def _holder_is_dead(owner: str) -> bool:
     host, _, rest = owner.partition(":")
     pid_text = rest.partition(":")[0]
@@ -748,7 +754,7 @@ class Storage:
                     nowait=True, of=B,
                 )).all()
                 for name, holder, expires in leases:
-                    if holder and expires is not None and instant(expires) > now() and not _holder_is_dead(holder):
+                    if holder and _lease_live(holder, expires):
                         raise Conflict(f"branch {name!r} is busy: another send on it has not finished")
                 if pg:
                     conn.execute(locked(select(T.c.id).where(T.c.conversation_key == key), nowait=True, of=T)).all()
@@ -1129,13 +1135,14 @@ class Storage:
             raise NotFound(f"no branch {branch!r} in conversation {conv_id}")
         head, holder, expires, key = row
         if holder and holder != owner:
-            if expires is not None and instant(expires) > now() and not _holder_is_dead(holder):
+            if _lease_live(holder, expires):
                 raise Conflict(
                     f"branch {branch!r} is busy: another send on it has not finished"
                 )
             # The holder died or its lease ran out: the calls it left pending will never
             # finish. Say so in the ledger rather than leave them pending forever.
-            x.run(_ABANDON_CALLS, {"key": key, "branch": branch})
+            why = "the sending process died before the call finished"
+            x.run(_ABANDON_CALLS, {"key": key, "branch": branch, "why": why})
         return head, key
 
     def _insert_turns(
@@ -1237,7 +1244,8 @@ class Storage:
         with db.writer(self.database) as w:
             released = w.run(_RELEASE, {"conv_id": conv_id, "branch": branch, "owner": owner})
             if released and abandon_pending:
-                w.run(_ABANDON_INTERRUPTED, {"conv_id": conv_id, "branch": branch})
+                w.run(_ABANDON_INTERRUPTED, {"conv_id": conv_id, "branch": branch,
+                                             "why": "the send stopped before its request was made"})
 
     # -- branches --------------------------------------------------------------------------
 
@@ -1370,8 +1378,10 @@ class Storage:
         if started is None:
             started = self._call_started(db.OnConnection(conn), call_id)
         end = now()
-        duration = max(0.0, (end - _utc(started)).total_seconds() * 1000)  # (the clock may step back)
-        conn.execute(_UPDATE_CALL, {"w_id": call_id, "finished_at": end, "duration_ms": duration, **_fit(fields)})
+        conn.execute(
+            _UPDATE_CALL,
+            {"w_id": call_id, "finished_at": end, "duration_ms": _duration_ms(started, end), **_fit(fields)},
+        )
 
     def _call_started(self, x: db.Writer | db.OnConnection, call_id: int) -> datetime:
         found = x.first(_STARTED_SQL, {"id": call_id})
@@ -1859,7 +1869,7 @@ def _one_turn_params(
         call_id, started, fields = finish
         # As `_finish_call`: the given fields may set the end and duration; the reply id is
         # always the stored reply's.
-        done = {"finished_at": ts, "duration_ms": max(0.0, (ts - _utc(started)).total_seconds() * 1000)}
+        done = {"finished_at": ts, "duration_ms": _duration_ms(started, ts)}
         done.update((k, v) for k, v in _fit(fields).items() if k != "reply_id")
         params.update({f"f_{k}": v for k, v in done.items()}, call_id=call_id)
         calls = tuple(sorted(done))

@@ -14,10 +14,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from convo.content import BLOB_SOURCE, check_json, inline_blobs, normalize
+from convo.content import BLOB_SOURCE, blank_text, check_json, inline_blobs, normalize
 from convo.errors import InvalidInput
 from convo.history import TurnRecord, check_structure
-from convo.ids import check_branch_name
+from convo.ids import check_branch_name, is_text
 from convo.models import ROLE_OF_KIND
 from convo.store import Storage
 
@@ -110,10 +110,8 @@ class CallExport(BaseModel):
         refuses, replaced (an export from one imports into the other)."""
         if value is None:
             return None
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("holds a lone surrogate") from None
+        if not is_text(value):
+            raise ValueError("holds a lone surrogate")
         return value.replace("\x00", "\ufffd")
 
 
@@ -255,12 +253,6 @@ def _check_conversation(conv: ConversationExport) -> None:
         raise InvalidInput("not a convo export: conversation settings lack max_tokens")
 
 
-def _blank_text(block: Any) -> bool:
-    from convo.service import _blank_text
-
-    return _blank_text(block)
-
-
 def _check_reply_media(blocks: list[Any], where: str) -> None:
     """A reply is kept as the API sent it, but what the store does with media in it must hold:
     base64 that decodes (its bytes are stored once, by content), and never convo's own blob
@@ -310,7 +302,7 @@ def import_conversation(storage: Storage, data: Any) -> str:
             check_json(t.content, f"turn {t.id}")
             _check_reply_media(t.content, f"turn {t.id}")
             # As a send stores a reply: without blank text blocks, which the API refuses.
-            t.content = [b for b in t.content if not _blank_text(b)]
+            t.content = [b for b in t.content if not blank_text(b)]
             if not t.content:
                 raise InvalidInput(f"not a convo export: reply turn {t.id} holds only blank text")
     for b in export.branches:

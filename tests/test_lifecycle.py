@@ -486,7 +486,7 @@ def test_what_older_convo_stored_still_works(store: Store, tmp_path: Path) -> No
         c.execute(update(Row).where(Row.id == conv.id).values(title="T" * 1500))
     for name in old_names:
         assert [t.id for t in conv.turns(name)] == [t.id for t in conv.turns()]
-        store.usage(branch=name)
+        assert store.usage(branch=name).total.calls == 0  # (no call was made on it)
     conv.checkout(old_names[0])
     conv.checkout("main")
     for name in old_names:  # (an import holds names to today's rules)
