@@ -90,6 +90,27 @@ class Floor:
 
     # -- setup -------------------------------------------------------------------------------
 
+    def copy_with_schema(self, path: str, statements: Sequence[str]) -> Floor:
+        """A copy of this SQLite floor, same rows, whose file also holds the (empty) tables and
+        indexes `statements` create: SQLite parses a database's whole schema on a connection's
+        first statement, so the copy's fresh-connection resume costs what the floor's own would
+        if its database had a larger schema (a diagnostic, never a target)."""
+        if self.kind != "sqlite":
+            raise ValueError("copy_with_schema is for SQLite floors")
+        src, dst = sqlite3.connect(self.target), sqlite3.connect(path)
+        try:
+            src.backup(dst)
+            dst.execute("PRAGMA journal_mode = WAL")
+            for stmt in statements:
+                dst.execute(stmt)
+            dst.commit()
+            dst.execute("ANALYZE")
+            dst.commit()
+        finally:
+            src.close()
+            dst.close()
+        return Floor("sqlite", path, model=self.model, max_tokens=self.max_tokens)
+
     def create_schema(self) -> None:
         conn = self.connect()
         try:
@@ -282,6 +303,14 @@ class Floor:
         ids = [r[0] for r in cur.fetchall()]
         conn.commit()
         return ids
+
+    def rows_by_id(self, conn: Any, ids: Sequence[int]) -> list[Row]:
+        """The rows with these ids, in id order, as stored (for checking an append)."""
+        marks = ",".join("?" * len(ids))
+        cur = conn.execute(self.sql(f"SELECT {COLUMNS} FROM turns WHERE id IN ({marks}) ORDER BY id"), tuple(ids))
+        rows = [tuple(r) for r in cur.fetchall()]
+        conn.commit()
+        return rows  # type: ignore[return-value]
 
     def row_counts(self, conn: Any) -> dict[str, int]:
         n = conn.execute("SELECT count(*) FROM turns").fetchone()[0]

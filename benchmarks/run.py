@@ -78,6 +78,7 @@ from benchmarks.subject import (
     populate,
     row_counts,
     rows_changed,
+    sqlite_schema,
     table_rows,
     undo_send,
 )
@@ -391,7 +392,10 @@ def resume_diagnostics(engine: str, case: Case, cid: str, n: int, runs: int, war
       anything of its own (convo's reads build none: see `convo.db.Database`);
     - "bare driver on convo's tables": convo's two resume statements on a fresh bare-driver
       connection, the body built as the floor builds it: what the schema itself costs (on
-      PostgreSQL a new connection looks up every table it touches in the catalogs)."""
+      PostgreSQL a new connection looks up every table it touches in the catalogs);
+    - "floor on a database with convo's schema" (SQLite): the floor's own resume, rows and
+      query, on a copy of its file that also holds convo's empty tables and indexes: SQLite
+      parses the whole schema on a new connection's first statement, whatever it reads."""
     store = Store(case.convo_url)
     fconn = case.floor.connect()
     try:
@@ -411,15 +415,33 @@ def resume_diagnostics(engine: str, case: Case, cid: str, n: int, runs: int, war
                         lambda _i: case.floor.resume(1, NEXT_TEXT), check("floor"), check("floor"), engine=engine)
     rec.add(Result(engine, "resume, bare driver on convo's tables", f"n={n:,}", median(ct), median(ft), "s",
                    "diagnostic", None, median(ct) / median(ft), ct, ft))
+    if engine == "sqlite":
+        schema_floor = case.floor.copy_with_schema(
+            case.floor.target.removesuffix(".db") + "_schema.db", sqlite_schema(case.convo_url)
+        )
+        try:
+            ct, ft = interleave(runs, warmup, lambda _i: schema_floor.resume(1, NEXT_TEXT),
+                                lambda _i: case.floor.resume(1, NEXT_TEXT), check("floor"), check("floor"),
+                                engine=engine)
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(schema_floor.target + suffix):
+                    os.remove(schema_floor.target + suffix)
+        rec.add(Result(engine, "resume, floor on a database with convo's schema", f"n={n:,}", median(ct),
+                       median(ft), "s", "diagnostic", None, median(ct) / median(ft), ct, ft))
 
 
 def append(engine: str, case: Case, cid: str, ds: Dataset, n: int, runs: int, warmup: int, rec: Recorder) -> None:
     client, captured = mock_client(REPLY_BYTES)
     store = Store(case.convo_url, client=client)
+    # Checks and undoing go through a second Store: the measured one only sends, as a service's
+    # would (bookkeeping through it would build its SQLAlchemy engine, which its sends would
+    # then borrow connections from, instead of the path a Store that only sends takes).
+    books = Store(case.convo_url)
     fconn = case.floor.writer()
     try:
         conv = store.get(cid)
-        state = head_state(store, cid)
+        state = head_state(books, cid)
         price = store.prices.lookup(MODEL)
         assert price is not None
         prices = (price.input, price.output)
@@ -433,33 +455,38 @@ def append(engine: str, case: Case, cid: str, ds: Dataset, n: int, runs: int, wa
             return conv.send(APPEND_TEXT)
 
         def convo_after(reply: Any, i: int) -> None:
-            user_id = store.storage.turn(reply.turn_id).parent_id
+            user_id = books.storage.turn(reply.turn_id).parent_id
             assert user_id is not None
             if i in (0, last):
                 ok, detail = same_body(without_cache_control(json.loads(captured["body"])), want)
                 if not ok:
                     bad.append(f"convo sent: {detail}")
-                stored = store.storage.path(cid)
+                stored = books.storage.path(cid)
                 if [t.content for t in stored.turns[-2:]] != [[{"type": "text", "text": APPEND_TEXT}], REPLY["content"]]:
                     bad.append("convo stored turns differ from the user turn and reply")
-                calls = [c for c in conv.calls() if c["id"] == reply.call_id]
+                calls = [c for c in books.get(cid).calls() if c["id"] == reply.call_id]
                 if not calls or calls[0]["status"] != "ok" or calls[0]["reply_id"] != reply.turn_id:
                     bad.append("convo's call row is missing or not ok")
                 elif (calls[0]["input_tokens"], calls[0]["output_tokens"]) != (usage["input_tokens"], usage["output_tokens"]) \
                         or not math.isclose(calls[0]["cost_usd"], want_cost, rel_tol=1e-12):
                     bad.append("convo's call row usage/cost differ")
-            undo_send(store, cid, state, [reply.call_id], [user_id, reply.turn_id])
+            undo_send(books, cid, state, [reply.call_id], [user_id, reply.turn_id])
 
         def floor_call(_i: int) -> Any:
             return case.floor.append(fconn, 1, APPEND_TEXT, REPLY_BYTES, prices)
 
-        floor_after = _floor_append_checker(case, fconn, want, bad, last, "floor")
+        floor_rows = _floor_append_rows(REPLY, want_cost)
+        floor_after = _floor_append_checker(case, fconn, want, floor_rows, bad, last, "floor")
 
         ct, ft = interleave(runs, warmup, convo_call, floor_call, convo_after, floor_after, engine=engine)
-        append_writes(engine, store, case, fconn, cid, state, n, runs, warmup, rec)
-        append_durable(engine, case, fconn, n, runs, warmup, rec, convo_call, convo_after, prices, want, bad)
-        append_orjson(engine, case, fconn, n, runs, warmup, rec, convo_call, convo_after, prices, want, bad)
-        after = head_state(store, cid)
+        append_writes(engine, store, books, case, fconn, cid, state, n, runs, warmup, rec)
+        append_durable(engine, case, fconn, n, runs, warmup, rec, convo_call, convo_after, prices, want,
+                       floor_rows, bad)
+        append_orjson(engine, case, fconn, n, runs, warmup, rec, convo_call, convo_after, prices, want,
+                      floor_rows, bad)
+        if store.storage.database.engine_built:
+            bad.append("the measured Store built its SQLAlchemy engine: it did more than send")
+        after = head_state(books, cid)
         if after[:3] != state[:3]:
             bad.append("undo did not restore the thread")
         rec.check(engine, f"append n={n}: sent bodies equal the dataset's; reply, usage and cost stored", not bad,
@@ -469,23 +496,42 @@ def append(engine: str, case: Case, cid: str, ds: Dataset, n: int, runs: int, wa
                        ratio <= APPEND_MAX_RATIO, ratio, ct, ft))
     finally:
         fconn.close()
+        books.close()
         store.close()
         client.close()
 
 
-def _floor_append_checker(case: Case, fconn: Any, want: dict[str, Any], bad: list[str], last: int,
-                          who: str) -> Callable[[Any, int], None]:
-    """After a floor append: on the first and last sample, the body it built is the dataset's
-    and it inserted two rows; then the rows are deleted, so every sample sees the same n."""
+def _floor_append_rows(reply: dict[str, Any], cost: float) -> list[Row]:
+    """The two rows a floor append must leave: the user turn, then the reply with its usage."""
+    usage = reply["usage"]
+    return [
+        (1, "user", dumps([{"type": "text", "text": APPEND_TEXT}]), None, None, None),
+        (1, "assistant", dumps(reply["content"]), usage["input_tokens"], usage["output_tokens"], cost),
+    ]
+
+
+def _same_rows(got: list[Row], want: list[Row]) -> bool:
+    """Rows equal, their costs to rounding (the floor computes the cost as convo does)."""
+    return len(got) == len(want) and all(
+        g[:5] == w[:5] and (g[5] == w[5] or (g[5] is not None and w[5] is not None and math.isclose(g[5], w[5], rel_tol=1e-12)))
+        for g, w in zip(got, want, strict=True)
+    )
+
+
+def _floor_append_checker(case: Case, fconn: Any, want: dict[str, Any], rows: list[Row], bad: list[str],
+                          last: int, who: str, sent: Callable[[], bytes] | None = None) -> Callable[[Any, int], None]:
+    """After a floor append: on the first and last sample, the body it built (and, with `sent`,
+    the bytes that reached the transport) is the dataset's, and the rows it stored, read back,
+    are `rows`; then the rows are deleted, so every sample sees the same n."""
 
     def floor_after(result: Any, i: int) -> None:
         payload, ids = result
         if i in (0, last):
             ok, detail = same_body(json.loads(payload), want)
-            if not ok:
+            if not ok or (sent is not None and sent() != payload):
                 bad.append(f"{who} sent: {detail}")
-            if len(ids) != 2:
-                bad.append(f"{who} did not insert two rows")
+            if not _same_rows(case.floor.rows_by_id(fconn, ids), rows):
+                bad.append(f"{who} did not store the user turn and the reply with its usage and cost")
         case.floor.delete_ids(fconn, ids)
 
     return floor_after
@@ -493,24 +539,14 @@ def _floor_append_checker(case: Case, fconn: Any, want: dict[str, Any], bad: lis
 
 def append_durable(engine: str, case: Case, fconn: Any, n: int, runs: int, warmup: int, rec: Recorder,
                    convo_call: Callable[[int], Any], convo_after: Callable[[Any, int], None],
-                   prices: tuple[float, float], want: dict[str, Any], bad: list[str]) -> None:
+                   prices: tuple[float, float], want: dict[str, Any], rows: list[Row], bad: list[str]) -> None:
     """Diagnostic: convo's append against a floor that does what a send must so that a failed
     call loses nothing: the user's turn committed before the request, the body POSTed through
     the same in-process httpx transport, the reply committed after it. How much of the append
     gap is that guarantee and the HTTP client, and how much is convo."""
     http, captured = mock_http(REPLY_BYTES)
-    last = warmup + runs - 1
-
-    def floor_after(result: Any, i: int) -> None:
-        payload, ids = result
-        if i in (0, last):
-            ok, detail = same_body(json.loads(captured["body"]), want)
-            if not ok or captured["body"] != payload:
-                bad.append(f"durable floor sent: {detail}")
-            if len(ids) != 2:
-                bad.append("durable floor did not insert two rows")
-        case.floor.delete_ids(fconn, ids)
-
+    floor_after = _floor_append_checker(case, fconn, want, rows, bad, warmup + runs - 1, "durable floor",
+                                        sent=lambda: captured["body"])
     try:
         ct, ft = interleave(runs, warmup, convo_call,
                             lambda _i: case.floor.append_durable(fconn, 1, APPEND_TEXT, http, prices),
@@ -523,14 +559,14 @@ def append_durable(engine: str, case: Case, fconn: Any, n: int, runs: int, warmu
 
 def append_orjson(engine: str, case: Case, fconn: Any, n: int, runs: int, warmup: int, rec: Recorder,
                   convo_call: Callable[[int], Any], convo_after: Callable[[Any, int], None],
-                  prices: tuple[float, float], want: dict[str, Any], bad: list[str]) -> None:
+                  prices: tuple[float, float], want: dict[str, Any], rows: list[Row], bad: list[str]) -> None:
     """Diagnostic: convo's append against the floor encoding its request body with orjson, as
     convo does, instead of the standard library's json: on a long thread, json's encoding is
     about half of the floor's append, and orjson takes a thirtieth of its time. How much of
     convo's lead on long threads is that choice, and how much is its design."""
     import orjson
 
-    floor_after = _floor_append_checker(case, fconn, want, bad, warmup + runs - 1, "orjson floor")
+    floor_after = _floor_append_checker(case, fconn, want, rows, bad, warmup + runs - 1, "orjson floor")
     ct, ft = interleave(
         runs, warmup, convo_call,
         lambda _i: case.floor.append(fconn, 1, APPEND_TEXT, REPLY_BYTES, prices, encode=orjson.dumps),
@@ -540,8 +576,8 @@ def append_orjson(engine: str, case: Case, fconn: Any, n: int, runs: int, warmup
                    median(ct), median(ft), "s", "diagnostic", None, median(ct) / median(ft), ct, ft))
 
 
-def append_writes(engine: str, store: Store, case: Case, fconn: Any, cid: str, state: Any, n: int,
-                  runs: int, warmup: int, rec: Recorder) -> None:
+def append_writes(engine: str, store: Store, books: Store, case: Case, fconn: Any, cid: str, state: Any,
+                  n: int, runs: int, warmup: int, rec: Recorder) -> None:
     """Diagnostic: only the writes of a send (user turn + lease + call row, then reply + usage),
     through convo's storage layer, against the floor's INSERT of two rows + commit. No history
     is read, so this shows whether the database part of append stays flat as the thread grows."""
@@ -553,9 +589,9 @@ def append_writes(engine: str, store: Store, case: Case, fconn: Any, cid: str, s
     cost = (usage["input_tokens"] * price.input + usage["output_tokens"] * price.output) / 1e6
     def convo_after(result: Any, _i: int) -> None:
         call_id, user_id, reply_id = result
-        undo_send(store, cid, state, [call_id], [user_id, reply_id])
+        undo_send(books, cid, state, [call_id], [user_id, reply_id])
 
-    depth = store.storage.turn(state[0]).depth if state[0] is not None else None
+    depth = books.storage.turn(state[0]).depth if state[0] is not None else None
 
     def convo_call(_i: int) -> tuple[int, int, int]:
         return send_writes(store, cid, state[0], depth, APPEND_TEXT, REPLY, cost)
@@ -696,14 +732,16 @@ def audit(engine_obj: Any, plan: Plan, rec: Recorder, only: set[str]) -> None:
             def close(a: tuple[int, int, float], b: tuple[int, int, float]) -> bool:
                 return a[:2] == b[:2] and math.isclose(a[2], b[2], rel_tol=1e-9)
 
+            last = plan.warmup + plan.audit_runs - 1
+
             def convo_after(report: Any, i: int) -> None:
-                if i == 0:
+                if i in (0, last):
                     got = {floor_of.get(r.key, -1): (r.input_tokens, r.output_tokens, r.cost_usd) for r in report.rows}
                     if got.keys() != want.keys() or not all(close(got[k], want[k]) for k in want):
                         bad.append("convo's per-thread totals differ from the dataset's")
 
             def floor_after(result: dict[int, tuple[int, int, float]], i: int) -> None:
-                if i == 0 and (result.keys() != want.keys() or not all(close(result[k], want[k]) for k in want)):
+                if i in (0, last) and (result.keys() != want.keys() or not all(close(result[k], want[k]) for k in want)):
                     bad.append("floor's per-thread totals differ from the dataset's")
 
             ct, ft = interleave(plan.audit_runs, plan.warmup, lambda _i: store.usage(by="conversation"),
@@ -808,14 +846,14 @@ def append_growth(results: list[Result]) -> list[Result]:
     history grows with it, the floor most of all."""
     out = []
     for engine in dict.fromkeys(r.engine for r in results):
-        rows = [r for r in results if r.engine == engine and r.measure == "append"]
+        rows = sorted((r for r in results if r.engine == engine and r.measure == "append"), key=_n_of)
         if len(rows) >= 2:
             lo, hi = rows[0], rows[-1]
             g = hi.ratio / lo.ratio  # type: ignore[operator]
             out.append(Result(engine, "append growth", f"{hi.case} vs {lo.case}", hi.ratio, lo.ratio, "x",
                               f"<= {APPEND_GROWTH_MAX}x", g <= APPEND_GROWTH_MAX, g))
         for measure, label in (("append", "append growth, own time"), ("append writes", "append writes growth")):
-            rows = [r for r in results if r.engine == engine and r.measure == measure]
+            rows = sorted((r for r in results if r.engine == engine and r.measure == measure), key=_n_of)
             if len(rows) < 2:
                 continue
             lo, hi = rows[0], rows[-1]
@@ -824,6 +862,12 @@ def append_growth(results: list[Result]) -> list[Result]:
             out.append(Result(engine, label, f"{hi.case} vs {lo.case}", hi.convo, lo.convo, "s",
                               "diagnostic", None, g, extra={"floor_growth": fg}))
     return out
+
+
+def _n_of(r: Result) -> int:
+    """The thread length of an "n=1,000" case: growth is the largest n's against the smallest's,
+    whatever order --sizes gave them in."""
+    return int(r.case.removeprefix("n=").replace(",", ""))
 
 
 def judge(r: Result) -> bool | None:
@@ -893,7 +937,7 @@ def table(results: list[Result]) -> str:
 
 
 def ordered(results: list[Result]) -> list[Result]:
-    order = ["resume", "resume, Store kept open", "resume, bare SQLAlchemy", "resume, bare driver on convo's tables", "append", "append growth", "append growth, own time", "append, floor with a send's two commits and HTTP request", "append, floor encoding its body with orjson as convo does", "append writes", "append writes growth", "fork", "edit", "checkout", "audit", "size", "resume (20 images)"]
+    order = ["resume", "resume, Store kept open", "resume, bare SQLAlchemy", "resume, bare driver on convo's tables", "resume, floor on a database with convo's schema", "append", "append growth", "append growth, own time", "append, floor with a send's two commits and HTTP request", "append, floor encoding its body with orjson as convo does", "append writes", "append writes growth", "fork", "edit", "checkout", "audit", "size", "resume (20 images)"]
     engines = list(dict.fromkeys(r.engine for r in results))
     return sorted(results, key=lambda r: (engines.index(r.engine), order.index(r.measure)))
 
@@ -939,7 +983,7 @@ def main(argv: list[str] | None = None) -> int:
         return rerender(args.report)
     plan = QUICK if args.quick else FULL
     if args.sizes:
-        sizes = tuple(int(s) for s in args.sizes.split(","))
+        sizes = tuple(sorted({int(s) for s in args.sizes.split(",")}))
         fill = plan.resume_runs[plan.sizes[-1]]
         plan = Plan(sizes, {n: plan.resume_runs.get(n, fill) for n in sizes},
                     {n: plan.append_runs.get(n, fill) for n in sizes}, plan.op_runs, plan.audit_threads,

@@ -9,6 +9,7 @@ measured operation goes through the public service layer (`convo.Store`, `Conver
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -208,6 +209,22 @@ def bare_resume(convo_url: str, conv_id: str, next_text: str, model: str, max_to
     finally:
         conn.close()
     return build_body(((ROLE_OF_KIND[r[1]], r[2]) for r in rows), [{"type": "text", "text": next_text}], model, max_tokens)
+
+
+def sqlite_schema(convo_url: str) -> list[str]:
+    """The CREATE statements of convo's SQLite database (tables and indexes; SQLite's own
+    sqlite_sequence and statistics tables come with them), its `turns` renamed `convo_turns` so they can sit
+    beside the floor's own `turns` table: what a fresh connection to convo's file parses."""
+    url = make_url(convo_url)
+    conn = sqlite3.connect(url.database or "")
+    try:
+        rows = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite!_%' ESCAPE '!' "
+            "ORDER BY type DESC, rowid"  # tables before the indexes on them
+        ).fetchall()
+    finally:
+        conn.close()
+    return [re.sub(r"\bturns\b", "convo_turns", r[0]) for r in rows]
 
 
 def row_counts(store: Store) -> dict[str, int]:
