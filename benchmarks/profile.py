@@ -89,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         client, _ = mock_client(REPLY_BYTES)
         store = Store(case.convo_url, client=client)
+        books = Store(case.convo_url)  # bookkeeping, so that `store` does only what is profiled
         conv = store.get(cid)
         last_user, head_reply = pop.turn_ids[0][-1]
-        state = head_state(store, cid)
-        conv.fork(head_reply, "alt", checkout=False)
+        state = head_state(books, cid)
+        books.get(cid).fork(head_reply, "alt", checkout=False)
 
         def once(i: int) -> None:
             if args.measure == "resume":
@@ -101,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
                 s.close()
             elif args.measure == "append":
                 r = conv.send(APPEND_TEXT)
-                user_id = store.storage.turn(r.turn_id).parent_id  # type: ignore[arg-type]
-                undo_send(store, cid, state, [r.call_id], [user_id, r.turn_id])  # type: ignore[list-item]
+                user_id = books.storage.turn(r.turn_id).parent_id  # type: ignore[arg-type]
+                undo_send(books, cid, state, [r.call_id], [user_id, r.turn_id])  # type: ignore[list-item]
             elif args.measure == "fork":
                 conv.fork(head_reply, f"f{i}")
-                drop_branch(store, cid, f"f{i}")
+                drop_branch(books, cid, f"f{i}")
             elif args.measure == "edit":
                 tid = conv.edit(last_user, EDIT_TEXT, name=f"e{i}")
-                drop_branch(store, cid, f"e{i}", [tid])
+                drop_branch(books, cid, f"e{i}", [tid])
             elif args.measure == "checkout":
                 conv.checkout("alt" if i % 2 == 0 else "main")
             elif args.measure == "audit":
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         html = RESULTS_DIR / f"profile-{args.measure}-{args.engine}-n{args.n}.html"
         html.write_text(profiler.output_html())
         print(f"HTML: {html}", file=sys.stderr)
+        books.close()
         store.close()
         client.close()
         case.close()

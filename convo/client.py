@@ -194,6 +194,9 @@ class Client:
         self.policy = policy
         self.sleep = sleep
         self.beta = list(beta or [])
+        # Endpoint URLs parsed once: httpx parses a string URL on every request (a third of
+        # building one). Keyed by the full text, so a base_url changed later is parsed anew.
+        self._urls: dict[str, httpx.URL] = {}
         self._owns_http = http_client is None
         self._http = http_client if http_client is not None else httpx.Client(timeout=self.timeout)
 
@@ -289,9 +292,13 @@ class Client:
         """Send one request; yield the successful response, raise the typed error otherwise."""
         self.require_key()
         assert self._api_key is not None  # (require_key has checked it)
+        text = self.base_url + path
+        url = self._urls.get(text)
+        if url is None:
+            url = self._urls[text] = httpx.URL(text)
         request = self._http.build_request(
             "POST",
-            self.base_url + path,
+            url,
             content=encode_body(payload),
             headers=self._headers(self._api_key),
             timeout=self.timeout,

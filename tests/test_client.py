@@ -235,6 +235,20 @@ def test_key_and_base_url_come_from_the_environment_at_construction(
     assert api.requests[0].headers["x-api-key"] == "sk-from-env"
 
 
+def test_each_endpoint_is_requested_at_the_base_url_of_the_moment(h: Harness) -> None:
+    api = FakeAPI(ok(), ok(), ok({"input_tokens": 3}))
+    client = h.client(api, base_url="http://first.local")
+    client.create_message_once(BODY)
+    client.base_url = "http://second.local:9000"
+    client.create_message_once(BODY)
+    assert client.count_tokens(BODY) == 3
+    assert [str(r.url) for r in api.requests] == [
+        "http://first.local/v1/messages",
+        "http://second.local:9000/v1/messages",
+        "http://second.local:9000/v1/messages/count_tokens",
+    ]
+
+
 def test_explicit_arguments_beat_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANTHROPIC_BASE_URL", "http://proxy.local")
     with Client("k", "http://explicit/") as client:
