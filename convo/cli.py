@@ -661,7 +661,7 @@ def cmd_db(args: argparse.Namespace) -> int:
             elif database.name == "sqlite":  # (upgraded by the first command that opens it)
                 _out(f"{rev or 'none'} (this convo's head is {db.HEAD}: the next command upgrades it)")
             else:
-                _out(f"{rev or 'none'} (this convo's head is {db.HEAD}: run `convo db upgrade`)")
+                _out(f"{rev or 'none'} (this convo's head is {db.HEAD}: {db.upgrade_hint(str(database.url))})")
     finally:
         database.close()
     return 0

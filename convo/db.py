@@ -788,9 +788,14 @@ def ensure_schema(database: Database, *, upgrade: bool) -> None:
     if not upgrade:
         raise StoreError(
             f"database {_redact(str(database.url))} is at schema revision {rev or 'none'}, "
-            f"not {HEAD}: run `convo db upgrade`"
+            f"not {HEAD}: {upgrade_hint(str(database.url))}"
         )
     upgrade_schema(database.engine)
+
+
+def upgrade_hint(url: str) -> str:
+    """How to upgrade this very database: `convo db upgrade` alone would open the default one."""
+    return f"run `convo --db {_redact(url)} db upgrade` (or open it with Store(url, upgrade=True))"
 
 
 def upgrade_schema(engine: Engine, revision: str = "head") -> None:

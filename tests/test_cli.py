@@ -887,7 +887,16 @@ def test_db_current_says_what_brings_an_old_schema_to_head(tmp_path: Path, fresh
     lite = ok(convo(f"sqlite:///{tmp_path / 'new.db'}", "db", "current")).out.strip()
     assert lite.startswith("none") and "the next command upgrades it" in lite
     pg = ok(convo(fresh_pg_url, "db", "current")).out.strip()
-    assert pg.startswith("none") and "run `convo db upgrade`" in pg
+    refused = convo(fresh_pg_url, "list")
+    assert refused.code == 1
+    for said in (pg, refused.err):
+        # The advice names this database: `convo db upgrade` alone upgrades the default one.
+        hint = re.search(r"run `convo (.+?)`", said)
+        assert hint is not None and hint.group(1) == f"--db {fresh_pg_url} db upgrade", said
+    assert pg.startswith("none")
+    assert ok(convo(None, *hint.group(1).split())).out.startswith("schema at revision")
+    assert ok(convo(fresh_pg_url, "db", "current")).out.strip().endswith("(head)")
+    ok(convo(fresh_pg_url, "list"))
     # A schema from a newer convo: no command here brings it to this head.
     newer = tmp_path / "newer.db"
     ok(convo(f"sqlite:///{newer}", "list"))

@@ -444,6 +444,21 @@ def test_conversation_budget_refuses_before_any_request(store: Store, standin: S
     _nothing_written(store, ok, 2, 1)
 
 
+def test_a_budget_refuses_a_model_without_a_price(store: Store, standin: StandIn) -> None:
+    """Its worst case cannot be priced, so no budget can be kept: refused, nothing written."""
+    for budgeted in (store.create("acme-llm-1", budget_usd=5.0), None):
+        if budgeted is None:
+            store.set_budget(25.0)
+        conv = budgeted or store.create("acme-llm-1")
+        with pytest.raises(BudgetExceeded, match="no price for model acme-llm-1.*CONVO_PRICES"):
+            conv.send("Hello")
+        assert posts(standin) == []
+        _nothing_written(store, conv, 0, 0)
+    store.set_budget(None)
+    store.create("acme-llm-1").send("Hello")  # with no budget it is sent, and counted unpriced
+    assert len(posts(standin)) == 1 and store.usage().unpriced_calls == 1
+
+
 def test_conversation_budget_counts_what_was_spent(store: Store, standin: StandIn) -> None:
     conv = store.create(SONNET, system=SYSTEM, max_tokens=20, budget_usd=0.008)
     conv.send("First question")  # about $0.006 of cache writes

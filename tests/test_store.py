@@ -655,7 +655,7 @@ def test_postgresql_at_an_empty_schema_asks_for_an_upgrade(fresh_pg_url: str) ->
     with pytest.raises(StoreError) as exc:
         Store(fresh_pg_url)
     assert type(exc.value) is StoreError
-    assert "convo db upgrade" in str(exc.value)
+    assert f"run `convo --db {fresh_pg_url} db upgrade`" in str(exc.value)
     engine = create_engine(fresh_pg_url)
     try:
         with engine.connect() as conn:
