@@ -516,7 +516,11 @@ class Conversation:
                 blobs=blobs,
                 prefill_models=self.store.prefill_models,
             )
-        check_settings_json(body)  # before a send writes anything (see client.encode_body)
+        if overrides:
+            # Before a send writes anything (see client.encode_body). Without overrides every
+            # setting is as stored, and was checked when it was written (orjson, which stores
+            # them, writes a NaN as null and refuses what it cannot encode).
+            check_settings_json(body)
         return body
 
     def _new_turns(
@@ -1337,6 +1341,8 @@ def _check_message(message: Any) -> None:
 def _normalize_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Per-request settings, checked as `create` checks a conversation's (a bad one would
     otherwise reach the API, after the user's turn is written)."""
+    if not overrides:
+        return {}
     out = dict(overrides)
     _check_settings({k: v for k, v in out.items() if k not in ("model", "system", "tools")})
     if out.get("model") is not None:
