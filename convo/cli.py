@@ -205,9 +205,12 @@ def _branch_head(conv: Any) -> str | None:
 
 
 def _continuation_lead(conv: Any) -> str:
-    """The text a reply continues when the branch ends with an assistant turn (a prefill)."""
+    """The text a reply continues when the branch ends with a prefill (or a turn a person
+    wrote); not after a pause_turn, whose text was printed with its own reply."""
+    from convo.history import is_continued
+
     turns = conv.turns()
-    if turns and turns[-1].role == "assistant":
+    if turns and is_continued(turns[-1]):
         from convo.types import text_of
 
         return text_of(turns[-1].content)

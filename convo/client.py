@@ -96,16 +96,28 @@ class MessageStream:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         decoder = SSEDecoder()
-        finished = False
+        chunks = self._response.iter_bytes()
         with self._client._transport_errors():
-            for chunk in self._response.iter_bytes():
+            for chunk in chunks:
                 for sse in decoder.feed(chunk):
                     event = self._decode(sse)
-                    finished = finished or event.get("type") == "message_stop"
                     yield event
+                    if event.get("type") == "message_stop":
+                        self._drain(chunks)
+                        return
         decoder.flush()
-        if not finished:
-            raise APIConnectionError("the stream ended before message_stop")
+        raise APIConnectionError("the stream ended before message_stop")
+
+    @staticmethod
+    def _drain(chunks: Iterator[bytes]) -> None:
+        """After message_stop the message is whole: read what is left, so the connection can be
+        reused, but a connection that drops now (the body shorter than it said) changes nothing,
+        and must not make a finished, billed reply a failed one."""
+        try:
+            for _ in chunks:
+                pass
+        except (httpx.HTTPError, httpx.StreamError):
+            pass
 
     def _decode(self, sse: ServerSentEvent) -> dict[str, Any]:
         if sse.event and sse.event not in STREAM_EVENTS:

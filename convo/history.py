@@ -4,9 +4,11 @@ No I/O and no database types: the store hands it plain turn records and blob byt
 returns plain JSON-serializable data, identical for the same input (so replay is byte-stable).
 
 Rules, in the order they are applied:
-1. Turns come out in path order; consecutive turns of one role become one message. A reply whose
-   parent is an assistant turn continues it (a prefill, or a pause_turn): its first text block is
-   joined to the previous text block, so "The answer is (" + "C)" replays as "The answer is (C)".
+1. Turns come out in path order; consecutive turns of one role become one message. A reply to a
+   partial assistant turn (a prefill, or a synthetic turn at the end) continues its text: its
+   first text block is joined to the previous one, so "The answer is (" + "C)" replays as
+   "The answer is (C)". A reply after a pause_turn is appended block by block, as the API
+   combines consecutive messages: the paused content is replayed as it was received.
 2. A final assistant turn is a prefill: refused for models that reject prefill, with trailing
    whitespace, or with extended thinking; a final reply that stopped on pause_turn is sent back
    as it is for the model to continue.
@@ -95,13 +97,14 @@ def _build_messages(
     owners: list[TurnId] = []
     block_owners: list[list[TurnId]] | None = [] if with_block_owners else None
     prev_role = None
+    prev_continued = False  # whether the previous turn is one a reply continues
     for turn in path:
         if turn.role == prev_role:
             blocks = messages[-1]["content"]
             new = turn.content
             if (
-                turn.kind == "reply"
-                and turn.role == "assistant"
+                prev_continued
+                and turn.kind == "reply"
                 and new
                 and blocks
                 and _plain_text(blocks[-1])
@@ -119,7 +122,15 @@ def _build_messages(
             if block_owners is not None:
                 block_owners.append([turn.id] * len(turn.content))
         prev_role = turn.role
+        prev_continued = is_continued(turn)
     return messages, owners, block_owners
+
+
+def is_continued(turn: TurnRecord) -> bool:
+    """Whether Claude's next reply continues this turn's text: a prefill, or an assistant turn a
+    person wrote (at the end of a branch it acts as one). A reply that stopped on pause_turn is
+    not: its continuation is new content after it."""
+    return turn.role == "assistant" and turn.kind in ("prefill", "synthetic")
 
 
 def _plain_text(block: Block) -> bool:

@@ -44,6 +44,7 @@ from convo.history import (
     TurnRecord,
     build_request,
     check_structure,
+    is_continued,
 )
 from convo.ids import check_branch_name, is_text
 from convo.pricing import PriceTable, load_prices
@@ -735,7 +736,7 @@ class Conversation:
         last_id = ids[-1] if ids else path.head_id
         assert last_id is not None
         prefill_text = text_of(new[-1].content) if new and new[-1].role == "assistant" else ""
-        if not new and path.turns and path.turns[-1].role == "assistant":
+        if not new and path.turns and is_continued(path.turns[-1]):
             prefill_text = text_of(path.turns[-1].content)
         last_depth = (path.head_depth if path.head_id else -1) + len(ids)
         target = _Target(path.branch, last_id, last_depth, owner, prefill_text)
@@ -871,6 +872,7 @@ class Conversation:
                                 yield delta
                     if not acc.complete:
                         raise _incomplete_stream()
+                    acc.check_tool_inputs()
                     message = acc.message
                 else:
                     message, meta = client.create_message_once(body)
@@ -905,7 +907,9 @@ class Conversation:
         usage = acc.usage
         started = usage.input_tokens or usage.output_tokens or acc.text
         if isinstance(error, APIError):
-            status = "cut" if streaming and started else "error"
+            # "cut": a stream that ended early. One that ended (a reply refused after its
+            # message_stop) is an error with the usage its final count gave.
+            status = "cut" if streaming and started and not acc.complete else "error"
         else:
             status = "cancelled"
         kind = getattr(error, "error_type", None)
@@ -1025,7 +1029,7 @@ class Conversation:
         if call is None:
             return None
         before = path.turns[-2] if len(path.turns) > 1 else None
-        lead = text_of(before.content) if before is not None and before.kind == "prefill" else ""
+        lead = text_of(before.content) if before is not None and is_continued(before) else ""
         return Reply(
             turn_id=int(last.id),
             call_id=call["id"],

@@ -9,7 +9,9 @@ The rules, from the API documentation and the official SDK's ``accumulate_event`
 - blocks are addressed by ``index``: ``content_block_start`` gives the block as it begins,
   ``content_block_delta`` extends it, ``content_block_stop`` closes it;
 - ``input_json_delta`` fragments are concatenated and parsed once, at block stop (a fragment
-  alone is not JSON); an empty input is ``{}``;
+  alone is not JSON); an empty input is ``{}``; one that does not parse is judged when the
+  stream is over (``check_tool_inputs``): a reply that reached ``max_tokens`` inside a tool call
+  ends its input mid-JSON, and its final usage and stop reason are still to come;
 - ``message_delta`` usage is cumulative: its fields overwrite, they are never added;
 - ``ping`` and unknown event types are ignored; unknown block types are kept exactly as given
   (they must be replayed untouched), unknown delta types are recorded, never guessed at;
@@ -58,6 +60,8 @@ class MessageAccumulator:
         self._blocks: dict[int, Block] = {}
         self._partial_json: dict[int, str] = {}
         self._stopped: set[int] = set()
+        # Tool inputs that were not JSON at their block's stop: index -> the text received.
+        self.unparsed_inputs: dict[int, str] = {}
         self.unknown_deltas: list[tuple[int, dict[str, Any]]] = []
         self.complete = False
         # Whether a message_delta brought the cumulative output count: until then the usage
@@ -125,12 +129,29 @@ class MessageAccumulator:
         raw = self._partial_json.pop(index)
         try:
             parsed = json.loads(raw) if raw.strip() else {}
-        except ValueError as exc:
-            raise APIError(f"content block {index}: the streamed tool input is not JSON") from exc
+        except ValueError:
+            self.unparsed_inputs[index] = raw
+            return
         self._blocks[index]["input"] = parsed
+
+    def check_tool_inputs(self) -> None:
+        """APIError for a tool call whose streamed input was not JSON, once the stream is over
+        (its stop reason known): such a reply cannot be stored, as its call cannot be replayed."""
+        if not self.unparsed_inputs:
+            return
+        index = min(self.unparsed_inputs)
+        if self.stop_reason == "max_tokens":
+            raise APIError(
+                f"the reply reached max_tokens inside a tool call (content block {index}), so "
+                "the call's input is cut short and the reply was not stored: raise max_tokens "
+                "and retry"
+            )
+        raise APIError(f"content block {index}: the streamed tool input is not JSON")
 
     def _is_finished(self, index: int) -> bool:
         """Whether a block may appear in partial content: tool input must be whole JSON."""
+        if index in self.unparsed_inputs:
+            return False
         if index in self._stopped:
             return True
         return index not in self._partial_json and "input" not in self._blocks[index]
@@ -176,8 +197,9 @@ class MessageAccumulator:
         for index in sorted(self._blocks):
             block = self._blocks[index]
             parts += [str(block.get(k) or "") for k in ("text", "thinking")]
-            if index in self._partial_json:
-                parts.append(self._partial_json[index])
+            raw = self._partial_json.get(index, self.unparsed_inputs.get(index))
+            if raw is not None:
+                parts.append(raw)
             elif block.get("type") in ("tool_use", "server_tool_use") and block.get("input"):
                 parts.append(json.dumps(block["input"], ensure_ascii=False))
         return "".join(parts)

@@ -181,6 +181,20 @@ def test_reply_starting_with_a_non_text_block_is_not_joined() -> None:
     assert body["messages"][1]["content"] == [text("Well"), thinking, text("done")]
 
 
+def test_a_reply_after_a_pause_turn_is_appended_not_joined() -> None:
+    """The paused content was sent back as received: replayed later it must stay so (history
+    is append-only), with its continuation's blocks after it, as the API combines them."""
+    path = [
+        user("u1", "Search"),
+        reply("r1", "Searching", stop="pause_turn"),
+        reply("r2", " found it"),
+        user("u2", "ok"),
+    ]
+    body = build_request(path, SETTINGS)
+    assert body["messages"][1]["content"] == [text("Searching"), text(" found it")]
+    assert build_request(path[:2], SETTINGS)["messages"][1]["content"] == [text("Searching")]
+
+
 def test_two_assistant_turns_that_are_not_a_continuation_stay_separate_blocks() -> None:
     path = [user("u1", "Hi"), reply("r1", "Hello"), assistant("s1", "and more"), user("u2", "ok")]
     body = build_request(path, SETTINGS)

@@ -223,17 +223,31 @@ def test_empty_tool_input_is_an_empty_object() -> None:
     assert acc.content == [tool]
 
 
-def test_invalid_tool_json_at_block_stop_is_an_api_error() -> None:
+@pytest.mark.parametrize(
+    ("stop_reason", "says"), [("tool_use", "not JSON"), ("max_tokens", "reached max_tokens inside a tool call")]
+)
+def test_invalid_tool_json_is_an_api_error_once_the_stream_is_over(stop_reason: str, says: str) -> None:
+    """At its block's stop the input may be cut by max_tokens, whose stop reason and final usage
+    come after: the stream is read to the end, then the reply is refused, saying why."""
     tool = {"type": "tool_use", "id": "toolu_03", "name": "f", "input": {}}
     acc = fold(
         [
             MESSAGE_START,
-            block_start(0, tool),
-            delta(0, type="input_json_delta", partial_json='{"a":'),
+            block_start(0, {"type": "text", "text": ""}),
+            delta(0, type="text_delta", text="Calling f"),
+            stop(0),
+            block_start(1, tool),
+            delta(1, type="input_json_delta", partial_json='{"a":'),
+            stop(1),
+            {"type": "message_delta", "delta": {"stop_reason": stop_reason}, "usage": {"output_tokens": 30}},
+            {"type": "message_stop"},
         ]
     )
-    with pytest.raises(APIError, match="not JSON"):
-        acc.feed(stop(0))
+    assert acc.complete and acc.final_usage and acc.usage.output_tokens == 30
+    assert acc.content == [{"type": "text", "text": "Calling f"}]  # the cut call is left out
+    assert acc.generated == 'Calling f{"a":'
+    with pytest.raises(APIError, match=says):
+        acc.check_tool_inputs()
 
 
 def test_server_tool_use_input_is_accumulated_too() -> None:
