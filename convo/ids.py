@@ -66,6 +66,20 @@ def is_text(value: str) -> bool:
     return True
 
 
+def without_controls(value: str) -> str:
+    """`value` with each control character (C0, DEL, C1) replaced by U+FFFD: for identifiers a
+    server hands convo (a stop reason, a request id), which it stores rather than refuses, and
+    which must never carry a line break or a terminal escape into what convo prints."""
+    if value.isprintable():
+        return value
+    return "".join("\ufffd" if _is_control(c) else c for c in value)
+
+
+def _is_control(c: str) -> bool:
+    o = ord(c)
+    return o < 0x20 or 0x7F <= o < 0xA0
+
+
 def check_branch_name(name: str) -> None:
     """Refuse a branch name that cannot be shown on one line and typed back: no control
     characters or line breaks, no spaces at either end, at most BRANCH_NAME_MAX characters."""

@@ -46,7 +46,7 @@ from convo.history import (
     check_structure,
     is_continued,
 )
-from convo.ids import check_branch_name, is_text
+from convo.ids import check_branch_name, is_text, without_controls
 from convo.pricing import PriceTable, load_prices
 from convo.retry import RetryPolicy
 from convo.store import (
@@ -979,7 +979,10 @@ class Conversation:
         if content:
             stop = message.get("stop_reason")
             # (The column holds 40 characters: the API's reasons are a word or two.)
-            reply = NewTurn("assistant", "reply", content, stop_reason=stop[:40] if isinstance(stop, str) else None)
+            reply = NewTurn(
+                "assistant", "reply", content,
+                stop_reason=without_controls(stop)[:40] if isinstance(stop, str) else None,
+            )
             try:
                 reply_id = storage.finish_with_reply(
                     call_id, self.id, target.branch, target.last_id, reply, target.owner, fields,

@@ -49,7 +49,7 @@ from convo import db
 from convo.content import BlobData, blob_refs, extract_blobs
 from convo.errors import AmbiguousId, Conflict, InvalidInput, NotFound
 from convo.history import TurnRecord
-from convo.ids import new_id, normalize_prefix, prefix_range
+from convo.ids import new_id, normalize_prefix, prefix_range, without_controls
 from convo.models import ROLE_OF_KIND, Blob, Branch, Call, Conversation, Setting, Turn, instant
 
 C = cast(Table, Conversation.__table__)
@@ -1883,9 +1883,14 @@ def _fit(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _fit_text(k, v) if isinstance(v, str) else v for k, v in fields.items()}
 
 
+# What a server names, not what it writes: one line, no control character (see without_controls).
+IDENTIFIER_FIELDS = frozenset(("error_type", "request_id", "message_id", "stop_reason"))
+
+
 def _fit_text(key: str, value: str) -> str:
-    """A NUL (which PostgreSQL refuses in text) replaced, then cut to the column's length."""
-    value = value.replace("\x00", "\ufffd")
+    """A NUL (which PostgreSQL refuses in text) replaced, and every control character of an
+    identifier, then cut to the column's length."""
+    value = without_controls(value) if key in IDENTIFIER_FIELDS else value.replace("\x00", "\ufffd")
     return value[: _CALL_LENGTHS[key]] if key in _CALL_LENGTHS else value
 
 

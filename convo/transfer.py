@@ -9,15 +9,15 @@ imported twice, or into the database it came from, without clashing.
 from __future__ import annotations
 
 import base64
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from convo.content import BLOB_SOURCE, blank_text, check_json, inline_blobs, normalize
 from convo.errors import InvalidInput
 from convo.history import TurnRecord, check_structure
-from convo.ids import check_branch_name, is_text
+from convo.ids import check_branch_name, is_text, without_controls
 from convo.models import ROLE_OF_KIND
 from convo.store import Storage
 
@@ -34,6 +34,35 @@ Int32 = Annotated[int, Field(ge=0, le=2**31 - 1)]
 TurnRef = Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=200)]
 
 
+def _utc(value: datetime) -> datetime:
+    """An instant as convo stores it, in UTC (a naive one read as UTC): one whose zone puts it
+    outside the years 1-9999 there cannot be stored."""
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range once in UTC") from None
+
+
+Instant = Annotated[datetime, AfterValidator(_utc)]
+
+
+def _storable(value: str | None) -> str | None:
+    """Text every engine stores: no lone surrogate; a NUL, which SQLite keeps and PostgreSQL
+    refuses, replaced (an export from one imports into the other)."""
+    if value is None:
+        return None
+    if not is_text(value):
+        raise ValueError("holds a lone surrogate")
+    return value.replace("\x00", "\ufffd")
+
+
+def _identifier(value: str | None) -> str | None:
+    """A name the API gave (a stop reason, a request id): stored as a send stores it, with its
+    control characters replaced, so that nothing imported prints a line break or an escape."""
+    value = _storable(value)
+    return None if value is None else without_controls(value)
+
+
 class TurnExport(_Strict):
     id: TurnRef
     parent_id: TurnRef | None
@@ -41,8 +70,8 @@ class TurnExport(_Strict):
     kind: Literal["user", "reply", "synthetic", "prefill", "tool_result"]
     content: list[dict[str, Any]] = Field(min_length=1)
     source_id: TurnRef | None = None
-    stop_reason: str | None = Field(default=None, max_length=40)
-    created_at: datetime
+    stop_reason: Annotated[str | None, AfterValidator(_identifier)] = Field(default=None, max_length=40)
+    created_at: Instant
 
 
 class BranchExport(_Strict):
@@ -57,8 +86,8 @@ class ConversationExport(_Strict):
     system: str | list[dict[str, Any]] | None
     params: dict[str, Any]
     current_branch: str = Field(max_length=200)
-    created_at: datetime
-    updated_at: datetime
+    created_at: Instant
+    updated_at: Instant
 
 
 class CallExport(BaseModel):
@@ -90,8 +119,8 @@ class CallExport(BaseModel):
     # (At most a million USD a call: one absurd figure would make every store total infinite.)
     cost_usd: float | None = Field(default=None, ge=0, le=1e6, allow_inf_nan=False)
     uncached_cost_usd: float | None = Field(default=None, ge=0, le=1e6, allow_inf_nan=False)
-    started_at: datetime
-    finished_at: datetime | None = None
+    started_at: Instant
+    finished_at: Instant | None = None
     duration_ms: float | None = Field(default=None, allow_inf_nan=False)
 
     @field_validator("duration_ms")
@@ -100,19 +129,20 @@ class CallExport(BaseModel):
         """A clock stepped back during a call once stored a negative duration: read as 0."""
         return None if value is None else max(0.0, value)
 
-    @field_validator(
-        "branch", "model", "error_type", "error_message", "request_id", "message_id", "stop_reason",
-        "stop_sequence", "partial_text",
-    )
+    @field_validator("error_message", "stop_sequence", "partial_text")
     @classmethod
-    def _storable(cls, value: str | None) -> str | None:
-        """Text every engine stores: no lone surrogate; a NUL, which SQLite keeps and PostgreSQL
-        refuses, replaced (an export from one imports into the other)."""
-        if value is None:
-            return None
-        if not is_text(value):
-            raise ValueError("holds a lone surrogate")
-        return value.replace("\x00", "\ufffd")
+    def _text(cls, value: str | None) -> str | None:
+        return _storable(value)
+
+    @field_validator("error_type", "request_id", "message_id", "stop_reason")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return _identifier(value)
+
+    @field_validator("branch", "model")
+    @classmethod
+    def _kept(cls, value: str) -> str:
+        return _storable(value) or ""
 
 
 class Export(_Strict):
@@ -182,10 +212,18 @@ def parse_export(data: Any) -> Export:
             raise InvalidInput(f"not a convo export: turn {t.id} edits an unknown turn")
     # Every turn a call names is in the file (turns leave only with their conversation): an
     # unknown one would be imported as no turn at all, and the audit would lose the link.
+    from convo.service import _check_model
+
     for n, c in enumerate(export.calls):
         for ref in (c.turn_id, c.reply_id):
             if ref is not None and ref not in ids:
                 raise InvalidInput(f"not a convo export: call {n + 1} refers to an unknown turn {ref}")
+        try:
+            # As a send names them (usage reports print both, a row each).
+            check_branch_name(c.branch)
+            _check_model(c.model)
+        except InvalidInput as e:
+            raise InvalidInput(f"not a convo export: call {n + 1}: {e}") from None
     names = [b.name for b in export.branches]
     for name in names:
         try:
@@ -326,5 +364,14 @@ def import_conversation(storage: Storage, data: Any) -> str:
         conversation,
         [t.model_dump() for t in export.turns],
         [b.model_dump() for b in export.branches],
-        [c.model_dump() for c in export.calls],
+        [_finished(c.model_dump()) for c in export.calls],
     )
+
+
+def _finished(call: dict[str, Any]) -> dict[str, Any]:
+    """A call exported while it was under way never finishes in the store it is imported into:
+    it is abandoned there, as a send's is when its process dies holding the branch."""
+    if call["status"] == "pending":
+        call.update(status="abandoned", error_type="abandoned",
+                    error_message="under way when exported: it never finished in this copy")
+    return call

@@ -138,3 +138,16 @@ def test_a_stream_cut_before_message_stop_is_still_retried(db_url: str) -> None:
             assert reply.text == "again" and len(api.requests) == 2
             assert [c["status"] for c in conv.calls()] == ["cut", "ok"]
 
+
+
+def test_names_a_server_gives_are_stored_without_control_characters(db_url: str) -> None:
+    """A stop reason or a message id is printed by `show` and exported: one with a line break or
+    an escape is stored with U+FFFD in their place (an import holds a file to the same)."""
+    odd = {**message(text("hi")), "stop_reason": "end\nturn\x1b[2J", "id": "msg\x1b]0;x\x07"}
+    with ScriptedAPI(Answer(odd)) as api, _store(db_url, api) as store:
+        conv = store.create("claude-sonnet-4-5")
+        conv.send("hello")
+        assert conv.turns()[-1].stop_reason == "end\ufffdturn\ufffd[2J"
+        (call,) = conv.calls()
+        assert (call["stop_reason"], call["message_id"]) == ("end\ufffdturn\ufffd[2J", "msg\ufffd]0;x\ufffd")
+        assert store.import_(store.export(conv.id)).calls()[0]["message_id"] == call["message_id"]

@@ -205,6 +205,89 @@ def test_import_keeps_the_ledger(db_url: str, tmp_path: Path) -> None:
     store.close()
 
 
+def _with_a_call(store: Store, status: str = "ok") -> Any:
+    """A conversation with a user turn, a reply and one call (finished as `status`)."""
+    conv = store.create(model="claude-sonnet-4-5")
+    conv.add_user("hi")
+    head = store.storage.path(conv.id).head_id
+    call = store.storage.start_call(conv_id=conv.id, branch="main", turn_id=head,
+                                    model="claude-sonnet-4-5", attempt=0, streamed=True)
+    if status == "ok":
+        store.storage.finish_with_reply(
+            call, conv.id, "main", head, NewTurn("assistant", "reply", [{"type": "text", "text": "yo"}],
+                                                 stop_reason="end_turn"),
+            None, {"status": "ok", "input_tokens": 10, "output_tokens": 3, "stop_reason": "end_turn"},
+        )
+    return conv
+
+
+@pytest.mark.parametrize(
+    "where",
+    [("turns", 0, "created_at"), ("conversation", None, "created_at"), ("conversation", None, "updated_at"),
+     ("calls", 0, "started_at"), ("calls", 0, "finished_at")],
+)
+@pytest.mark.parametrize("instant", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"])
+def test_an_instant_outside_the_years_1_to_9999_in_utc_is_refused(db_url: str, where: Any, instant: str) -> None:
+    """It parsed, then failed at the insert as an untyped OverflowError (exit 1, not 2)."""
+    with Store(db_url, upgrade=True) as store:
+        data = store.export(_with_a_call(store).id)
+        part, index, key = where
+        (data[part] if index is None else data[part][index])[key] = instant
+        _assert_refused_whole(store, data, "out of range once in UTC")
+        # An offset inside the range is moved to UTC, as every stored instant is.
+        (data[part] if index is None else data[part][index])[key] = "2024-01-01T00:30:00+01:00"
+        copy = store.import_(data)
+        export = store.export(copy.id)
+        got = export[part] if index is None else export[part][index]
+        if key != "updated_at":  # (a copy is the most recently used: its updated_at is now)
+            assert got[key].startswith("2023-12-31T23:30:00")
+
+
+def test_names_the_api_gave_are_stored_without_control_characters(db_url: str) -> None:
+    """A stop reason or a request id with a NUL imported into SQLite but not PostgreSQL; with a
+    line break or an escape it reached the terminal through `show` and `usage`."""
+    with Store(db_url, upgrade=True) as store:
+        data = store.export(_with_a_call(store).id)
+        data["turns"][-1]["stop_reason"] = "end\x00turn\x1b[31m\n"
+        data["calls"][0].update(stop_reason="end\x1b[2J", request_id="req\n1", error_type="x\x07",
+                                message_id="msg\x9b1")
+        copy = store.import_(data)
+        assert copy.turns()[-1].stop_reason == "end\ufffdturn\ufffd[31m\ufffd"
+        (call,) = copy.calls()
+        assert (call["stop_reason"], call["request_id"], call["error_type"], call["message_id"]) == (
+            "end\ufffd[2J", "req\ufffd1", "x\ufffd", "msg\ufffd1")
+        assert store.import_(store.export(copy.id)).calls()[0]["request_id"] == "req\ufffd1"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"branch": "evil\nbranch\x1b[31m"}, "call 1: invalid branch name"),
+        ({"branch": ""}, "call 1"),
+        ({"model": "claude\x1b[2J\nX"}, "call 1: model"),
+        ({"model": " claude-sonnet-4-5"}, "call 1: model"),
+    ],
+)
+def test_a_call_is_held_to_the_names_a_send_gives_it(db_url: str, change: dict[str, str], message: str) -> None:
+    """Usage reports print a call's branch and model a row each: they were imported unchecked."""
+    with Store(db_url, upgrade=True) as store:
+        data = store.export(_with_a_call(store).id)
+        data["calls"][0].update(change)
+        _assert_refused_whole(store, data, message)
+
+
+def test_a_call_under_way_when_exported_is_abandoned_in_the_copy(db_url: str) -> None:
+    """It never finishes there: left pending, it stayed pending for good."""
+    with Store(db_url, upgrade=True) as store:
+        conv = _with_a_call(store, status="pending")
+        data = store.export(conv.id)
+        assert [c["status"] for c in data["calls"]] == ["pending"]  # the export says what was
+        (call,) = store.import_(data).calls()
+        assert (call["status"], call["error_type"]) == ("abandoned", "abandoned")
+        assert "exported" in call["error_message"]
+        assert [c["status"] for c in conv.calls()] == ["pending"]  # the original is untouched
+
+
 FIVE_MINUTES = {"type": "text", "text": "Rules.", "cache_control": {"type": "ephemeral"}}
 
 
