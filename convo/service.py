@@ -988,14 +988,19 @@ class Conversation:
                     call_id, self.id, target.branch, target.last_id, reply, target.owner, fields,
                     parent_depth=target.last_depth, started_at=started_at,
                 )
-            except Exception as e:
-                # The branch moved or vanished, or the database failed: the call was billed
-                # all the same. Record that on its row in a transaction of its own.
+            except BaseException as e:
+                # The branch moved or vanished, the database failed, or the user interrupted
+                # the write (Ctrl-C while it waited for a lock): the call was billed all the
+                # same. Record that on its row in a transaction of its own, unless the reply's
+                # own commit landed first.
+                interrupted = not isinstance(e, Exception)
                 try:
                     storage.finish_call(
                         call_id,
                         started_at=started_at,
-                        **{**fields, "status": "error", "error_type": "reply_not_stored",
+                        only_pending=True,
+                        **{**fields, "status": "cancelled" if interrupted else "error",
+                           "error_type": "interrupted" if interrupted else "reply_not_stored",
                            "error_message": str(e).splitlines()[0][:500] if str(e) else type(e).__name__,
                            "partial_text": text_of(content) or None},
                     )

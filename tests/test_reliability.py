@@ -808,3 +808,34 @@ def test_a_send_stopped_right_after_its_turn_was_written_frees_the_branch(
     reply = conv.retry()
     assert [t.kind for t in conv.turns()] == ["user", "reply", "user", "reply"]
     assert reply.turn_id == conv.turns()[-1].id
+
+
+@pytest.mark.parametrize("landed", [False, True])
+def test_ctrl_c_while_the_reply_is_stored_keeps_the_ledger_right(
+    store: Store, standin: StandIn, monkeypatch: pytest.MonkeyPatch, landed: bool
+) -> None:
+    """Ctrl-C while the reply's commit waits (for another writer's lock, say): the call was
+    billed, so its row is `cancelled` with the reply's usage, not left `pending` with nothing for
+    good. If the commit landed first, the row stays as the commit left it."""
+    conv = store.create()
+    storage = store.storage
+    real = storage.finish_with_reply
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        if landed:
+            real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage, "finish_with_reply", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        conv.send("store me")
+    monkeypatch.undo()
+    (call,) = conv.calls()
+    assert call["input_tokens"] > 0 and call["output_tokens"] > 0 and call["cost_usd"] > 0
+    if landed:
+        assert call["status"] == "ok" and call["reply_id"] == conv.turns()[-1].id
+    else:
+        assert (call["status"], call["error_type"], call["reply_id"]) == ("cancelled", "interrupted", None)
+        assert [t.kind for t in conv.turns()] == ["user"]  # the turn kept
+        assert conv.send().text  # the branch is free: the turn gets its answer
+    assert store.usage().total.output_tokens >= call["output_tokens"]
