@@ -17,10 +17,12 @@ import functools
 import json
 import os
 import shlex
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -32,7 +34,7 @@ from convo.errors import APIError, ConvoError, InvalidInput, MissingApiKey, NotF
 from convo.ids import is_text
 
 PROG = "convo"
-INTERRUPTED_SAVED = "[interrupted: your turn is saved; `convo retry` asks again]"
+INTERRUPTED_SAVED = "[interrupted: your turn is saved; {retry} asks again]"
 RETRY_HINT = "your turn is saved; `convo retry` asks again"
 EXIT_INTERRUPTED = 130
 DEFAULT_LIST_LIMIT = 50
@@ -146,6 +148,20 @@ def _text(value: str | None, what: str = "TEXT") -> str | None:
     return _utf8(value, what)
 
 
+def _run_editor(argv: list[str]) -> int:
+    """Run the editor and wait for it, with Ctrl-C left to it (as git does): the terminal sends
+    SIGINT to both, and an editor that handles it (ed, nano) would otherwise lose the edit when
+    convo stopped at once. The editor itself starts with the default handling."""
+    proc = subprocess.Popen(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return proc.wait()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _edit_in_editor(initial: str) -> str:
     """Open $VISUAL, else $EDITOR (as git and less choose), else vi, on `initial`; the saved
     text, trailing whitespace removed."""
@@ -155,7 +171,7 @@ def _edit_in_editor(initial: str) -> str:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(initial)
         try:
-            status = subprocess.call([*shlex.split(editor), name])
+            status = _run_editor([*shlex.split(editor), name])
         except ValueError as e:  # shlex: an unclosed quote
             raise InvalidInput(f"cannot read the editor command {editor!r}: {e}") from None
         except OSError as e:
@@ -291,9 +307,11 @@ def _deliver(
     lead: str | Callable[[], str],
     continuing: bool,
     prefix: str = "",
+    retry: str = "`convo retry`",
 ) -> Any:
     """Run one send (`start(on_retry)` returns a ReplyStream, or a Reply when not streaming),
-    print the reply, and turn a failure into a clear message about what was kept."""
+    print the reply, and turn a failure into a clear message about what was kept (`retry`: what
+    asks again, which in chat is /retry)."""
     head_before = _branch_head(conv)
     printer = _ReplyPrinter(sys.stdout, prefix, lead if isinstance(lead, str) else "")
     try:
@@ -309,9 +327,11 @@ def _deliver(
             reply = start(printer.retry)  # notices go to stderr; nothing is on stdout yet
             if prefix or reply.text:
                 _out(prefix + reply.text)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         printer.abandon()
-        _err(_interrupted_note(conv, head_before, continuing))
+        _err(_interrupted_note(conv, head_before, continuing, retry))
+        if isinstance(e, _Terminated):
+            raise  # (stops the program, chat included, with the signal's status)
         raise _Exit(EXIT_INTERRUPTED) from None
     except ConvoError as e:
         printer.abandon()
@@ -338,7 +358,7 @@ def _turn_kept(conv: Any, head_before: str | None, continuing: bool) -> bool:
     return (moved or continuing) and kind not in (None, "reply")
 
 
-def _interrupted_note(conv: Any, head_before: str | None, continuing: bool) -> str:
+def _interrupted_note(conv: Any, head_before: str | None, continuing: bool, retry: str) -> str:
     try:
         moved, kind = _head_state(conv, head_before)
     except ConvoError:
@@ -346,7 +366,7 @@ def _interrupted_note(conv: Any, head_before: str | None, continuing: bool) -> s
     if kind == "reply" and moved:
         return "[interrupted: the reply had already been stored]"
     if (moved or continuing) and kind is not None:
-        return INTERRUPTED_SAVED
+        return INTERRUPTED_SAVED.format(retry=retry)
     return "[interrupted: nothing was saved]"
 
 
@@ -913,7 +933,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     lead, continuing = "", False
                     start = functools.partial(_stream_line, conv, line)
                 _deliver(
-                    conv, start, stream=True, lead=lead, continuing=continuing, prefix="claude> "
+                    conv, start, stream=True, lead=lead, continuing=continuing, prefix="claude> ",
+                    retry="/retry",
                 )
                 status = 0
             except _Exit:
@@ -1166,7 +1187,23 @@ def _report(e: ConvoError) -> None:
     _error_line(f"{e} ({hint})" if hint else str(e))
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so a send under way records what it was
+    billed and keeps the user's turn, as it does for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise _Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if sys.stdout is None:  # started with stdout closed (`convo new >&-`): nowhere to say anything
+        _error_line("standard output is closed: give it somewhere to go (>/dev/null to discard it)")
+        return 2
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
@@ -1174,6 +1211,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 reconfigure(errors="replace")
             except (ValueError, OSError):
                 pass
+    handled = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, _terminate) for sig in handled}
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -1190,6 +1239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConvoError as e:
         _report(e)
         return e.exit_code
+    except _Terminated as e:
+        _err(f"{PROG}: terminated by signal {e.signum}")
+        return 128 + e.signum
     except KeyboardInterrupt:
         _err(f"{PROG}: interrupted")
         return EXIT_INTERRUPTED

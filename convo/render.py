@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, tzinfo
 from typing import Any
 
+from convo.ids import without_controls
 from convo.types import ToolUse
 
 __all__ = [
@@ -94,8 +95,10 @@ def fmt_size(n: int | None) -> str:
 
 
 def one_line(text: str, width: int = PREVIEW_CHARS) -> str:
-    """Whitespace collapsed to single spaces, cut to `width` characters with an ellipsis."""
-    flat = " ".join(text.split())
+    """Whitespace collapsed to single spaces, any other control character shown as U+FFFD (an
+    escape sequence in a title or a turn must not reach the terminal), cut to `width`
+    characters with an ellipsis."""
+    flat = without_controls(" ".join(text.split()))
     return flat if len(flat) <= width else flat[: max(width - 1, 0)] + "…"
 
 
@@ -489,7 +492,7 @@ def transcript(
     `calls` maps a reply turn id to the call that produced it.
     """
     calls = calls or {}
-    title = f' "{info.title}"' if info.title else ""
+    title = f' "{one_line(info.title, len(info.title))}"' if info.title else ""
     lines = [f"conversation {info.id}{title} · {info.model} · branch {branch}"]
     if info.system:
         system = info.system if isinstance(info.system, str) else content_text(info.system)

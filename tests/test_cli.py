@@ -1089,3 +1089,65 @@ def test_ids_printed_by_show_and_branches_are_the_turns_own_and_resolve(
         capture_output=True, text=True, timeout=60,
     )
     assert forked.returncode == 0 and forked.stdout.strip() == "x", forked.stderr
+
+
+def test_ctrl_c_in_the_editor_is_the_editor_s(tmp_path: Path, api: StandIn, store_for: Any) -> None:
+    """The terminal sends Ctrl-C to convo and its editor alike: an editor that handles it (ed,
+    nano) kept going, but convo stopped at once and the edit was lost (exit 130)."""
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    conv = store_for(url).create()
+    first = conv.add_user("Original question")
+    ready = tmp_path / "ready"
+    editor = tmp_path / "editor.py"
+    editor.write_text(
+        "import pathlib, signal, sys, time\n"
+        "got = []\n"
+        "signal.signal(signal.SIGINT, lambda *a: got.append(1))\n"
+        f"pathlib.Path({str(ready)!r}).write_text('')\n"
+        "deadline = time.monotonic() + 20\n"
+        "while not got and time.monotonic() < deadline:\n"
+        "    time.sleep(0.02)\n"
+        "p = pathlib.Path(sys.argv[-1]); p.write_text(p.read_text() + ' (after Ctrl-C)')\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convo", "--db", url, "edit", str(first), "--editor"],
+        env={**child_env(api), "EDITOR": f"{sys.executable} {editor}"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ready.exists()
+    os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: the whole foreground group
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert conv.turn(int(out.strip())).content == [{"type": "text", "text": "Original question (after Ctrl-C)"}]
+
+
+def test_with_stdout_closed_nothing_is_done(tmp_path: Path) -> None:
+    """`convo new >&-` created a conversation whose id it could not print, then failed as an
+    internal error; a send lost its hint."""
+    url = f"sqlite:///{tmp_path / 'closed.db'}"
+    for args in (["new"], ["list"]):
+        p = subprocess.run(
+            [sys.executable, "-m", "convo", "--db", url, *args], env=child_env(None), capture_output=False,
+            stderr=subprocess.PIPE, text=True, cwd=REPO, preexec_fn=lambda: os.close(1), timeout=60, check=False,
+        )
+        assert p.returncode == 2
+        assert p.stderr.strip() == "convo: error: standard output is closed: give it somewhere to go (>/dev/null to discard it)"
+    assert ok(convo(url, "list", "--json")).out.strip() in ("[]", "")
+
+
+def test_control_characters_in_titles_and_turns_never_reach_the_terminal(tmp_path: Path, store_for: Any) -> None:
+    """A title (or an imported one) with an escape sequence was printed raw by list and show,
+    and a turn's preview by tree: the table broke and the terminal obeyed it. (A transcript
+    prints its turns' text as it is.)"""
+    url = f"sqlite:///{tmp_path / 'esc.db'}"
+    conv = store_for(url).create(title="evil\x1b]0;pwned\x07\x1b[2Jx")
+    conv.add_user("hello \x1b[31mred\x9b")
+    for args in (["list"], ["show", "-C", conv.id], ["tree", "-C", conv.id]):
+        shown = ok(convo(url, *args)).out
+        if args[0] == "show":
+            shown = shown.splitlines()[0]
+        assert "\x1b" not in shown and "\x07" not in shown and "\x9b" not in shown, args
+    assert "evil\ufffd]0;pwned\ufffd\ufffd[2Jx" in ok(convo(url, "list")).out

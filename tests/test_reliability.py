@@ -738,6 +738,36 @@ def test_ctrl_c_during_a_streamed_send(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_during_a_streamed_send_is_recorded_as_ctrl_c_is(
+    db_url: str, tmp_path: Path, standin: StandIn, sig: signal.Signals
+) -> None:
+    """`timeout 3 convo send ...`, a closed terminal: the process died at once, its call
+    pending with no tokens (later abandoned with none), though input had been billed."""
+    with make_store(db_url, standin.base_url) as store:
+        conv = store.create(MODEL)
+    text = "Terminate this reply"
+    with StallServer() as stall:
+        proc = subprocess.Popen(
+            cli_argv(db_url, "send", "-C", conv.id, text),
+            env=cli_env(stall.base_url, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        )
+        assert proc.stdout is not None
+        assert FIRST in wait_for_lines(proc.stdout, lambda s: FIRST in s, 30)
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig, err
+    assert f"terminated by signal {int(sig)}".encode() in err and b"your turn is saved" in err
+    assert b"Traceback" not in err
+    with make_store(db_url, standin.base_url) as store:
+        settled(store, conv.id, text, replied=False)
+        (call,) = store.storage.calls(conv.id)
+        assert (call["status"], call["input_tokens"], call["partial_text"]) == ("cancelled", INPUT_TOKENS, FIRST)
+        assert _lease_holder_pid(store, conv.id) is None
+    _follow_up(db_url, standin, conv.id, text, "stream", replied=False)
+
+
+@pytest.mark.slow
 def test_ctrl_c_during_a_reply_in_chat_returns_to_the_prompt(
     db_url: str, tmp_path: Path
 ) -> None:
@@ -773,6 +803,8 @@ def test_ctrl_c_during_a_reply_in_chat_returns_to_the_prompt(
         _out, err = proc.communicate(timeout=30)  # closes stdin: EOF leaves
     assert proc.returncode == 0, err
     assert b"Traceback" not in err
+    # In chat, what asks again is /retry, not `convo retry`.
+    assert b"your turn is saved; /retry asks again" in err and b"convo retry" not in err
     with make_store(db_url, "http://unused") as store:
         settled(store, conv.id, text, replied=True)
         calls = store.storage.calls(conv.id)
