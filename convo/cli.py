@@ -1214,7 +1214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     handled = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, _terminate) for sig in handled}
+        # Only where the signal would kill the process: one ignored (`nohup`) stays ignored,
+        # and a program that calls main() with its own handler keeps it.
+        previous = {
+            sig: signal.signal(sig, _terminate) for sig in handled if signal.getsignal(sig) is signal.SIG_DFL
+        }
     try:
         return _main(argv)
     finally:

@@ -113,7 +113,7 @@ def settings_line(
         shown = one_line(text)
     lines = [
         f"conversation {conv_id}",
-        f"  title:       {title if title is not None else 'none'}",
+        f"  title:       {one_line(title, len(title)) if title is not None else 'none'}",
         f"  model:       {model}",
         f"  system:      {shown}",
         f"  max_tokens:  {fmt_int(params.get('max_tokens'))}",

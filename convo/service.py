@@ -998,7 +998,7 @@ class Conversation:
                     storage.finish_call(
                         call_id,
                         started_at=started_at,
-                        only_pending=True,
+                        unless_replied=True,
                         **{**fields, "status": "cancelled" if interrupted else "error",
                            "error_type": "interrupted" if interrupted else "reply_not_stored",
                            "error_message": str(e).splitlines()[0][:500] if str(e) else type(e).__name__,

@@ -143,7 +143,7 @@ _COUNT_MEDIA_TURNS = (
 # is a column to SET, so one statement serves every combination of fields.
 _MOVE_HEAD = update(B).where(B.c.conversation_key == bindparam("w_conv"), B.c.name == bindparam("w_branch"))
 _UPDATE_CALL = update(K).where(K.c.id == bindparam("w_id"))
-_UPDATE_PENDING_CALL = _UPDATE_CALL.where(K.c.status == "pending")
+_UPDATE_UNREPLIED_CALL = _UPDATE_CALL.where(K.c.reply_id.is_(None))
 _INSERT_CALL = insert(K).returning(K.c.id)
 # Ledger columns of bounded length (error type, request and message ids, stop reason...).
 _CALL_LENGTHS: dict[str, int] = {c.name: n for c in K.c if (n := getattr(c.type, "length", None))}
@@ -1370,22 +1370,24 @@ class Storage:
             )
 
     def finish_call(
-        self, call_id: int, *, started_at: datetime | None = None, only_pending: bool = False, **fields: Any
+        self, call_id: int, *, started_at: datetime | None = None, unless_replied: bool = False,
+        **fields: Any,
     ) -> None:
-        """Write how a call ended. `only_pending`: unless it has ended already (a reply whose
-        commit landed before the failure being recorded)."""
+        """Write how a call ended. `unless_replied`: not if its reply is stored (its commit
+        landed before the failure being recorded); a call another writer marked abandoned
+        meanwhile still gets what it was billed."""
         with db.write(self.engine) as conn:
-            self._finish_call(conn, call_id, fields, started_at, only_pending=only_pending)
+            self._finish_call(conn, call_id, fields, started_at, unless_replied=unless_replied)
 
     def _finish_call(
         self, conn: Connection, call_id: int, fields: dict[str, Any], started: datetime | None = None,
-        *, only_pending: bool = False,
+        *, unless_replied: bool = False,
     ) -> None:
         if started is None:
             started = self._call_started(db.OnConnection(conn), call_id)
         end = now()
         conn.execute(
-            _UPDATE_PENDING_CALL if only_pending else _UPDATE_CALL,
+            _UPDATE_UNREPLIED_CALL if unless_replied else _UPDATE_CALL,
             {"w_id": call_id, "finished_at": end, "duration_ms": _duration_ms(started, end), **_fit(fields)},
         )
 

@@ -94,11 +94,11 @@ class CallExport(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     id: int | str
-    branch: str = Field(max_length=200)
+    branch: str = Field(min_length=1, max_length=200)
     turn_id: TurnRef | None = None
     reply_id: TurnRef | None = None
     attempt: Int32 = 0
-    model: str = Field(max_length=200)
+    model: str = Field(min_length=1, max_length=200)
     streamed: Int32 = 0
     status: Literal["pending", "ok", "error", "cut", "cancelled", "abandoned"]
     http_status: Int32 | None = None
@@ -134,15 +134,13 @@ class CallExport(BaseModel):
     def _text(cls, value: str | None) -> str | None:
         return _storable(value)
 
-    @field_validator("error_type", "request_id", "message_id", "stop_reason")
+    @field_validator("branch", "model", "error_type", "request_id", "message_id", "stop_reason")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
+        """Names printed a row each by usage reports and `show`. A call's branch and model are
+        a record, never edited: an older store's (a branch name convo once allowed) are kept,
+        their control characters replaced, not refused."""
         return _identifier(value)
-
-    @field_validator("branch", "model")
-    @classmethod
-    def _kept(cls, value: str) -> str:
-        return _storable(value) or ""
 
 
 class Export(_Strict):
@@ -212,18 +210,10 @@ def parse_export(data: Any) -> Export:
             raise InvalidInput(f"not a convo export: turn {t.id} edits an unknown turn")
     # Every turn a call names is in the file (turns leave only with their conversation): an
     # unknown one would be imported as no turn at all, and the audit would lose the link.
-    from convo.service import _check_model
-
     for n, c in enumerate(export.calls):
         for ref in (c.turn_id, c.reply_id):
             if ref is not None and ref not in ids:
                 raise InvalidInput(f"not a convo export: call {n + 1} refers to an unknown turn {ref}")
-        try:
-            # As a send names them (usage reports print both, a row each).
-            check_branch_name(c.branch)
-            _check_model(c.model)
-        except InvalidInput as e:
-            raise InvalidInput(f"not a convo export: call {n + 1}: {e}") from None
     names = [b.name for b in export.branches]
     for name in names:
         try:

@@ -1145,9 +1145,35 @@ def test_control_characters_in_titles_and_turns_never_reach_the_terminal(tmp_pat
     url = f"sqlite:///{tmp_path / 'esc.db'}"
     conv = store_for(url).create(title="evil\x1b]0;pwned\x07\x1b[2Jx")
     conv.add_user("hello \x1b[31mred\x9b")
-    for args in (["list"], ["show", "-C", conv.id], ["tree", "-C", conv.id]):
+    for args in (["list"], ["show", "-C", conv.id], ["tree", "-C", conv.id], ["set", "-C", conv.id]):
         shown = ok(convo(url, *args)).out
         if args[0] == "show":
             shown = shown.splitlines()[0]
         assert "\x1b" not in shown and "\x07" not in shown and "\x9b" not in shown, args
     assert "evil\ufffd]0;pwned\ufffd\ufffd[2Jx" in ok(convo(url, "list")).out
+
+
+def test_main_in_process_leaves_a_host_s_signal_handlers_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program that calls main() and handles SIGTERM itself keeps its handler throughout; one
+    with the default gets convo's for the call only."""
+    from convo import cli
+
+    seen: list[Any] = []
+
+    def record(argv: Any) -> int:
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return 0
+
+    monkeypatch.setattr(cli, "_main", record)
+
+    def host(signum: int, frame: Any) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGTERM, host)
+    try:
+        assert cli.main([]) == 0 and seen[-1] is host and signal.getsignal(signal.SIGTERM) is host
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        assert cli.main([]) == 0 and seen[-1] is cli._terminate
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)

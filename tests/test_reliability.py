@@ -44,7 +44,7 @@ from helpers.kit import (
 )
 from helpers.stall import FIRST, INPUT_TOKENS, StallServer
 
-from convo import APIError, InvalidInput, Store, StoreError
+from convo import APIError, Conflict, InvalidInput, Store, StoreError
 from convo.errors import (
     APIConnectionError,
     AuthenticationError,
@@ -871,3 +871,50 @@ def test_ctrl_c_while_the_reply_is_stored_keeps_the_ledger_right(
         assert [t.kind for t in conv.turns()] == ["user"]  # the turn kept
         assert conv.send().text  # the branch is free: the turn gets its answer
     assert store.usage().total.output_tokens >= call["output_tokens"]
+
+
+def test_a_reply_not_stored_after_its_call_was_abandoned_still_records_what_it_cost(
+    store: Store, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The send's lease lapsed, another writer marked its call abandoned and moved the head; the
+    reply then arrived and could not be stored: the call was billed, so its row says so."""
+    conv = store.create()
+    storage = store.storage
+
+    def overtaken(call_id: int, *args: Any, **kwargs: Any) -> Any:
+        storage.finish_call(call_id, status="abandoned", error_type="abandoned")
+        raise Conflict("branch 'main' moved: another writer got there first")
+
+    monkeypatch.setattr(storage, "finish_with_reply", overtaken)
+    with pytest.raises(Conflict):
+        conv.send("store me")
+    monkeypatch.undo()
+    (call,) = conv.calls()
+    assert (call["status"], call["error_type"]) == ("error", "reply_not_stored")
+    assert call["input_tokens"] > 0 and call["output_tokens"] > 0 and call["cost_usd"] > 0
+
+
+@pytest.mark.slow
+def test_a_send_under_nohup_outlives_its_terminal(db_url: str, tmp_path: Path, standin: StandIn) -> None:
+    """SIGHUP ignored on entry (`nohup`) stays ignored: only a signal that would have killed
+    convo is turned into an orderly stop."""
+    with make_store(db_url, standin.base_url) as store:
+        conv = store.create(MODEL)
+    with StallServer() as stall:
+        proc = subprocess.Popen(
+            cli_argv(db_url, "send", "-C", conv.id, "keep going"),
+            env=cli_env(stall.base_url, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+        )
+        try:
+            assert proc.stdout is not None
+            assert FIRST in wait_for_lines(proc.stdout, lambda s: FIRST in s, 30)
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+            assert proc.poll() is None
+            stall.release()
+        finally:
+            _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    with make_store(db_url, standin.base_url) as store:
+        assert [c["status"] for c in store.storage.calls(conv.id)] == ["ok"]
