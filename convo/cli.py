@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, NoReturn
@@ -109,7 +109,10 @@ def _one_line(text: str) -> str:
 
 
 def _err(message: str) -> None:
-    print(_scrub(message), file=sys.stderr, flush=True)
+    try:
+        print(_scrub(message), file=sys.stderr, flush=True)
+    except OSError:
+        pass  # stderr is gone (the terminal closed: a SIGHUP); nothing is left to tell
 
 
 def _error_line(message: str) -> None:
@@ -176,6 +179,8 @@ def _edit_in_editor(initial: str) -> str:
             raise InvalidInput(f"cannot read the editor command {editor!r}: {e}") from None
         except OSError as e:
             raise InvalidInput(f"cannot run editor {editor!r}: {e.strerror or e}") from None
+        if status == -signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C stopped an editor that leaves it to the default
         if status != 0:
             raise InvalidInput(f"editor {editor!r} exited with status {status}: edit aborted")
         try:
@@ -328,7 +333,8 @@ def _deliver(
             if prefix or reply.text:
                 _out(prefix + reply.text)
     except KeyboardInterrupt as e:
-        printer.abandon()
+        with suppress(OSError):  # (a closed terminal cannot take the line)
+            printer.abandon()
         _err(_interrupted_note(conv, head_before, continuing, retry))
         if isinstance(e, _Terminated):
             raise  # (stops the program, chat included, with the signal's status)
@@ -1227,9 +1233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         if not getattr(args, "func", None):
             raise _UsageError("a command is required (see `convo --help`)")
         code: int = args.func(args)

@@ -733,15 +733,15 @@ class Conversation:
                 # is released; if nothing landed, nothing changes.)
                 self._release_quietly(path.branch, owner, abandon_pending=True)
                 raise
-        last_id = ids[-1] if ids else path.head_id
-        assert last_id is not None
-        prefill_text = text_of(new[-1].content) if new and new[-1].role == "assistant" else ""
-        if not new and path.turns and is_continued(path.turns[-1]):
-            prefill_text = text_of(path.turns[-1].content)
-        last_depth = (path.head_depth if path.head_id else -1) + len(ids)
-        target = _Target(path.branch, last_id, last_depth, owner, prefill_text)
         stored = False
         try:
+            last_id = ids[-1] if ids else path.head_id
+            assert last_id is not None
+            prefill_text = text_of(new[-1].content) if new and new[-1].role == "assistant" else ""
+            if not new and path.turns and is_continued(path.turns[-1]):
+                prefill_text = text_of(path.turns[-1].content)
+            last_depth = (path.head_depth if path.head_id else -1) + len(ids)
+            target = _Target(path.branch, last_id, last_depth, owner, prefill_text)
             reply = yield from self._call(
                 target, body, streaming, first_call, first_call_id, info, estimate
             )
@@ -749,7 +749,10 @@ class Conversation:
             return reply
         finally:
             if not stored:
-                self._release_quietly(path.branch, owner)
+                # A call whose failure was recorded is no longer pending; one still pending was
+                # stopped (Ctrl-C, SIGTERM) before its attempt began: mark it never made, or
+                # nothing would (this process let go of the branch, so no one finds it dead).
+                self._release_quietly(path.branch, owner, abandon_pending=True)
 
     def _release_quietly(self, branch: str, owner: str, *, abandon_pending: bool = False) -> None:
         try:

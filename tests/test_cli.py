@@ -1177,3 +1177,56 @@ def test_main_in_process_leaves_a_host_s_signal_handlers_alone(monkeypatch: pyte
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_signal_while_the_terminal_is_gone_or_the_parser_is_built_is_one_clean_exit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM while argparse built the parser escaped as a traceback (exit 1); a SIGHUP from a
+    closed terminal made the message itself fail (EIO), so convo exited 1, not 129."""
+    from convo import cli
+
+    def terminated(*args: Any, **kwargs: Any) -> Any:
+        raise cli._Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "build_parser", terminated)
+    assert cli.main(["list"]) == 128 + signal.SIGTERM
+
+    class Gone(io.StringIO):
+        def write(self, s: str) -> int:
+            raise OSError(5, "Input/output error")
+
+    def hung_up(*args: Any, **kwargs: Any) -> Any:
+        raise cli._Terminated(signal.SIGHUP)
+
+    monkeypatch.setattr(cli, "build_parser", hung_up)
+    monkeypatch.setattr(sys, "stderr", Gone())
+    assert cli.main(["chat"]) == 128 + signal.SIGHUP
+
+
+def test_ctrl_c_that_stops_the_editor_is_an_interrupt(tmp_path: Path, api: StandIn, store_for: Any) -> None:
+    """An editor that leaves Ctrl-C to the default dies of it: convo says interrupted (130), as
+    it did before it left Ctrl-C to the editor, not "exited with status -2"."""
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    conv = store_for(url).create()
+    first = conv.add_user("Original question")
+    ready = tmp_path / "ready"
+    editor = tmp_path / "editor.py"
+    editor.write_text(
+        "import pathlib, signal, time\n"
+        "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+        f"pathlib.Path({str(ready)!r}).write_text('')\n"
+        "time.sleep(20)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convo", "--db", url, "edit", str(first), "--editor"],
+        env={**child_env(api), "EDITOR": f"{sys.executable} {editor}"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and err.strip() == "convo: interrupted", err
+    assert len(conv.branches()) == 1  # nothing was written

@@ -918,3 +918,27 @@ def test_a_send_under_nohup_outlives_its_terminal(db_url: str, tmp_path: Path, s
     assert proc.returncode == 0, err
     with make_store(db_url, standin.base_url) as store:
         assert [c["status"] for c in store.storage.calls(conv.id)] == ["ok"]
+
+
+def test_a_send_stopped_before_its_attempt_began_leaves_no_call_pending(
+    store: Store, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C or SIGTERM after the user's turn was committed but before the attempt's own
+    failure handling began: the call stayed pending for good, as this process had let go of the
+    branch, so no later send found a dead holder to clean up after."""
+    import convo.service
+
+    conv = store.create()
+
+    def stopped() -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convo.service, "MessageAccumulator", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        conv.send("stop me")
+    monkeypatch.undo()
+    (call,) = conv.calls()
+    assert (call["status"], call["error_type"]) == ("abandoned", "abandoned")
+    assert [t.kind for t in conv.turns()] == ["user"]
+    assert conv.send().text  # the branch is free and the turn gets its answer
+    assert [c["status"] for c in conv.calls()] == ["abandoned", "ok"]
