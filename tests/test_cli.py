@@ -1091,26 +1091,19 @@ def test_ids_printed_by_show_and_branches_are_the_turns_own_and_resolve(
     assert forked.returncode == 0 and forked.stdout.strip() == "x", forked.stderr
 
 
-def test_ctrl_c_in_the_editor_is_the_editor_s(tmp_path: Path, api: StandIn, store_for: Any) -> None:
-    """The terminal sends Ctrl-C to convo and its editor alike: an editor that handles it (ed,
-    nano) kept going, but convo stopped at once and the edit was lost (exit 130)."""
-    url = f"sqlite:///{tmp_path / 'e.db'}"
-    conv = store_for(url).create()
-    first = conv.add_user("Original question")
+def _ctrl_c_in_editor(tmp_path: Path, api: StandIn, url: str, turn: int, body: str) -> tuple[int, str, str]:
+    """`convo edit TURN --editor` with an editor running `body` (after it writes a ready file),
+    and Ctrl-C sent as a terminal sends it, to the whole foreground process group."""
     ready = tmp_path / "ready"
     editor = tmp_path / "editor.py"
     editor.write_text(
         "import pathlib, signal, sys, time\n"
-        "got = []\n"
-        "signal.signal(signal.SIGINT, lambda *a: got.append(1))\n"
-        f"pathlib.Path({str(ready)!r}).write_text('')\n"
-        "deadline = time.monotonic() + 20\n"
-        "while not got and time.monotonic() < deadline:\n"
-        "    time.sleep(0.02)\n"
-        "p = pathlib.Path(sys.argv[-1]); p.write_text(p.read_text() + ' (after Ctrl-C)')\n"
+        + body.split("#READY\n")[0]
+        + f"pathlib.Path({str(ready)!r}).write_text('')\n"
+        + body.split("#READY\n")[1]
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "convo", "--db", url, "edit", str(first), "--editor"],
+        [sys.executable, "-m", "convo", "--db", url, "edit", str(turn), "--editor"],
         env={**child_env(api), "EDITOR": f"{sys.executable} {editor}"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
     )
@@ -1118,9 +1111,28 @@ def test_ctrl_c_in_the_editor_is_the_editor_s(tmp_path: Path, api: StandIn, stor
     while not ready.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert ready.exists()
-    os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: the whole foreground group
+    os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    return proc.returncode, out, err
+
+
+def test_ctrl_c_in_the_editor_is_the_editor_s(tmp_path: Path, api: StandIn, store_for: Any) -> None:
+    """The terminal sends Ctrl-C to convo and its editor alike: an editor that handles it (ed,
+    nano) kept going, but convo stopped at once and the edit was lost (exit 130)."""
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    conv = store_for(url).create()
+    first = conv.add_user("Original question")
+    code, out, err = _ctrl_c_in_editor(
+        tmp_path, api, url, first,
+        "got = []\n"
+        "signal.signal(signal.SIGINT, lambda *a: got.append(1))\n"
+        "#READY\n"
+        "deadline = time.monotonic() + 20\n"
+        "while not got and time.monotonic() < deadline:\n"
+        "    time.sleep(0.02)\n"
+        "p = pathlib.Path(sys.argv[-1]); p.write_text(p.read_text() + ' (after Ctrl-C)')\n",
+    )
+    assert code == 0, err
     assert conv.turn(int(out.strip())).content == [{"type": "text", "text": "Original question (after Ctrl-C)"}]
 
 
@@ -1210,23 +1222,8 @@ def test_ctrl_c_that_stops_the_editor_is_an_interrupt(tmp_path: Path, api: Stand
     url = f"sqlite:///{tmp_path / 'e.db'}"
     conv = store_for(url).create()
     first = conv.add_user("Original question")
-    ready = tmp_path / "ready"
-    editor = tmp_path / "editor.py"
-    editor.write_text(
-        "import pathlib, signal, time\n"
-        "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
-        f"pathlib.Path({str(ready)!r}).write_text('')\n"
-        "time.sleep(20)\n"
+    code, _out, err = _ctrl_c_in_editor(
+        tmp_path, api, url, first, "signal.signal(signal.SIGINT, signal.SIG_DFL)\n#READY\ntime.sleep(20)\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "convo", "--db", url, "edit", str(first), "--editor"],
-        env={**child_env(api), "EDITOR": f"{sys.executable} {editor}"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
-    )
-    deadline = time.monotonic() + 30
-    while not ready.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGINT)
-    _out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and err.strip() == "convo: interrupted", err
+    assert code == 130 and err.strip() == "convo: interrupted", err
     assert len(conv.branches()) == 1  # nothing was written
