@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
-import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 
 from convo.errors import ConfigError
-from convo.ids import is_text
+from convo.ids import has_controls, is_text
 
 DATABASE_URL_ENV = "CONVO_DATABASE_URL"
 API_KEY_ENV = "ANTHROPIC_API_KEY"
@@ -39,7 +38,7 @@ def database_url(url: str | None = None, env: Mapping[str, str] = os.environ) ->
     if url is not None and not url.strip():
         # (None means the default; an empty string is a mistake, e.g. an unset variable.)
         raise ConfigError("the database URL is empty")
-    if url is not None and (not is_text(url) or any(unicodedata.category(c) == "Cc" for c in url)):
+    if url is not None and (not is_text(url) or has_controls(url)):
         # (Only control characters: a file name may hold a no-break space or a joiner.)
         raise ConfigError("the database URL holds a control character or invalid text")
     if url:

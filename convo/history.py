@@ -88,6 +88,10 @@ def build_messages(path: Sequence[TurnRecord]) -> tuple[list[dict[str, Any]], li
     return messages, owners
 
 
+# The kinds of assistant turn a reply continues (see is_continued).
+CONTINUED_KINDS = frozenset(("prefill", "synthetic"))
+
+
 def _build_messages(
     path: Sequence[TurnRecord], *, with_block_owners: bool = True
 ) -> tuple[list[dict[str, Any]], list[TurnId], list[list[TurnId]] | None]:
@@ -98,9 +102,16 @@ def _build_messages(
     block_owners: list[list[TurnId]] | None = [] if with_block_owners else None
     prev_role = None
     prev_continued = False  # whether the previous turn is one a reply continues
+    merged = False  # whether the last message's content list is its own (merged) copy
     for turn in path:
-        if turn.role == prev_role:
-            blocks = messages[-1]["content"]
+        role = turn.role
+        if role == prev_role:
+            message = messages[-1]
+            if not merged:
+                # A message's list is its first turn's own until a second turn joins it.
+                message["content"] = list(message["content"])
+                merged = True
+            blocks = message["content"]
             new = turn.content
             if (
                 prev_continued
@@ -117,12 +128,13 @@ def _build_messages(
                 block_owners[-1].extend([turn.id] * len(new))
             owners[-1] = turn.id
         else:
-            messages.append({"role": turn.role, "content": list(turn.content)})
+            messages.append({"role": role, "content": turn.content})
+            merged = False
             owners.append(turn.id)
             if block_owners is not None:
                 block_owners.append([turn.id] * len(turn.content))
-        prev_role = turn.role
-        prev_continued = is_continued(turn)
+        prev_role = role
+        prev_continued = role == "assistant" and turn.kind in CONTINUED_KINDS  # (is_continued)
     return messages, owners, block_owners
 
 
@@ -130,7 +142,7 @@ def is_continued(turn: TurnRecord) -> bool:
     """Whether Claude's next reply continues this turn's text: a prefill, or an assistant turn a
     person wrote (at the end of a branch it acts as one). A reply that stopped on pause_turn is
     not: its continuation is new content after it."""
-    return turn.role == "assistant" and turn.kind in ("prefill", "synthetic")
+    return turn.role == "assistant" and turn.kind in CONTINUED_KINDS
 
 
 def _plain_text(block: Block) -> bool:
@@ -182,6 +194,12 @@ def check_messages(
     for i, message in enumerate(messages):
         blocks = message["content"]
         if message["role"] == "user":
+            if not pending:
+                for b in blocks:
+                    if b.get("type") == "tool_result":
+                        break
+                else:
+                    continue  # no tool_result, and none owed: nothing to check
             answered: list[str] = []
             leading = True
             for j, b in enumerate(blocks):

@@ -75,6 +75,13 @@ def without_controls(value: str) -> str:
     return "".join("\ufffd" if _is_control(c) else c for c in value)
 
 
+def has_controls(value: str) -> bool:
+    """Whether `value` holds a control character (C0, DEL, C1); printable text is checked at
+    C speed, and only text with some other unprintable character (a no-break space, a joiner:
+    fine in a file name) character by character."""
+    return not value.isprintable() and any(_is_control(c) for c in value)
+
+
 def _is_control(c: str) -> bool:
     o = ord(c)
     return o < 0x20 or 0x7F <= o < 0xA0
