@@ -43,12 +43,16 @@ def dumps(value: Any) -> str:
 
 
 def build_body(
-    rows: Iterable[tuple[str, str]], next_blocks: list[dict[str, Any]], model: str, max_tokens: int
+    rows: Iterable[tuple[str, str]],
+    next_blocks: list[dict[str, Any]],
+    model: str,
+    max_tokens: int,
+    loads: Callable[[str], Any] = json.loads,
 ) -> dict[str, Any]:
-    """[{role, content}] with consecutive same-role turns merged, the next user turn last."""
+    """[{role, content}] with consecutive same-role turns merged, the next user turn last
+    (`loads`: what makes a stored content value blocks)."""
     messages: list[dict[str, Any]] = []
     last = None
-    loads = json.loads
     for role, content in rows:
         if role == last:
             messages[-1]["content"].extend(loads(content))

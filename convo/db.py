@@ -32,8 +32,8 @@ from convo.errors import ConfigError, DatabaseUnavailable, NotFound, SchemaTooNe
 from convo.models import to_micros
 
 # The newest revision this convo knows; a database at another unknown revision is newer.
-HEAD = "0004"
-KNOWN_REVISIONS = ("0001", "0002", "0003", "0004")
+HEAD = "0005"
+KNOWN_REVISIONS = ("0001", "0002", "0003", "0004", "0005")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # A pooled PostgreSQL connection idle longer than this is pinged before use (see _install_pg_hooks).
 PING_AFTER_IDLE_SECONDS = 1.0

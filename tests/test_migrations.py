@@ -23,6 +23,7 @@ from sqlalchemy import Engine, inspect, text
 from convo import Store, db
 from convo.errors import SchemaTooNew, StoreError
 from convo.models import Base
+from convo.store import NewTurn
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -492,3 +493,38 @@ def test_0003_carries_every_row_over_and_back(empty_url: str, engine: Engine) ->
         assert conn.execute(text("SELECT COUNT(*) FROM calls")).scalar() == 3
     db.upgrade_schema(engine)
     assert _check_carried_over(empty_url) == new
+
+
+def test_0005_upgrade_leaves_json_turns_as_they_are_and_downgrade_writes_bare_text_back_as_json(
+    empty_url: str, engine: Engine
+) -> None:
+    """Bare-text turns (0005) go back to the JSON an older convo reads, in batches; turns
+    stored as JSON read the same after an upgrade, which rewrites nothing."""
+    db.upgrade_schema(engine)
+    texts = [f"turn {i}: é 🙂\n\"quoted\" \\n" for i in range(2_050)]  # past two batches of 1,000
+    with Store(empty_url) as s:
+        c = s.create("claude-sonnet-4-5")
+        s.storage.append(
+            c.id, "main", None, [NewTurn("user" if i % 2 == 0 else "assistant",
+                                         "user" if i % 2 == 0 else "reply", [{"type": "text", "text": t}])
+                                 for i, t in enumerate(texts)]
+        )
+        c.add_user([{"type": "text", "text": "[1] stays JSON"}])
+        body = c.request("next")
+    with engine.connect() as conn:
+        stored = [r[0] for r in conn.execute(text("SELECT content FROM turns ORDER BY id")).all()]
+    assert stored[:-1] == texts and stored[-1].startswith("[")
+
+    db.downgrade_schema(engine, "0004")
+    with engine.connect() as conn:
+        old = [r[0] for r in conn.execute(text("SELECT content FROM turns ORDER BY id")).all()]
+    assert [json.loads(v) for v in old] == [[{"type": "text", "text": t}] for t in texts] + [
+        [{"type": "text", "text": "[1] stays JSON"}]
+    ]
+    assert all(v.startswith('[{"type":"text","text":') for v in old)
+
+    db.upgrade_schema(engine)
+    with engine.connect() as conn:
+        assert [r[0] for r in conn.execute(text("SELECT content FROM turns ORDER BY id")).all()] == old
+    with Store(empty_url) as s:
+        assert s.get(c.id).request("next") == body

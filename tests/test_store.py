@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import create_engine, func, inspect, select, text
 
@@ -1295,6 +1296,52 @@ def test_hostile_text_is_stored_and_replayed_unchanged(db_url: str) -> None:
         assert count(s, Turn.__table__) == 2 * len(HOSTILE)
         stored = [t.content for t in c.turns()]
         assert stored[0::2] == [[text_block(t)] for t in HOSTILE]
+
+
+# Content shapes, and what a turn's `content` column holds for each: its bare text, or (None)
+# the JSON of its blocks.
+STORED_FORMS: list[tuple[list[dict[str, Any]], str | None]] = [
+    ([text_block("Hello")], "Hello"),
+    ([text_block(" a leading space\n\tand é 🙂 \\n")], " a leading space\n\tand é 🙂 \\n"),
+    ([text_block('{"looks": "like JSON"}')], '{"looks": "like JSON"}'),
+    # Text that starts as JSON does would read back as JSON.
+    ([text_block('[{"type": "text", "text": "x"}]')], None),
+    ([text_block("[1] a footnote")], None),
+    ([text_block("a NUL \x00 inside")], None),  # PostgreSQL's text refuses a NUL
+    ([{"type": "text", "text": "cited", "citations": [{"type": "char_location", "cited_text": "c"}]}], None),
+    ([{"text": "keys the other way round", "type": "text"}], None),
+    ([text_block("two"), text_block("blocks")], None),
+]
+
+
+def test_a_lone_plain_text_block_is_stored_as_bare_text_and_any_other_content_as_json(db_url: str) -> None:
+    with Store(db_url) as s:
+        c = s.create(MODEL)
+        ids = s.storage.append(c.id, "main", None, [NewTurn("user", "user", b) for b, _ in STORED_FORMS])
+        with s.storage.engine.connect() as conn:
+            raw = dict(conn.execute(select(Turn.__table__.c.id, Turn.__table__.c.content)).all())
+        for tid, (blocks, bare) in zip(ids, STORED_FORMS, strict=True):
+            if bare is not None:
+                assert raw[tid] == bare
+            else:
+                assert raw[tid] == orjson.dumps(blocks).decode()
+        # Every way of reading a turn gives the blocks back, keys in their order.
+        as_json = [orjson.dumps(b) for b, _ in STORED_FORMS]
+        assert [orjson.dumps(t.content) for t in s.storage.path(c.id).turns] == as_json
+        assert [orjson.dumps(s.storage.turn(t).content) for t in ids] == as_json
+        assert [orjson.dumps(t.content) for t in s.storage.turns(c.id)] == as_json
+        body = c.request("next")
+        assert orjson.dumps(body["messages"][0]["content"]) == orjson.dumps(
+            [block for b, _ in STORED_FORMS for block in b] + [text_block("next")]
+        )
+        assert [x.preview for x in s.list()] == ["Hello"]
+        # An edit reads the turns above it (`tail`), and an export and its import carry every form.
+        edited = c.edit(ids[-1], "edited", name="e")
+        assert [orjson.dumps(t.content) for t in s.storage.path(c.id, "e").turns[:-1]] == as_json[:-1]
+        assert s.storage.turn(edited).content == [text_block("edited")]
+        copy = s.import_(s.export(c.id))
+        assert [orjson.dumps(t.content) for t in s.storage.path(copy.id, "main").turns] == as_json
+        assert s.storage.integrity_problems() == []
 
 
 def test_integrity_after_branching_and_deleting(store: Store, tmp_path: Path) -> None:
