@@ -209,7 +209,7 @@ def bare_resume(convo_url: str, conv_id: str, next_text: str, model: str, max_to
     finally:
         conn.close()
     return build_body(((ROLE_OF_KIND[r[1]], r[2]) for r in rows), [{"type": "text", "text": next_text}], model, max_tokens,
-                      store_mod.content_blocks)
+                      store_mod.decode_content)
 
 
 def sqlite_schema(convo_url: str) -> list[str]:

@@ -419,7 +419,9 @@ def build_request(
     blobs: Mapping[str, bytes] | None = None,
     prefill_models: Mapping[str, bool] | None = None,
 ) -> dict[str, Any]:
-    """The exact JSON body of the next POST /v1/messages for this path."""
+    """The exact JSON body of the next POST /v1/messages for this path. The body shares its
+    blocks, and a message's list with the turn it came from, with `path`: copy it before
+    changing either (a resume builds it from turns read for it alone)."""
     s = merge_settings(settings, overrides)
     if not s.get("model"):
         raise InvalidInput("no model set")

@@ -404,7 +404,7 @@ def dumps(value: Any) -> str:
         raise InvalidInput(f"not valid JSON: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def content_text(blocks: list[Block]) -> str:
+def encode_content(blocks: list[Block]) -> str:
     """A turn's blocks as its `content` column holds them: a lone plain text block as its bare
     text, anything else as JSON (always an array, so never text that starts with "[").
 
@@ -422,8 +422,8 @@ def content_text(blocks: list[Block]) -> str:
     return encoded
 
 
-def content_blocks(stored: str) -> list[Block]:
-    """A `content` column's value as blocks (see content_text)."""
+def decode_content(stored: str) -> list[Block]:
+    """A `content` column's value as blocks (see encode_content)."""
     return orjson.loads(stored) if stored[:1] == "[" else [{"type": "text", "text": stored}]
 
 
@@ -791,7 +791,7 @@ class Storage:
             shas: set[str] = set()
             if media:
                 for (content,) in conn.execute(select(T.c.content).where(T.c.conversation_key == key)):
-                    shas.update(r["sha256"] for r in blob_refs(content_blocks(content)))
+                    shas.update(r["sha256"] for r in blob_refs(decode_content(content)))
             conn.execute(update(B).where(B.c.conversation_key == key).values(head_id=None))
             calls = conn.execute(delete(K).where(K.c.conversation_key == key)).rowcount
             # Unlink parents first, so the self-referencing foreign key holds at every statement.
@@ -956,7 +956,7 @@ class Storage:
     def _path(self, branch: str, head_id: int, depth: int, chain: list[Any], media: bool) -> Path:
         loads, role_of = orjson.loads, ROLE_OF_KIND
         with gc_paused():
-            # content_blocks, inline: a call per turn is a tenth of reading a path.
+            # decode_content, inline: a call per turn is a tenth of reading a path.
             turns = [
                 TurnRecord(
                     r[0],
@@ -1367,7 +1367,7 @@ class Storage:
             cur = start
         while cur is not None:
             r = known[cur] if known and cur in known else conn.execute(_TAIL_TURN, {"id": cur}).one()
-            out.append(TurnRecord(r[0], r[2], r[3], content_blocks(r[4]), r[5]))
+            out.append(TurnRecord(r[0], r[2], r[3], decode_content(r[4]), r[5]))
             if r[2] == "assistant":
                 return out[::-1], False
             cur = r[1]
@@ -1615,7 +1615,7 @@ class Storage:
                     "old_source": t.get("source_id"),
                     "role": t["role"],
                     "kind": t["kind"],
-                    "content": content_text(content),
+                    "content": encode_content(content),
                     "depth": depth,
                     "stop_reason": t.get("stop_reason"),
                     "created_at": t["created_at"],
@@ -1881,7 +1881,7 @@ def _chain_rows(
                 "parent_id": parent_id,
                 "role": t.role,
                 "kind": t.kind,
-                "content": content_text(content),
+                "content": encode_content(content),
                 "depth": depth,
                 "source_id": t.source_id,
                 "stop_reason": t.stop_reason,
@@ -1964,7 +1964,7 @@ def _preview(content: str | None, width: int = 60) -> str | None:
     if content is None:
         return None
     text = " ".join(
-        b.get("text", "") for b in content_blocks(content) if b.get("type") == "text"
+        b.get("text", "") for b in decode_content(content) if b.get("type") == "text"
     ).split()
     line = " ".join(text)
     return line if len(line) <= width else line[: width - 1] + "…"
@@ -1996,7 +1996,7 @@ def _turn_row(row: Any, conv_id: str | None = None) -> TurnRow:
         parent_id=row.parent_id,
         role=row.role,
         kind=row.kind,
-        content=content_blocks(row.content),
+        content=decode_content(row.content),
         depth=row.depth,
         source_id=row.source_id,
         stop_reason=row.stop_reason,
