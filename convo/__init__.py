@@ -1,5 +1,10 @@
 """convo: a stateful conversation manager over Anthropic's stateless Messages API."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from convo.errors import (
     AmbiguousId,
     APIConnectionError,
@@ -19,9 +24,37 @@ from convo.errors import (
     SchemaTooNew,
     StoreError,
 )
-from convo.service import Conversation, Reply, ReplyStream, Store
-from convo.tools import Tool, tool
-from convo.types import ToolUse, Usage
+
+if TYPE_CHECKING:
+    from convo.service import Conversation, Reply, ReplyStream, Store
+    from convo.tools import Tool, tool
+    from convo.types import ToolUse, Usage
+
+# Imported when first asked for (PEP 562): the errors are light, these bring in SQLAlchemy,
+# pydantic and httpx, which the console script imports only once it can handle Ctrl-C.
+_LAZY = {
+    "Conversation": "convo.service",
+    "Reply": "convo.service",
+    "ReplyStream": "convo.service",
+    "Store": "convo.service",
+    "Tool": "convo.tools",
+    "tool": "convo.tools",
+    "ToolUse": "convo.types",
+    "Usage": "convo.types",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'convo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # (once: later lookups find it without coming here)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "APIConnectionError",

@@ -1,6 +1,6 @@
 """`python -m convo`: the same as the `convo` console script."""
 
-from convo.cli import main
+from convo.entry import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

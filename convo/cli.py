@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from convo import config, render
+from convo.entry import EXIT_INTERRUPTED, PROG
 from convo.errors import APIError, ConvoError, InvalidInput, MissingApiKey, NotFound
 from convo.ids import is_text
 
-PROG = "convo"
 INTERRUPTED_SAVED = "[interrupted: your turn is saved; {retry} asks again]"
 RETRY_HINT = "your turn is saved; `convo retry` asks again"
-EXIT_INTERRUPTED = 130
 DEFAULT_LIST_LIMIT = 50
 # The largest integer an option takes: what JSON encoders and a PostgreSQL bigint carry.
 MAX_INT = 2**63 - 1

@@ -1216,6 +1216,41 @@ def test_a_signal_while_the_terminal_is_gone_or_the_parser_is_built_is_one_clean
     assert cli.main(["chat"]) == 128 + signal.SIGHUP
 
 
+# Raises KeyboardInterrupt where the import of $CTRL_C_AT starts: Ctrl-C at that instant.
+_CTRL_C_AT_IMPORT = """
+import os, sys
+
+class _CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["CTRL_C_AT"]:
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, _CtrlC())
+"""
+
+
+@pytest.mark.parametrize("how", ["python -m convo", "console script"])
+@pytest.mark.parametrize("module", ["pydantic", "sqlalchemy"])
+def test_ctrl_c_while_the_cli_is_still_importing_is_one_line_and_130(tmp_path: Path, how: str, module: str) -> None:
+    """Ctrl-C in the first second of a command, while Python still imports SQLAlchemy, pydantic
+    and httpx, printed Python's traceback: it is an interrupt like any other. pydantic comes in
+    with the CLI's own modules, SQLAlchemy with the first command that opens a store."""
+    (tmp_path / "sitecustomize.py").write_text(_CTRL_C_AT_IMPORT)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    launcher = (
+        [sys.executable, "-m", "convo"] if how == "python -m convo" else [str(Path(sys.executable).parent / "convo")]
+    )
+    db = tmp_path / "never.db"
+    p = subprocess.run(
+        [*launcher, "--db", f"sqlite:///{db}", "list"],
+        capture_output=True, text=True, env=child_env(None, PYTHONPATH=path, CTRL_C_AT=module), cwd=REPO,
+        timeout=60,
+    )
+    assert (p.returncode, p.stdout, p.stderr) == (130, "", "convo: interrupted\n")
+    assert not db.exists()
+
+
 def test_ctrl_c_that_stops_the_editor_is_an_interrupt(tmp_path: Path, api: StandIn, store_for: Any) -> None:
     """An editor that leaves Ctrl-C to the default dies of it: convo says interrupted (130), as
     it did before it left Ctrl-C to the editor, not "exited with status -2"."""
