@@ -107,9 +107,22 @@ def _one_line(text: str) -> str:
     return " ".join(_scrub(str(text)).split()) or "error"
 
 
+def _on_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (ValueError, OSError):  # closed
+        return False
+
+
+def _shown(stream: IO[str], text: str) -> str:
+    """`text` as written to `stream`: on a terminal, without the control characters that would
+    drive it (render.terminal_safe); to a pipe or a file, exactly."""
+    return render.terminal_safe(text) if _on_terminal(stream) else text
+
+
 def _err(message: str) -> None:
     try:
-        print(_scrub(message), file=sys.stderr, flush=True)
+        print(_shown(sys.stderr, _scrub(message)), file=sys.stderr, flush=True)
     except OSError:
         pass  # stderr is gone (the terminal closed: a SIGHUP); nothing is left to tell
 
@@ -119,7 +132,7 @@ def _error_line(message: str) -> None:
 
 
 def _out(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(_shown(sys.stdout, text) + "\n")
     sys.stdout.flush()
 
 
@@ -245,20 +258,24 @@ class _ReplyPrinter:
 
     def __init__(self, out: IO[str], prefix: str = "", lead: str = "") -> None:
         self.out = out
+        self.safe = render.terminal_safe if _on_terminal(out) else None
         self.prefix = prefix
         self.lead = lead
         self.started = False  # something of the current attempt is on screen
         self.any_output = False
 
+    def _write(self, text: str) -> None:
+        self.out.write(self.safe(text) if self.safe else text)
+
     def _start(self) -> None:
         if not self.started:
-            self.out.write(self.prefix + self.lead)
+            self._write(self.prefix + self.lead)
             self.started = True
             self.any_output = True
 
     def chunk(self, text: str) -> None:
         self._start()
-        self.out.write(text)
+        self._write(text)
         self.out.flush()
 
     def retry(self, notice: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, tzinfo
 from typing import Any
@@ -92,6 +93,18 @@ def fmt_size(n: int | None) -> str:
     if n < 1024 * 1024:
         return f"{n / 1024:.1f} KB"
     return f"{n / (1024 * 1024):.1f} MB"
+
+
+# Control characters but the tab and the line feed: C0, DEL and C1 (ESC and CSI start the
+# terminal's escape sequences; a carriage return would overwrite a line already printed).
+_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """Text for a terminal, each control character but the tab and the line feed shown as
+    U+FFFD: a reply, or a turn imported from elsewhere, may hold an escape sequence that would
+    retitle the window, rewrite what is on screen or set the clipboard."""
+    return _TERMINAL_CONTROLS.sub("\ufffd", text)
 
 
 def one_line(text: str, width: int = PREVIEW_CHARS) -> str:

@@ -14,7 +14,9 @@ import csv
 import io
 import json
 import os
+import pty
 import re
+import select
 import signal
 import sqlite3
 import subprocess
@@ -661,6 +663,58 @@ def test_failed_send_keeps_the_turn_once_and_retry_completes(
 
 
 @pytest.mark.slow
+def _on_a_terminal(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Runs `argv` with stdout and stderr on a pseudo-terminal: its exit status, and what the
+    terminal received (its CR LF line ends as LF)."""
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env, cwd=REPO)
+    finally:
+        os.close(slave)
+    received = bytearray()
+    try:
+        while select.select([master], [], [], 60)[0]:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not data:
+                break
+            received += data
+    finally:
+        os.close(master)
+    return p.wait(timeout=60), received.decode("utf-8").replace("\r\n", "\n")
+
+
+# What a reply (or an imported turn) could hold to drive a terminal: retitle the window, clear
+# the screen, colour text (ESC and the 8-bit CSI), overwrite the line (CR).
+ESCAPES = "\x1b]0;owned\x07 \x1b[2J\x1b[31mred\x1b[0m \x9b31mcsi \rover"
+
+
+def test_text_that_would_drive_a_terminal_is_defused_on_one_and_kept_exactly_elsewhere(
+    db_url: str, api: StandIn, store_for: Any
+) -> None:
+    conv = store_for(db_url).create(title="escapes")
+    env = child_env(api)
+    code, screen = _on_a_terminal(
+        [sys.executable, "-m", "convo", "--db", db_url, "send", "-C", conv.id, f"{ESCAPES}\ttab\nnext"], env
+    )
+    assert code == 0, screen
+    sent = f"{ESCAPES}\ttab\nnext"
+    user, reply = (t.content[0]["text"] for t in conv.turns())
+    assert user == sent and ESCAPES.split("\r")[0] in reply  # stored exactly
+    # Streamed to the terminal, every control character but tab and LF is U+FFFD.
+    defused = "\ufffd]0;owned\ufffd \ufffd[2J\ufffd[31mred\ufffd[0m \ufffd31mcsi "
+    assert f"You said: {defused}" in screen
+    assert not any(c in screen for c in "\x1b\x07\x9b\r"), repr(screen)
+    code, screen = _on_a_terminal([sys.executable, "-m", "convo", "--db", db_url, "show", "-C", conv.id], env)
+    assert code == 0 and f"{defused}\ufffdover\ttab\n  next" in screen, repr(screen)
+    assert screen.count(defused) == 2 and not any(c in screen for c in "\x1b\x07\x9b\r"), repr(screen)
+    # To a pipe or a file, exactly as stored.
+    shown = ok(convo(db_url, "show", "-C", conv.id, standin=api)).out
+    assert f"{ESCAPES}\ttab\n  next" in shown and reply in shown
+
+
 def test_branching_commands(db_url: str, api: StandIn, store_for: Any) -> None:
     store = store_for(db_url)
     conv = store.create(title="branchy")
