@@ -107,9 +107,9 @@ def _one_line(text: str) -> str:
     return " ".join(_scrub(str(text)).split()) or "error"
 
 
-def _on_terminal(stream: IO[str]) -> bool:
+def _on_terminal(stream: IO[str] | None) -> bool:
     try:
-        return stream.isatty()
+        return stream is not None and stream.isatty()
     except (ValueError, OSError):  # closed
         return False
 
@@ -121,6 +121,8 @@ def _shown(stream: IO[str], text: str) -> str:
 
 
 def _err(message: str) -> None:
+    if sys.stderr is None:  # started with stderr closed (`2>&-`): nowhere to say it
+        return
     try:
         print(_shown(sys.stderr, _scrub(message)), file=sys.stderr, flush=True)
     except OSError:
@@ -259,13 +261,20 @@ class _ReplyPrinter:
     def __init__(self, out: IO[str], prefix: str = "", lead: str = "") -> None:
         self.out = out
         self.safe = render.terminal_safe if _on_terminal(out) else None
+        self._cr = ""  # a CR held back on a terminal (see _write)
         self.prefix = prefix
         self.lead = lead
         self.started = False  # something of the current attempt is on screen
         self.any_output = False
 
     def _write(self, text: str) -> None:
-        self.out.write(self.safe(text) if self.safe else text)
+        if self.safe is None:
+            self.out.write(text)
+            return
+        # On a terminal a CR LF is a line end: a CR that ends a chunk waits for the next one.
+        text = self._cr + text
+        self._cr = "\r" if text.endswith("\r") else ""
+        self.out.write(self.safe(text[:-1] if self._cr else text))
 
     def _start(self) -> None:
         if not self.started:
@@ -279,6 +288,7 @@ class _ReplyPrinter:
         self.out.flush()
 
     def retry(self, notice: Any) -> None:
+        self._cr = ""  # (before the line end written below, a CR is part of it)
         if self.started:
             # The next attempt starts the reply again from the beginning.
             self.out.write("\n")
@@ -287,6 +297,7 @@ class _ReplyPrinter:
         _err(f"[retrying after {_one_line(str(notice.error))} in {notice.delay:.1f}s]")
 
     def finish(self) -> None:
+        self._cr = ""
         if not (self.started or self.prefix or self.lead):
             return  # nothing but tool uses: no empty line
         self._start()
@@ -294,6 +305,7 @@ class _ReplyPrinter:
         self.out.flush()
 
     def abandon(self) -> None:
+        self._cr = ""
         if self.started:
             self.out.write("\n")
             self.out.flush()

@@ -17,9 +17,13 @@ def main() -> int:
         # (The CLI handles Ctrl-C itself once its parser is being built; this catches the
         # instant before, too.)
         return cli_main()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        # SIGTERM and SIGHUP reach here as the CLI's KeyboardInterrupt subclass, with a signum.
+        signum = getattr(e, "signum", None)
+        said = f"terminated by signal {signum}" if signum else "interrupted"
         try:
-            sys.stderr.write(f"{PROG}: interrupted\n")
+            if sys.stderr is not None:
+                sys.stderr.write(f"{PROG}: {said}\n")
         except (OSError, ValueError):  # no terminal left to say it on
             pass
-        return EXIT_INTERRUPTED
+        return 128 + signum if signum else EXIT_INTERRUPTED

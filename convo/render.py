@@ -102,9 +102,10 @@ _TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 def terminal_safe(text: str) -> str:
     """Text for a terminal, each control character but the tab and the line feed shown as
-    U+FFFD: a reply, or a turn imported from elsewhere, may hold an escape sequence that would
-    retitle the window, rewrite what is on screen or set the clipboard."""
-    return _TERMINAL_CONTROLS.sub("\ufffd", text)
+    U+FFFD (a CR LF is a line end): a reply, or a turn imported from elsewhere, may hold an
+    escape sequence that would retitle the window, rewrite what is on screen or set the
+    clipboard."""
+    return _TERMINAL_CONTROLS.sub("\ufffd", text.replace("\r\n", "\n"))
 
 
 def one_line(text: str, width: int = PREVIEW_CHARS) -> str:
@@ -150,8 +151,14 @@ def turn_label(role: str, kind: str) -> str:
     return role if kind == role else f"{role}/{kind}"
 
 
+# What json.dumps leaves raw with ensure_ascii=False: DEL and the C1 controls (it escapes C0).
+_JSON_RAW_CONTROLS = re.compile("[\x7f-\x9f]")
+
+
 def to_json(data: Any) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False, default=_json_default)
+    """JSON with every control character escaped, so it is exact on a terminal as in a file."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=_json_default)
+    return _JSON_RAW_CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _json_default(value: Any) -> Any:

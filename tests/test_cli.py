@@ -662,10 +662,10 @@ def test_failed_send_keeps_the_turn_once_and_retry_completes(
     assert [m["role"] for m in api.requests[-1]["body"]["messages"]] == ["user"]
 
 
-@pytest.mark.slow
 def _on_a_terminal(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
     """Runs `argv` with stdout and stderr on a pseudo-terminal: its exit status, and what the
-    terminal received (its CR LF line ends as LF)."""
+    terminal received (its CR LF line ends as LF). A child still running after a minute of
+    silence is killed."""
     master, slave = pty.openpty()
     try:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env, cwd=REPO)
@@ -681,9 +681,13 @@ def _on_a_terminal(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
             if not data:
                 break
             received += data
+        code = p.wait(timeout=60)
     finally:
         os.close(master)
-    return p.wait(timeout=60), received.decode("utf-8").replace("\r\n", "\n")
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return code, received.decode("utf-8").replace("\r\n", "\n")
 
 
 # What a reply (or an imported turn) could hold to drive a terminal: retitle the window, clear
@@ -691,6 +695,7 @@ def _on_a_terminal(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
 ESCAPES = "\x1b]0;owned\x07 \x1b[2J\x1b[31mred\x1b[0m \x9b31mcsi \rover"
 
 
+@pytest.mark.slow
 def test_text_that_would_drive_a_terminal_is_defused_on_one_and_kept_exactly_elsewhere(
     db_url: str, api: StandIn, store_for: Any
 ) -> None:
@@ -713,8 +718,84 @@ def test_text_that_would_drive_a_terminal_is_defused_on_one_and_kept_exactly_els
     # To a pipe or a file, exactly as stored.
     shown = ok(convo(db_url, "show", "-C", conv.id, standin=api)).out
     assert f"{ESCAPES}\ttab\n  next" in shown and reply in shown
+    # JSON is exact on a terminal too: what json leaves raw (DEL, C1) is escaped.
+    code, screen = _on_a_terminal(
+        [sys.executable, "-m", "convo", "--db", db_url, "show", "--json", "-C", conv.id], env
+    )
+    assert code == 0 and "\\u009b" in screen and "\\u001b" in screen
+    assert [t["content"][0]["text"] for t in json.loads(screen)["turns"]] == [user, reply]
+    # A CR LF is a line end on a terminal, not a CR shown as U+FFFD.
+    conv.add_user("one\r\ntwo\r\n")
+    code, screen = _on_a_terminal([sys.executable, "-m", "convo", "--db", db_url, "show", "-C", conv.id], env)
+    assert code == 0 and "  one\n  two\n" in screen, repr(screen)
 
 
+@pytest.mark.slow
+def test_a_command_started_with_stderr_closed_exits_with_its_own_status(
+    tmp_path: Path, api: StandIn, store_for: Any
+) -> None:
+    """With file descriptor 2 closed (`2>&-`, some daemons) there is no sys.stderr: what convo
+    would say there is dropped, and the exit status is the command's own."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    conv = store_for(url).create()
+    first = conv.add_user("Original")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "convo", "--db", url, *args], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, text=True, env=child_env(api), cwd=REPO, timeout=60,
+            preexec_fn=lambda: os.close(2),
+        )
+
+    assert run("--bogus").returncode == 2
+    assert run("show", "-C", "NOSUCH").returncode == 2
+    edited = run("edit", "-C", conv.id, str(first), "Changed")  # says its new branch on stderr
+    assert edited.returncode == 0 and edited.stdout.strip().isdigit()
+    assert sorted(b.name for b in conv.branches()) == ["edit-1", "main"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_streamed_reply_on_a_terminal_keeps_a_cr_lf_split_across_chunks_as_a_line_end() -> None:
+    from convo import cli
+
+    screen = _Terminal()
+    printer = cli._ReplyPrinter(screen)
+    for chunk in ("one\r", "\ntwo\rover \x1b[2J", "three\r"):
+        printer.chunk(chunk)
+    printer.finish()
+    assert screen.getvalue() == "one\ntwo\ufffdover \ufffd[2Jthree\n"
+    piped = io.StringIO()
+    printer = cli._ReplyPrinter(piped)
+    for chunk in ("one\r", "\ntwo\x1b[2J"):
+        printer.chunk(chunk)
+    printer.finish()
+    assert piped.getvalue() == "one\r\ntwo\x1b[2J\n"
+
+
+def test_a_signal_that_escapes_the_cli_is_reported_as_that_signal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from convo import cli, entry
+
+    def terminated(*_args: Any) -> int:
+        raise cli._Terminated(signal.SIGHUP)
+
+    monkeypatch.setattr(cli, "main", terminated)
+    assert entry.main() == 128 + signal.SIGHUP
+    assert capsys.readouterr().err == f"convo: terminated by signal {int(signal.SIGHUP)}\n"
+
+    def interrupted(*_args: Any) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    assert entry.main() == 130 and capsys.readouterr().err == "convo: interrupted\n"
+
+
+@pytest.mark.slow
 def test_branching_commands(db_url: str, api: StandIn, store_for: Any) -> None:
     store = store_for(db_url)
     conv = store.create(title="branchy")
@@ -1284,6 +1365,7 @@ sys.meta_path.insert(0, _CtrlC())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["python -m convo", "console script"])
 @pytest.mark.parametrize("module", ["pydantic", "sqlalchemy"])
 def test_ctrl_c_while_the_cli_is_still_importing_is_one_line_and_130(tmp_path: Path, how: str, module: str) -> None:
