@@ -863,13 +863,34 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     with _store(args) as store:
-        gone = store.delete(args.id)
+        conv = store.get(args.id)
+        if not args.yes and _on_terminal(sys.stdin) and _on_terminal(sys.stdout) and not _confirm_delete(conv):
+            _err(f"{PROG}: nothing deleted")
+            return 1
+        gone = store.delete(conv.id)
     counts = [
         render.count(gone.turns, "turn"), render.count(gone.branches, "branch", "branches"),
         render.count(gone.calls, "call") + " in the ledger",
     ] + ([render.count(gone.blobs, "image or document", "images or documents")] if gone.blobs else [])
     _out(f"deleted conversation {gone.id}: {', '.join(counts)}")
     return 0
+
+
+def _confirm_delete(conv: Any) -> bool:
+    """Asked at a terminal only (a script deletes what it names): a deletion cannot be undone,
+    and a unique prefix may name another conversation than the one meant."""
+    info = conv.info
+    title = f' "{render.one_line(info.title)}"' if info.title else ""
+    calls = conv.usage().total.calls
+    question = (
+        f"delete conversation {conv.id}{title}: {render.count(info.turn_count, 'turn')}, "
+        f"{render.count(calls, 'call')} of spend in the ledger? [y/N] "
+    )
+    try:
+        answer = input(render.terminal_safe(question))
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -1185,6 +1206,7 @@ def build_parser() -> argparse.ArgumentParser:
         conv=False,
     )
     p.add_argument("id", type=_given("conversation id"), metavar="ID", help="conversation id or unique prefix")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask first (convo asks only at a terminal)")
 
     command("chat", cmd_chat, "an interactive chat in a conversation")
 

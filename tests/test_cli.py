@@ -34,7 +34,7 @@ import pytest
 from convo import render
 from convo.cli import build_parser
 from convo.client import Client
-from convo.errors import BadRequestError
+from convo.errors import BadRequestError, NotFound
 from convo.service import Store
 from convo.standin import StandIn
 from convo.store import BranchRow, ConversationSummary, TurnRow, UsageReport, UsageRow
@@ -662,15 +662,18 @@ def test_failed_send_keeps_the_turn_once_and_retry_completes(
     assert [m["role"] for m in api.requests[-1]["body"]["messages"]] == ["user"]
 
 
-def _on_a_terminal(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Runs `argv` with stdout and stderr on a pseudo-terminal: its exit status, and what the
-    terminal received (its CR LF line ends as LF). A child still running after a minute of
-    silence is killed."""
+def _on_a_terminal(argv: list[str], env: dict[str, str], typed: str | None = None) -> tuple[int, str]:
+    """Runs `argv` with stdout and stderr on a pseudo-terminal (and, with `typed`, stdin too,
+    `typed` typed at it): its exit status, and what the terminal received (its CR LF line ends
+    as LF). A child still running after a minute of silence is killed."""
     master, slave = pty.openpty()
+    stdin = slave if typed is not None else subprocess.DEVNULL
     try:
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env, cwd=REPO)
+        p = subprocess.Popen(argv, stdin=stdin, stdout=slave, stderr=slave, env=env, cwd=REPO)
     finally:
         os.close(slave)
+    if typed is not None:
+        os.write(master, typed.encode())
     received = bytearray()
     try:
         while select.select([master], [], [], 60)[0]:
@@ -728,6 +731,31 @@ def test_text_that_would_drive_a_terminal_is_defused_on_one_and_kept_exactly_els
     conv.add_user("one\r\ntwo\r\n")
     code, screen = _on_a_terminal([sys.executable, "-m", "convo", "--db", db_url, "show", "-C", conv.id], env)
     assert code == 0 and "  one\n  two\n" in screen, repr(screen)
+
+
+@pytest.mark.slow
+def test_delete_at_a_terminal_asks_first_and_a_script_or_yes_does_not(
+    db_url: str, api: StandIn, store_for: Any
+) -> None:
+    store = store_for(db_url)
+    kept = store.create(title="keep \x1b]0;me")
+    kept.add_user("Hello")
+    env = child_env(api)
+    delete = [sys.executable, "-m", "convo", "--db", db_url, "delete"]
+    code, screen = _on_a_terminal([*delete, kept.id[:20]], env, typed="n\n")
+    assert code == 1 and "nothing deleted" in screen, screen
+    assert f'delete conversation {kept.id} "keep \ufffd]0;me": 1 turn, 0 calls of spend in the ledger? [y/N]' in screen
+    assert store.get(kept.id).info.turn_count == 1  # nothing deleted
+    code, screen = _on_a_terminal([*delete, kept.id], env, typed="\x04")  # Ctrl-D: no answer
+    assert code == 1 and store.get(kept.id).info.turn_count == 1
+    code, screen = _on_a_terminal([*delete, kept.id], env, typed="yes\n")
+    assert code == 0 and f"deleted conversation {kept.id}" in screen
+    with pytest.raises(NotFound):
+        store.get(kept.id)
+    # --yes, or stdin not a terminal (a script): no question.
+    for args, typed in (([store.create().id, "--yes"], ""), ([store.create().id], None)):
+        code, screen = _on_a_terminal([*delete, *args], env, typed=typed)
+        assert code == 0 and "[y/N]" not in screen and "deleted conversation" in screen, screen
 
 
 @pytest.mark.slow
