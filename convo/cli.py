@@ -223,7 +223,35 @@ def _store(args: argparse.Namespace) -> Iterator[Any]:
     try:
         yield store
     finally:
+        _close_holding_signals(store)
+
+
+def _close_holding_signals(store: Any) -> None:
+    """Close the store with Ctrl-C, SIGTERM and SIGHUP held until it is done: one that lands
+    in the middle of a driver's close made SQLAlchemy log the interrupted close's traceback.
+    Held, it is handled (and reported) as soon as the close is over, by the handler it would
+    have met. (Held by swapping handlers, not by the signal mask, which another thread would
+    get round: Python runs every handler in the main thread.)"""
+    if threading.current_thread() is not threading.main_thread():
         store.close()
+        return
+    held: list[int] = []
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    before = {
+        sig: signal.signal(sig, lambda signum, _frame: held.append(signum))
+        for sig in (getattr(signal, n) for n in names if hasattr(signal, n))
+    }
+    try:
+        store.close()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        if held:
+            handler = before[held[0]]
+            if callable(handler):
+                handler(held[0], None)  # raises: KeyboardInterrupt, or the CLI's _Terminated
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), held[0])  # what it would have done: end the process
 
 
 def _conversation(store: Any, ref: str | None) -> Any:

@@ -21,6 +21,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -802,6 +803,41 @@ def test_a_streamed_reply_on_a_terminal_keeps_a_cr_lf_split_across_chunks_as_a_l
         printer.chunk(chunk)
     printer.finish()
     assert piped.getvalue() == "one\r\ntwo\x1b[2J\n"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_store_closes_is_handled_once_the_close_is_done(
+    db_url: str, sig: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A signal that landed inside a driver's close made SQLAlchemy log a traceback of the
+    interrupted close: now the close finishes first, then the signal is reported as usual."""
+    from convo import cli, db
+
+    Store(db_url).close()
+    closed: list[bool] = []
+    close = db.Database.close
+
+    def close_with_a_signal(self: db.Database) -> None:
+        os.kill(os.getpid(), getattr(signal, sig))  # lands mid-close
+        close(self)
+        closed.append(True)
+
+    monkeypatch.setattr(db.Database, "close", close_with_a_signal)
+    # Another thread, as a program calling main() may have: the kernel may hand it the signal.
+    done = threading.Event()
+    other = threading.Thread(target=done.wait, daemon=True)
+    other.start()
+    try:
+        code = cli.main(["--db", db_url, "list"])
+    finally:
+        done.set()
+        other.join()
+    err = capsys.readouterr().err
+    assert closed == [True]
+    if sig == "SIGTERM":
+        assert (code, err) == (128 + signal.SIGTERM, f"convo: terminated by signal {int(signal.SIGTERM)}\n")
+    else:
+        assert (code, err) == (130, "convo: interrupted\n")
 
 
 def test_a_signal_that_escapes_the_cli_is_reported_as_that_signal(
