@@ -236,22 +236,34 @@ def _close_holding_signals(store: Any) -> None:
         store.close()
         return
     held: list[int] = []
-    names = ("SIGINT", "SIGTERM", "SIGHUP")
-    before = {
-        sig: signal.signal(sig, lambda signum, _frame: held.append(signum))
-        for sig in (getattr(signal, n) for n in names if hasattr(signal, n))
-    }
+    before: dict[int, Any] = {}
+    for sig in [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]:
+        handler = signal.getsignal(sig)
+        if handler is not None and handler != signal.SIG_IGN:  # (None: set outside Python)
+            before[sig] = signal.signal(sig, lambda signum, _frame: held.append(signum))
     try:
         store.close()
     finally:
-        for sig, handler in before.items():
+        _deliver_held(before, held)
+
+
+def _deliver_held(before: dict[int, Any], held: list[int]) -> None:
+    """Put the handlers back, every one even if a signal arrives meanwhile, then hand the
+    first held signal to its own (SIG_DFL: end the process as it would have)."""
+    raised: BaseException | None = None
+    for sig, handler in before.items():
+        try:
             signal.signal(sig, handler)
-        if held:
-            handler = before[held[0]]
-            if callable(handler):
-                handler(held[0], None)  # raises: KeyboardInterrupt, or the CLI's _Terminated
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), held[0])  # what it would have done: end the process
+        except BaseException as e:  # a signal handled as this one was put back
+            raised = raised or e
+    if raised is not None:
+        raise raised
+    if held:
+        handler = before[held[0]]
+        if callable(handler):
+            handler(held[0], sys._getframe())  # raises: KeyboardInterrupt, or _Terminated
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), held[0])
 
 
 def _conversation(store: Any, ref: str | None) -> Any:
@@ -892,9 +904,11 @@ def cmd_set(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     with _store(args) as store:
         conv = store.get(args.id)
-        if not args.yes and _on_terminal(sys.stdin) and _on_terminal(sys.stdout) and not _confirm_delete(conv):
-            _err(f"{PROG}: nothing deleted")
-            return 1
+        if not args.yes and _on_terminal(sys.stdin):
+            store.storage.refuse_if_busy(conv.id)  # (before the question, not after the answer)
+            if not _confirm_delete(conv):
+                _err(f"{PROG}: nothing deleted")
+                return 1
         gone = store.delete(conv.id)
     counts = [
         render.count(gone.turns, "turn"), render.count(gone.branches, "branch", "branches"),
@@ -905,19 +919,28 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _confirm_delete(conv: Any) -> bool:
-    """Asked at a terminal only (a script deletes what it names): a deletion cannot be undone,
-    and a unique prefix may name another conversation than the one meant."""
+    """Asked when stdin is a terminal (a script deletes what it names): a deletion cannot be
+    undone, and a unique prefix may name another conversation than the one meant. The question
+    goes to whichever of stderr and stdout is a terminal (with neither, nobody would see it:
+    no question)."""
+    screen = next((s for s in (sys.stderr, sys.stdout) if _on_terminal(s)), None)
+    if screen is None:
+        return True
     info = conv.info
     title = f' "{render.one_line(info.title)}"' if info.title else ""
     calls = conv.usage().total.calls
-    question = (
+    screen.write(render.terminal_safe(
         f"delete conversation {conv.id}{title}: {render.count(info.turn_count, 'turn')}, "
         f"{render.count(calls, 'call')} of spend in the ledger? [y/N] "
-    )
+    ))
+    screen.flush()
     try:
-        answer = input(render.terminal_safe(question))
-    except EOFError:
-        return False
+        answer = sys.stdin.readline()
+    except KeyboardInterrupt:
+        screen.write("\n")  # (the interrupt's own line below the question)
+        raise
+    if not answer.endswith("\n"):  # Ctrl-D
+        screen.write("\n")
     return answer.strip().lower() in ("y", "yes")
 
 

@@ -559,6 +559,10 @@ def lease_owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{new_id()[-6:]}"
 
 
+def _busy(branch: str) -> Conflict:
+    return Conflict(f"branch {branch!r} is busy: another send on it has not finished")
+
+
 def _lease_live(holder: str, expires: Any) -> bool:
     """Whether a branch's lease still keeps others off it: not run out, its holder alive."""
     return expires is not None and instant(expires) > now() and not _holder_is_dead(holder)
@@ -780,7 +784,7 @@ class Storage:
                 )).all()
                 for name, holder, expires in leases:
                     if holder and _lease_live(holder, expires):
-                        raise Conflict(f"branch {name!r} is busy: another send on it has not finished")
+                        raise _busy(name)
                 if pg:
                     conn.execute(locked(select(T.c.id).where(T.c.conversation_key == key), nowait=True, of=T)).all()
             except sa_exc.OperationalError as e:
@@ -1283,6 +1287,13 @@ class Storage:
                                              "why": "the send stopped before its request was made"})
 
     # -- branches --------------------------------------------------------------------------
+
+    def refuse_if_busy(self, conv_id: str) -> None:
+        """Conflict if a send holds one of the conversation's branches: what a delete would
+        find, read without locking anything (to say so before asking whether to delete)."""
+        for b in self.branches(conv_id):
+            if b.lease_owner and _lease_live(b.lease_owner, b.lease_expires):
+                raise _busy(b.name)
 
     def branches(self, conv_id: str, conn: Connection | None = None) -> list[BranchRow]:
         with self._reading(conn) as conn:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from convo.client import Client
 from convo.errors import BadRequestError, NotFound
 from convo.service import Store
 from convo.standin import StandIn
-from convo.store import BranchRow, ConversationSummary, TurnRow, UsageReport, UsageRow
+from convo.store import BranchRow, ConversationSummary, NewTurn, TurnRow, UsageReport, UsageRow, lease_owner_id
 from convo.types import ToolUse
 
 TEST_KEY = "sk-ant-test-NEVER-PRINT-0123456789"
@@ -736,7 +736,7 @@ def test_text_that_would_drive_a_terminal_is_defused_on_one_and_kept_exactly_els
 
 @pytest.mark.slow
 def test_delete_at_a_terminal_asks_first_and_a_script_or_yes_does_not(
-    db_url: str, api: StandIn, store_for: Any
+    db_url: str, api: StandIn, store_for: Any, tmp_path: Path
 ) -> None:
     store = store_for(db_url)
     kept = store.create(title="keep \x1b]0;me")
@@ -748,9 +748,19 @@ def test_delete_at_a_terminal_asks_first_and_a_script_or_yes_does_not(
     assert f'delete conversation {kept.id} "keep \ufffd]0;me": 1 turn, 0 calls of spend in the ledger? [y/N]' in screen
     assert store.get(kept.id).info.turn_count == 1  # nothing deleted
     code, screen = _on_a_terminal([*delete, kept.id], env, typed="\x04")  # Ctrl-D: no answer
-    assert code == 1 and store.get(kept.id).info.turn_count == 1
-    code, screen = _on_a_terminal([*delete, kept.id], env, typed="yes\n")
-    assert code == 0 and f"deleted conversation {kept.id}" in screen
+    assert code == 1 and "[y/N] \nconvo: nothing deleted" in screen, repr(screen)
+    assert store.get(kept.id).info.turn_count == 1
+    # A send under way: refused before the question, not after the answer.
+    branch, owner = kept.branches()[0].name, lease_owner_id()
+    store.storage.append(kept.id, branch, kept.add_user("More"), [NewTurn("user", "user", [{"type": "text",
+                         "text": "held"}])], owner=owner, hold=timedelta(minutes=5))
+    code, screen = _on_a_terminal([*delete, kept.id], env, typed="y\n")
+    assert code == 1 and "[y/N]" not in screen and f"branch '{branch}' is busy" in screen, screen
+    store.storage.release(kept.id, branch, owner)
+    # stdout redirected, the person still at the terminal: asked on stderr.
+    out = tmp_path / "out.txt"
+    code, screen = _on_a_terminal(["sh", "-c", f'exec "$0" "$@" > {out}', *delete, kept.id], env, typed="yes\n")
+    assert code == 0 and "[y/N]" in screen and f"deleted conversation {kept.id}" in out.read_text(), screen
     with pytest.raises(NotFound):
         store.get(kept.id)
     # --yes, or stdin not a terminal (a script): no question.
@@ -838,6 +848,36 @@ def test_a_signal_while_the_store_closes_is_handled_once_the_close_is_done(
         assert (code, err) == (128 + signal.SIGTERM, f"convo: terminated by signal {int(signal.SIGTERM)}\n")
     else:
         assert (code, err) == (130, "convo: interrupted\n")
+
+
+def test_an_ignored_signal_held_while_the_store_closes_stays_ignored_and_the_next_one_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under nohup SIGHUP is ignored: held first during the close, it must neither end convo
+    nor hide a SIGTERM held after it. Every handler is as it was afterwards."""
+    from convo import cli, db
+
+    url = f"sqlite:///{tmp_path / 'i.db'}"
+    Store(url).close()
+    close = db.Database.close
+
+    def close_with_signals(self: db.Database) -> None:
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGTERM)
+        close(self)
+
+    monkeypatch.setattr(db.Database, "close", close_with_signals)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        code = cli.main(["--db", url, "list"])
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert (code, capsys.readouterr().err) == (
+        128 + signal.SIGTERM, f"convo: terminated by signal {int(signal.SIGTERM)}\n"
+    )
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_signal_that_escapes_the_cli_is_reported_as_that_signal(
