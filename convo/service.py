@@ -18,7 +18,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path as FilePath
 from typing import Any, Literal, cast, overload
@@ -825,6 +825,12 @@ class Conversation:
                 )
         return estimate
 
+    def _limits_now(self, info: ConversationRow) -> ConversationRow:
+        """`info` with the conversation's limits and the store's budget as they are now: a
+        retry follows a failure (and then its backoff), in which either may have changed."""
+        current = self.store.storage.conversation(self.id)
+        return replace(info, params=current.params, store_budget_usd=self.store.budget)
+
     def _estimate_tokens(self, body: dict[str, Any]) -> int:
         """count_tokens where the API is reachable, the local estimate otherwise."""
         try:
@@ -884,10 +890,12 @@ class Conversation:
             except APIError as e:
                 self._record_failure(call_id, started, model, acc, e, request_id, http_status, streaming)
                 if attempt < policy.max_retries and policy.should_retry(e):
-                    self._check_budget(info, body, retrying=e, estimate=estimate)
+                    self._check_budget(self._limits_now(info), body, retrying=e, estimate=estimate)
                     delay = policy.delay(attempt, e, random.random())
                     yield RetryNotice(attempt + 1, e, delay)
                     store.sleep(delay)
+                    # Again after the backoff: the budgets as they are when the retry is made.
+                    self._check_budget(self._limits_now(info), body, retrying=e, estimate=estimate)
                     attempt += 1
                     continue
                 raise

@@ -556,6 +556,35 @@ def test_a_retry_is_held_to_the_budget_the_failed_attempt_spent_into(
     assert conv.retry().text
 
 
+@pytest.mark.parametrize("scope", ["conversation", "store"])
+def test_a_retry_is_held_to_the_budgets_as_they_are_when_it_is_made(
+    db_url: str, client: Client, standin: StandIn, scope: str
+) -> None:
+    """A retry comes after a failure and its backoff, in which another process may lower a
+    budget: the retry was checked against the budgets read when the send began, and was made
+    past the new one."""
+    conv_id: list[str] = []
+
+    def backoff(_delay: float) -> None:  # another process lowers the budget meanwhile
+        with Store(db_url) as other:
+            if scope == "store":
+                other.set_budget(1e-9)
+            else:
+                other.get(conv_id[0]).set_limits(budget_usd=1e-9)
+
+    with Store(db_url, client=client, sleep=backoff) as store:
+        conv = store.create(SONNET, system=SYSTEM, max_tokens=20)
+        conv_id.append(conv.id)
+        conv.set_limits(budget_usd=10.0)
+        store.set_budget(10.0)
+        standin.cut_stream_next(after_events=12, times=1)
+        with pytest.raises(BudgetExceeded, match=f"the {scope} budget .*not retried after .*your turn is saved"):
+            conv.stream("Tell me about Paris").until_done()
+        assert [c["status"] for c in conv.calls()] == ["cut"]
+        assert len(posts(standin)) == 1
+        assert [t.kind for t in conv.turns()] == ["user"]  # kept, for `retry` once allowed
+
+
 def test_store_budget_spans_conversations_and_conversation_budget_does_not(
     store: Store, standin: StandIn
 ) -> None:
